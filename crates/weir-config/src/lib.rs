@@ -1,0 +1,17 @@
+//! The typed project spec and its loader.
+//!
+//! A project is a directory holding `weir.yaml`, `pipelines/*.yaml` and `models/**/*.sql`
+//! (with optional `models/**/*.yaml` property files). Loading is strict: an unknown key is an
+//! error naming the file, line, key and the closest valid key, because a misspelled option
+//! that is silently ignored is the most expensive kind of bug in a data pipeline.
+//!
+//! `${env:VAR}` is substituted in the raw text before parsing; every substituted value is
+//! registered as a secret so it is redacted from everything weir prints.
+
+mod load;
+mod spec;
+mod yaml;
+
+pub use load::{load_project, Project};
+pub use spec::*;
+pub use yaml::{closest, interpolate_env, parse_yaml};

@@ -1,0 +1,480 @@
+//! Config structs. Every field's doc comment is its reference documentation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// `weir.yaml`: the project.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Project name, shown in run summaries.
+    pub name: String,
+    /// Lake root: a local directory (relative to the project) or an object-store URL.
+    #[serde(default = "default_lake")]
+    pub lake: String,
+    /// Values for `var('name')` in models.
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// Defaults for SQL models.
+    #[serde(default)]
+    pub models: ModelDefaults,
+    /// Default retry policy for external failures (I/O, object stores).
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn default_lake() -> String {
+    "lake".to_string()
+}
+
+/// Defaults applied to every model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    /// Schema of models that sit directly in `models/` (models in `models/<dir>/` take `<dir>`).
+    #[serde(default = "default_model_schema")]
+    pub schema: String,
+    /// Materialization used when a model does not say: `table`, `incremental` or `view`.
+    #[serde(default)]
+    pub materialized: Materialized,
+}
+
+impl Default for ModelDefaults {
+    fn default() -> Self {
+        Self {
+            schema: default_model_schema(),
+            materialized: Materialized::Table,
+        }
+    }
+}
+
+fn default_model_schema() -> String {
+    "analytics".to_string()
+}
+
+/// Retry policy for failures of external systems. User errors are never retried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts including the first; 1 disables retries.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled for each further one (with jitter), e.g. `200ms`.
+    #[serde(default = "default_initial", deserialize_with = "de_duration")]
+    pub initial_backoff: Duration,
+    /// Upper bound for one delay, e.g. `30s`.
+    #[serde(default = "default_max", deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            initial_backoff: default_initial(),
+            max_backoff: default_max(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("invalid duration `{text}` ({e}); write e.g. `500ms`, `30s`, `5m`"))
+    })
+}
+
+/// `pipelines/<name>.yaml`: ingestion from a source into a lake table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Pipeline name; defaults to the file name without `.yaml`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the pipeline loads, for people.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Tags for selection (`weir run tag:nightly`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Where the data comes from.
+    pub source: SourceConfig,
+    /// Optional SQL over the incoming rows, which are the table `source`.
+    #[serde(default)]
+    pub transform: Option<String>,
+    /// Where the data goes.
+    pub sink: SinkConfig,
+    /// How many malformed rows are tolerated before the run fails and commits nothing:
+    /// a count (`100`) or a share of rows read (`"1%"`). Default: no limit (all bad rows are
+    /// quarantined and the run succeeds).
+    #[serde(default)]
+    pub max_bad_rows: Option<BadRowLimit>,
+    /// Retry policy for this pipeline; defaults to the project's.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+}
+
+/// A source. `type` selects the connector; the other keys are that connector's options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Connector: `files`.
+    #[serde(rename = "type")]
+    pub kind: SourceKind,
+    /// `files`: a file, a directory, or a glob (`data/orders/*.csv.gz`), relative to the
+    /// project, or an object-store URL (`s3://bucket/prefix/*.csv`).
+    pub path: String,
+    /// `files`: `csv`, `ndjson` or `parquet`; guessed from the file extension when omitted.
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    /// `files`: `auto` (from the extension), `none`, `gzip` or `zstd`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// `files`: CSV options.
+    #[serde(default)]
+    pub csv: CsvOptions,
+    /// Declared columns. Declared types win over inference; values that do not cast are
+    /// quarantined. Undeclared columns in the input are kept with inferred types.
+    #[serde(default)]
+    pub schema: Vec<ColumnSpec>,
+    /// `files`: load only files not loaded before (the loaded set is committed with the data).
+    #[serde(default = "yes")]
+    pub incremental: bool,
+    /// Rows per batch handed to the sink.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_batch_rows() -> usize {
+    65_536
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Files,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    Csv,
+    Ndjson,
+    Parquet,
+}
+
+impl fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileFormat::Csv => "csv",
+            FileFormat::Ndjson => "ndjson",
+            FileFormat::Parquet => "parquet",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    Auto,
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// CSV dialect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvOptions {
+    /// The first line names the columns.
+    #[serde(default = "yes")]
+    pub header: bool,
+    /// Field separator, one character.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    /// Quote character, one character.
+    #[serde(default = "default_quote")]
+    pub quote: char,
+    /// Field values read as NULL.
+    #[serde(default = "default_nulls")]
+    pub null_values: Vec<String>,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        Self {
+            header: true,
+            delimiter: default_delimiter(),
+            quote: default_quote(),
+            null_values: default_nulls(),
+        }
+    }
+}
+
+fn default_delimiter() -> char {
+    ','
+}
+fn default_quote() -> char {
+    '"'
+}
+fn default_nulls() -> Vec<String> {
+    vec![String::new()]
+}
+
+/// A declared column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    /// Column name as it appears in the input.
+    pub name: String,
+    /// SQL type: `string`, `bigint`, `int`, `double`, `decimal(p,s)`, `boolean`, `date`,
+    /// `timestamp`, `timestamptz`.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// Reject rows where the value is missing (they are quarantined).
+    #[serde(default = "yes")]
+    pub nullable: bool,
+}
+
+/// A sink: a lake table and how rows are written into it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Target table as `schema.table`, e.g. `raw.orders`.
+    pub table: String,
+    /// `append`, `overwrite`, `merge` (upsert on `key`) or `replace_partitions`.
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Key columns for `merge`.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// `merge`: a boolean column; rows where it is true delete the matching key.
+    #[serde(default)]
+    pub delete_flag: Option<String>,
+    /// Partition columns of the table.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// `add_columns` (new input columns are added to the table) or `strict` (fail instead).
+    #[serde(default)]
+    pub schema_evolution: SchemaEvolution,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    #[default]
+    Append,
+    Overwrite,
+    Merge,
+    ReplacePartitions,
+}
+
+impl fmt::Display for WriteMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WriteMode::Append => "append",
+            WriteMode::Overwrite => "overwrite",
+            WriteMode::Merge => "merge",
+            WriteMode::ReplacePartitions => "replace_partitions",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaEvolution {
+    #[default]
+    AddColumns,
+    Strict,
+}
+
+/// The bad-row budget of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BadRowLimit {
+    Count(u64),
+    /// A share of rows read, 0.0..=1.0.
+    Ratio(f64),
+}
+
+impl BadRowLimit {
+    /// Whether `bad` malformed rows out of `read` exceed the budget.
+    pub fn exceeded(&self, bad: u64, read: u64) -> bool {
+        match *self {
+            BadRowLimit::Count(max) => bad > max,
+            BadRowLimit::Ratio(max) => read > 0 && (bad as f64 / read as f64) > max,
+        }
+    }
+}
+
+impl fmt::Display for BadRowLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadRowLimit::Count(n) => write!(f, "{n} rows"),
+            BadRowLimit::Ratio(r) => write!(f, "{}%", r * 100.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BadRowLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(BadRowLimit::Count(n)),
+            Raw::Text(t) => {
+                let bad = || {
+                    serde::de::Error::custom(format!(
+                        "invalid max_bad_rows `{t}`; write a count (`100`) or a percentage (`\"0.5%\"`)"
+                    ))
+                };
+                if let Some(p) = t.trim().strip_suffix('%') {
+                    let pct: f64 = p.trim().parse().map_err(|_| bad())?;
+                    if !(0.0..=100.0).contains(&pct) {
+                        return Err(bad());
+                    }
+                    Ok(BadRowLimit::Ratio(pct / 100.0))
+                } else {
+                    t.trim().parse().map(BadRowLimit::Count).map_err(|_| bad())
+                }
+            }
+        }
+    }
+}
+
+/// `models/**/*.yaml`: properties for models.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPropertiesFile {
+    /// One entry per model.
+    #[serde(default)]
+    pub models: Vec<ModelProperties>,
+}
+
+/// Properties of one model; the same keys as `config(...)` in its SQL, which wins.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelProperties {
+    /// Model name (the `.sql` file name without extension).
+    pub name: String,
+    /// What the model means, for people.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Tags for selection.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `table`, `incremental` or `view`.
+    #[serde(default)]
+    pub materialized: Option<Materialized>,
+    /// Key columns: an incremental model with a key merges on it.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub unique_key: Vec<String>,
+    /// Partition columns of the model's table.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub partition_by: Vec<String>,
+    /// Incremental strategy: `append`, `merge` (default with a key) or `replace_partitions`.
+    #[serde(default)]
+    pub incremental_strategy: Option<WriteMode>,
+    /// Schema (overrides the folder and the project default).
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+impl ModelProperties {
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig {
+            materialized: self.materialized,
+            unique_key: self.unique_key.clone(),
+            partition_by: self.partition_by.clone(),
+            incremental_strategy: self.incremental_strategy,
+            schema: self.schema.clone(),
+        }
+    }
+}
+
+/// Model configuration (from `config(...)` in SQL or a properties file).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `table`, `incremental` or `view`.
+    #[serde(default)]
+    pub materialized: Option<Materialized>,
+    /// Key columns: an incremental model with a key merges on it.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub unique_key: Vec<String>,
+    /// Partition columns of the model's table.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub partition_by: Vec<String>,
+    /// Incremental strategy: `append`, `merge` (default with a key) or `replace_partitions`.
+    #[serde(default)]
+    pub incremental_strategy: Option<WriteMode>,
+    /// Schema (overrides the folder and the project default).
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Materialized {
+    #[default]
+    Table,
+    Incremental,
+    View,
+}
+
+impl fmt::Display for Materialized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Materialized::Table => "table",
+            Materialized::Incremental => "incremental",
+            Materialized::View => "view",
+        })
+    }
+}
+
+fn de_string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_row_limits() {
+        assert!(BadRowLimit::Count(2).exceeded(3, 100));
+        assert!(!BadRowLimit::Count(2).exceeded(2, 100));
+        assert!(BadRowLimit::Ratio(0.01).exceeded(2, 100));
+        assert!(!BadRowLimit::Ratio(0.01).exceeded(1, 100));
+        assert!(!BadRowLimit::Ratio(0.01).exceeded(0, 0));
+    }
+}

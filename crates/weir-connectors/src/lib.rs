@@ -1,0 +1,19 @@
+//! Built-in sources, one folder per system, and the registry that maps a config `type:` to
+//! an implementation. A new connector is one folder plus one line in [`source_for`].
+
+pub mod files;
+pub mod types;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use weir_common::Error;
+use weir_config::{SourceConfig, SourceKind};
+use weir_core::Source;
+
+/// The explicit registry: config `type:` to source.
+pub fn source_for(config: &SourceConfig, project_root: &Path) -> Result<Arc<dyn Source>, Error> {
+    match config.kind {
+        SourceKind::Files => Ok(Arc::new(files::FilesSource::new(config.clone(), project_root)?)),
+    }
+}

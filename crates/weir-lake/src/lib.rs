@@ -1,0 +1,37 @@
+//! The lake: Delta tables under one root, addressed as `schema.table`.
+//!
+//! ```text
+//!   <root>/<schema>/<table>/_delta_log/...        the Delta table
+//!   <root>/<schema>/<table>/_weir/positions/<id>/<N>.json   source position manifests
+//!   <root>/<schema>/<table>__quarantine/          rejected rows of that table's loads
+//! ```
+//!
+//! **Idempotent commits.** Every write made for a pipeline carries a Delta `txn` action
+//! `(app_id = weir:<pipeline>, version = N)` in the same commit as the data. Before
+//! committing, the writer reads the table's txn version: if it is already `N`, the write
+//! landed earlier (a crash or an ambiguous error after the commit) and is skipped. A source
+//! position too large for a txn action (a loaded-file set) is written *before* the commit
+//! as the immutable manifest `_weir/positions/<pipeline>/<N>.json`; only the manifest whose
+//! `N` equals the committed txn version is trusted, so the table stays the single source of
+//! truth for progress (ARCHITECTURE section 4). Vacuum never deletes `_`-prefixed paths.
+
+mod table;
+mod write;
+
+pub use table::{HistoryEntry, Lake, TableStats};
+pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};
+
+use weir_common::Error;
+
+/// Maps a delta-rs error to a weir error with the right domain.
+pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableError) -> Error {
+    use deltalake::DeltaTableError as E;
+    let text = err.to_string();
+    match &err {
+        E::ObjectStore { .. } | E::Io { .. } => Error::external(format!("{context}: {text}")),
+        E::VersionAlreadyExists(_) => Error::external(format!("{context}: concurrent commit: {text}")),
+        E::SchemaMismatch { .. } => Error::user(format!("{context}: {text}")),
+        _ if text.contains("Schema error") || text.contains("schema") => Error::user(format!("{context}: {text}")),
+        _ => Error::external(format!("{context}: {text}")).not_retryable(),
+    }
+}

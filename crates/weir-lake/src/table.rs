@@ -1,0 +1,259 @@
+//! Locating, opening, listing and describing lake tables.
+
+use std::path::PathBuf;
+
+use arrow::datatypes::SchemaRef;
+use deltalake::DeltaTable;
+use futures::TryStreamExt;
+use serde::Serialize;
+use url::Url;
+use weir_common::Error;
+
+use crate::delta_error;
+
+/// The lake: a root directory or object-store URL holding `schema/table` Delta tables.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    root: String,
+}
+
+/// Size and shape of a table, for `weir tables`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableStats {
+    pub name: String,
+    pub version: u64,
+    pub rows: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub partition_columns: Vec<String>,
+    pub last_modified: Option<String>,
+}
+
+/// One commit of a table, for `weir table history`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub timestamp: Option<String>,
+    pub operation: String,
+    pub parameters: serde_json::Value,
+    pub metrics: serde_json::Value,
+    pub weir: serde_json::Value,
+}
+
+impl Lake {
+    pub fn new(root: impl Into<String>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn is_local(&self) -> bool {
+        !self.root.contains("://") || self.root.starts_with("file://")
+    }
+
+    fn local_root(&self) -> PathBuf {
+        PathBuf::from(self.root.strip_prefix("file://").unwrap_or(&self.root))
+    }
+
+    /// Local directory of a table, when the lake is local.
+    pub fn local_dir(&self, name: &str) -> Option<PathBuf> {
+        self.is_local().then(|| {
+            let mut p = self.local_root();
+            for part in name.split('.') {
+                p.push(part);
+            }
+            p
+        })
+    }
+
+    /// The URL of table `schema.table`.
+    pub fn table_url(&self, name: &str) -> Result<Url, Error> {
+        let rel = name.replace('.', "/");
+        if let Some(dir) = self.local_dir(name) {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let dir = dir.canonicalize().map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+            Url::from_directory_path(&dir).map_err(|_| Error::internal(format!("bad lake path {}", dir.display())))
+        } else {
+            let base = self.root.trim_end_matches('/');
+            Url::parse(&format!("{base}/{rel}/"))
+                .map_err(|e| Error::user(format!("invalid lake URL `{}`: {e}", self.root)))
+        }
+    }
+
+    /// Whether a Delta table exists at `name`, without creating directories.
+    pub fn exists(&self, name: &str) -> bool {
+        match self.local_dir(name) {
+            Some(dir) => dir.join("_delta_log").is_dir(),
+            None => true,
+        }
+    }
+
+    /// Opens table `name`; the returned table has no version if it does not exist yet.
+    pub async fn open(&self, name: &str) -> Result<DeltaTable, Error> {
+        let url = self.table_url(name)?;
+        DeltaTable::try_from_url(url)
+            .await
+            .map_err(|e| delta_error(format!("opening table `{name}`"), e))
+    }
+
+    /// Opens table `name`, failing with a hint when it does not exist.
+    pub async fn open_existing(&self, name: &str) -> Result<DeltaTable, Error> {
+        if !self.exists(name) {
+            return Err(self.missing(name));
+        }
+        let t = self.open(name).await?;
+        if t.version().is_none() {
+            return Err(self.missing(name));
+        }
+        Ok(t)
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        let known = self.list().unwrap_or_default();
+        let hint = match weir_config::closest(name, &known) {
+            Some(c) => format!("did you mean `{c}`? `weir tables` lists the lake's tables"),
+            None => "`weir tables` lists the lake's tables; `weir run` creates them".to_string(),
+        };
+        Error::user(format!("table `{name}` does not exist")).with_hint(hint)
+    }
+
+    /// The arrow schema of a table, if it exists.
+    pub async fn schema(&self, name: &str) -> Result<Option<SchemaRef>, Error> {
+        if !self.exists(name) {
+            return Ok(None);
+        }
+        let t = self.open(name).await?;
+        if t.version().is_none() {
+            return Ok(None);
+        }
+        let snap = t.snapshot().map_err(|e| delta_error(name, e))?;
+        Ok(Some(snap.snapshot().arrow_schema()))
+    }
+
+    /// All tables in a local lake, as `schema.table`, sorted.
+    pub fn list(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        if !self.is_local() {
+            return Ok(out);
+        }
+        let root = self.local_root();
+        let Ok(schemas) = std::fs::read_dir(&root) else { return Ok(out) };
+        for s in schemas.flatten() {
+            let sname = s.file_name().to_string_lossy().into_owned();
+            if sname.starts_with(['.', '_']) || !s.path().is_dir() {
+                continue;
+            }
+            let Ok(tables) = std::fs::read_dir(s.path()) else { continue };
+            for t in tables.flatten() {
+                if t.path().join("_delta_log").is_dir() {
+                    out.push(format!("{sname}.{}", t.file_name().to_string_lossy()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The committed txn version of `app_id` in `table`.
+    pub async fn txn_version(&self, table: &DeltaTable, app_id: &str) -> Result<Option<i64>, Error> {
+        if table.version().is_none() {
+            return Ok(None);
+        }
+        let snap = table.snapshot().map_err(|e| delta_error("reading snapshot", e))?;
+        snap.transaction_version(table.log_store().as_ref(), app_id)
+            .await
+            .map_err(|e| delta_error("reading transaction version", e))
+    }
+
+    /// Rows, files and bytes of a table.
+    pub async fn stats(&self, name: &str) -> Result<TableStats, Error> {
+        let t = self.open_existing(name).await?;
+        let snap = t.snapshot().map_err(|e| delta_error(name, e))?;
+        let (mut rows, mut files, mut bytes) = (0u64, 0u64, 0u64);
+        let mut newest = 0i64;
+        for f in snap.log_data().iter() {
+            files += 1;
+            bytes += f.size().max(0) as u64;
+            rows += f.num_records().unwrap_or(0) as u64;
+            newest = newest.max(f.modification_time());
+        }
+        Ok(TableStats {
+            name: name.to_string(),
+            version: t.version().unwrap_or(0),
+            rows,
+            files,
+            bytes,
+            partition_columns: snap.metadata().partition_columns().to_vec(),
+            last_modified: chrono::DateTime::from_timestamp_millis(newest).filter(|_| newest > 0).map(|d| d.to_rfc3339()),
+        })
+    }
+
+    /// Commits of a table, newest first.
+    pub async fn history(&self, name: &str, limit: Option<usize>) -> Result<Vec<HistoryEntry>, Error> {
+        let t = self.open_existing(name).await?;
+        let latest = t.version().unwrap_or(0);
+        let infos: Vec<_> = t
+            .history(limit)
+            .try_collect()
+            .await
+            .map_err(|e| delta_error(format!("reading history of `{name}`"), e))?;
+        Ok(infos
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let metrics = c.info.get("operationMetrics").cloned().unwrap_or(serde_json::Value::Null);
+                let weir: serde_json::Map<String, serde_json::Value> = c
+                    .info
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("weir."))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                HistoryEntry {
+                    version: c.read_version.map(|v| v + 1).unwrap_or(latest.saturating_sub(i as u64)),
+                    timestamp: c
+                        .timestamp
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                        .map(|d| d.to_rfc3339()),
+                    operation: c.operation.unwrap_or_default(),
+                    parameters: serde_json::to_value(c.operation_parameters.unwrap_or_default())
+                        .unwrap_or_default(),
+                    metrics,
+                    weir: serde_json::Value::Object(weir),
+                }
+            })
+            .collect())
+    }
+
+    fn manifest_path(&self, table: &str, app: &str, n: i64) -> Option<PathBuf> {
+        self.local_dir(table).map(|d| d.join("_weir").join("positions").join(app).join(format!("{n}.json")))
+    }
+
+    /// Writes the position manifest for commit `n` of `app` (before that commit).
+    pub fn write_manifest(&self, table: &str, app: &str, n: i64, value: &serde_json::Value) -> Result<(), Error> {
+        let Some(path) = self.manifest_path(table, app, n) else {
+            return Err(Error::user("file positions on object-store lakes are not supported yet")
+                .with_hint("use a local lake directory for incremental file loads"));
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec(value).map_err(|e| Error::internal(format!("manifest: {e}")))?;
+        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Reads the manifest of commit `n`: it must exist, as it was written before the commit.
+    pub fn read_manifest(&self, table: &str, app: &str, n: i64) -> Result<serde_json::Value, Error> {
+        let Some(path) = self.manifest_path(table, app, n) else {
+            return Err(Error::user("file positions on object-store lakes are not supported yet"));
+        };
+        let text = std::fs::read(&path).map_err(|e| {
+            Error::io(format!("reading position manifest {}", path.display()), e)
+                .with_hint("the table records a load whose manifest is gone; rebuild with `weir run --full-refresh`")
+        })?;
+        serde_json::from_slice(&text).map_err(|e| Error::internal(format!("corrupt manifest {}: {e}", path.display())))
+    }
+}
