@@ -1,1 +1,241 @@
-fn main() {}
+//! The `weir` command line: argument parsing, output formatting and exit codes
+//! (0 ok, 1 checks or runs failed, 2 usage or configuration error).
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir_common::{Domain, Error};
+use weir_orchestrator::{RunOptions, RunSummary};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "A data platform in one binary: ingest, transform, load, query.")]
+struct Cli {
+    /// Project directory (holding weir.yaml).
+    #[arg(long, global = true, env = "WEIR_PROJECT", default_value = ".")]
+    project: PathBuf,
+    /// No progress output.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new project in DIR.
+    Init { dir: PathBuf },
+    /// Check the project's configuration, models and graph.
+    Validate,
+    /// Run pipelines and models in dependency order.
+    Run {
+        /// `name`, `+name` (with upstream), `name+` (with downstream), `tag:x`; several
+        /// separated by spaces or commas.
+        selector: Vec<String>,
+        /// Reload every file and rebuild incremental models from scratch.
+        #[arg(long)]
+        full_refresh: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Run SQL over the lake's tables (`schema.table`) and print the result.
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// List the lake's tables with rows, files, bytes and version.
+    Tables {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Inspect one table.
+    Table {
+        #[command(subcommand)]
+        command: TableCommand,
+    },
+    /// Write the retail demo project into DIR (default `weir-demo`) and run it.
+    Demo {
+        dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum TableCommand {
+    /// Commits of a table, newest first.
+    History {
+        name: String,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "warn,deltalake_core=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("{}", e.render());
+            ExitCode::from(if e.domain == Domain::User { 2 } else { 1 })
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, Error> {
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Init { dir } => {
+            demo::write_init(&dir)?;
+            eprintln!("created project in {}\n  next: cd {} && weir run", dir.display(), dir.display());
+            Ok(0)
+        }
+        Command::Validate => {
+            let project = weir_config::load_project(&cli.project)?;
+            let graph = weir_engine::Graph::build(&project)?;
+            for p in &project.pipelines {
+                weir_connectors::source_for(&p.config.source, &project.root, None)?;
+            }
+            eprintln!(
+                "ok: {} pipelines, {} models, {} assets in dependency order",
+                project.pipelines.len(),
+                project.models.len(),
+                graph.assets.len()
+            );
+            Ok(0)
+        }
+        Command::Run { selector, full_refresh, format } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let sel = (!selector.is_empty()).then(|| selector.join(" "));
+            let summary = run_project(&project, sel, full_refresh, progress).await?;
+            Ok(report(&summary, format))
+        }
+        Command::Query { sql, format } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::new(project.lake_root());
+            let graph = weir_engine::Graph::build(&project)?;
+            let ctx = weir_orchestrator::project_session(&project, &lake, &graph).await?;
+            let df = ctx.sql(&sql).await.map_err(|e| query_error(&lake, e))?;
+            let batches = df.collect().await.map_err(|e| query_error(&lake, e))?;
+            output::print_batches(&batches, format == Format::Csv, format == Format::Json)?;
+            Ok(0)
+        }
+        Command::Tables { format } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::new(project.lake_root());
+            let mut stats = Vec::new();
+            for t in lake.list()? {
+                stats.push(lake.stats(&t).await?);
+            }
+            output::print_tables(&stats, format == Format::Json);
+            Ok(0)
+        }
+        Command::Table { command: TableCommand::History { name, limit, format } } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::new(project.lake_root());
+            let history = lake.history(&name, limit).await?;
+            output::print_history(&history, format == Format::Json);
+            Ok(0)
+        }
+        Command::Demo { dir, format } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("weir-demo"));
+            let created = demo::write_demo(&dir)?;
+            if created {
+                eprintln!("wrote the retail demo project to {}", dir.display());
+            } else {
+                eprintln!("running the existing demo project in {}", dir.display());
+            }
+            let project = weir_config::load_project(&dir)?;
+            let summary = run_project(&project, None, false, progress).await?;
+            let code = report(&summary, format);
+            if format == Format::Table && code == 0 {
+                demo::print_tour(&project, &dir).await?;
+            }
+            Ok(code)
+        }
+    }
+}
+
+fn query_error(lake: &weir_lake::Lake, e: datafusion::error::DataFusionError) -> Error {
+    let text = e.to_string();
+    let mut err = Error::user(format!("query failed: {text}"));
+    if text.contains("not found") {
+        let tables = lake.list().unwrap_or_default();
+        err = err.with_hint(format!("tables are named `schema.table`; this lake has: {}", tables.join(", ")));
+    }
+    err
+}
+
+async fn run_project(
+    project: &weir_config::Project,
+    selector: Option<String>,
+    full_refresh: bool,
+    progress: bool,
+) -> Result<RunSummary, Error> {
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
+    let started = std::time::Instant::now();
+    let progress_fn: Option<weir_orchestrator::ProgressFn> = bar.clone().map(|b| {
+        Arc::new(move |name: &str, p: &weir_core::Progress| {
+            let rows = p.rows.load(std::sync::atomic::Ordering::Relaxed);
+            let bytes = p.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            b.set_message(format!(
+                "{name}: {} rows, {}, {} rows/s",
+                output::thousands(rows),
+                output::human_bytes(bytes),
+                output::thousands((rows as f64 / secs) as u64)
+            ));
+        }) as weir_orchestrator::ProgressFn
+    });
+    let summary = weir_orchestrator::run(project, RunOptions { selector, full_refresh, progress: progress_fn }).await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    summary
+}
+
+fn report(summary: &RunSummary, format: Format) -> u8 {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
+    } else {
+        eprint!("{}", output::run_table(summary));
+    }
+    if summary.ok {
+        0
+    } else {
+        1
+    }
+}

@@ -12,6 +12,6 @@ mod load;
 mod spec;
 mod yaml;
 
-pub use load::{load_project, Project};
+pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use spec::*;
 pub use yaml::{closest, interpolate_env, parse_yaml};

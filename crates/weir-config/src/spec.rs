@@ -326,7 +326,7 @@ impl BadRowLimit {
 impl fmt::Display for BadRowLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BadRowLimit::Count(n) => write!(f, "{n} rows"),
+            BadRowLimit::Count(n) => write!(f, "{n}"),
             BadRowLimit::Ratio(r) => write!(f, "{}%", r * 100.0),
         }
     }

@@ -23,6 +23,15 @@ fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
         Some(i) => raw[..i].to_string(),
         None => raw.clone(),
     };
+    // serde_yaml_ng prefixes the path of the offending node: "source.csv: unknown field ...".
+    let (path, msg) = match msg.find(": unknown ").or_else(|| msg.find(": missing field")) {
+        Some(i) if !msg[..i].contains(' ') => (Some(msg[..i].to_string()), msg[i + 2..].to_string()),
+        _ => (None, msg),
+    };
+    let place = match &path {
+        Some(p) => format!("`{p}` in {place}"),
+        None => place,
+    };
     for (prefix, what) in [("unknown field", "key"), ("unknown variant", "value")] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             let (found, expected) = split_expected(rest);

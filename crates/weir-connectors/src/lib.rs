@@ -7,13 +7,23 @@ pub mod types;
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::datatypes::SchemaRef;
+
 use weir_common::Error;
 use weir_config::{SourceConfig, SourceKind};
 use weir_core::Source;
 
 /// The explicit registry: config `type:` to source.
-pub fn source_for(config: &SourceConfig, project_root: &Path) -> Result<Arc<dyn Source>, Error> {
+/// `hints` is the target table's schema, when it exists: columns the config does not
+/// declare keep the types earlier loads gave them.
+pub fn source_for(
+    config: &SourceConfig,
+    project_root: &Path,
+    hints: Option<SchemaRef>,
+) -> Result<Arc<dyn Source>, Error> {
     match config.kind {
-        SourceKind::Files => Ok(Arc::new(files::FilesSource::new(config.clone(), project_root)?)),
+        SourceKind::Files => Ok(Arc::new(
+            files::FilesSource::new(config.clone(), project_root)?.with_type_hints(hints),
+        )),
     }
 }

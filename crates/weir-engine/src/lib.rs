@@ -1,1 +1,10 @@
-//! placeholder
+//! SQL over the lake: model templating and the asset graph, and DataFusion sessions in
+//! which every lake table is a table (`schema.table`) and every view model a view.
+
+pub mod graph;
+pub mod model;
+pub mod session;
+
+pub use graph::{Asset, AssetKind, Graph};
+pub use model::{render_model, CompiledModel, RenderMode};
+pub use session::lake_session;

@@ -23,6 +23,27 @@ pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};
 
 use weir_common::Error;
 
+/// A DataFusion session with the Delta planner that writes and merges need, standard SQL
+/// identifier rules, and `weir.public` as the default catalog and schema.
+pub fn new_session() -> datafusion::prelude::SessionContext {
+    let overrides: std::collections::HashMap<String, String> = [
+        ("datafusion.catalog.information_schema", "true"),
+        ("datafusion.catalog.default_catalog", "weir"),
+        ("datafusion.catalog.default_schema", "public"),
+        ("datafusion.sql_parser.enable_ident_normalization", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let ctx = deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
+        .unwrap_or_default()
+        .into_inner();
+    if ctx.catalog("weir").is_none() {
+        ctx.register_catalog("weir", std::sync::Arc::new(datafusion::catalog::MemoryCatalogProvider::new()));
+    }
+    ctx
+}
+
 /// Maps a delta-rs error to a weir error with the right domain.
 pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableError) -> Error {
     use deltalake::DeltaTableError as E;

@@ -93,6 +93,12 @@ impl Lake {
     /// Opens table `name`; the returned table has no version if it does not exist yet.
     pub async fn open(&self, name: &str) -> Result<DeltaTable, Error> {
         let url = self.table_url(name)?;
+        if !self.exists(name) {
+            // Not a table yet: an unloaded handle that writes create.
+            return deltalake::DeltaTableBuilder::from_url(url)
+                .and_then(|b| b.build())
+                .map_err(|e| delta_error(format!("opening table `{name}`"), e));
+        }
         DeltaTable::try_from_url(url)
             .await
             .map_err(|e| delta_error(format!("opening table `{name}`"), e))

@@ -1,0 +1,206 @@
+//! Formatting for people (tables on stderr) and machines (CSV/JSON on stdout).
+
+use arrow::record_batch::RecordBatch;
+use weir_common::Error;
+use weir_lake::{HistoryEntry, TableStats};
+use weir_orchestrator::{AssetStatus, RunSummary};
+
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Left-aligned text table.
+pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(&format!("{c:<w$}", w = widths[i]));
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect()));
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+pub fn run_table(s: &RunSummary) -> String {
+    let rows: Vec<Vec<String>> = s
+        .assets
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.kind.clone(),
+                match a.status {
+                    AssetStatus::Succeeded => "ok".into(),
+                    AssetStatus::Failed => "FAILED".into(),
+                    AssetStatus::Skipped => "skipped".into(),
+                },
+                thousands(a.rows_read),
+                thousands(a.rows_written),
+                thousands(a.rows_quarantined),
+                a.table.clone(),
+                format!("{:.1}s", a.duration_ms as f64 / 1000.0),
+            ]
+        })
+        .collect();
+    let mut out = text_table(&["asset", "kind", "status", "read", "written", "quarantined", "table", "time"], &rows);
+    let total = |f: fn(&weir_orchestrator::AssetResult) -> u64| thousands(s.assets.iter().map(f).sum());
+    let failed = s.assets.iter().filter(|a| a.status == AssetStatus::Failed).count();
+    let skipped = s.assets.iter().filter(|a| a.status == AssetStatus::Skipped).count();
+    out.push_str(&format!(
+        "\nrun {}: {} assets, {failed} failed, {skipped} skipped; rows read {}, written {}, quarantined {} in {:.1}s\n",
+        &s.run_id[..8.min(s.run_id.len())],
+        s.assets.len(),
+        total(|a| a.rows_read),
+        total(|a| a.rows_written),
+        total(|a| a.rows_quarantined),
+        s.duration_ms as f64 / 1000.0
+    ));
+    for a in &s.assets {
+        if let Some(note) = &a.note {
+            if a.status == AssetStatus::Succeeded && note.starts_with("up to date") {
+                out.push_str(&format!("  {}: {note}\n", a.name));
+            }
+        }
+        if a.rows_quarantined > 0 {
+            out.push_str(&format!(
+                "  {}: {} rows quarantined; see `weir query \"select * from {}__quarantine\"`\n",
+                a.name, a.rows_quarantined, a.table
+            ));
+        }
+        if let Some(e) = &a.error {
+            let text = e.replace('\n', "\n    ");
+            out.push_str(&format!("\n{} ({}):\n    {text}\n", a.name, a.error_domain.as_deref().unwrap_or("skipped")));
+        }
+    }
+    out
+}
+
+pub fn print_batches(batches: &[RecordBatch], csv: bool, json: bool) -> Result<(), Error> {
+    let fail = |e: arrow::error::ArrowError| Error::internal(format!("formatting output: {e}"));
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let mut w = arrow::json::ArrayWriter::new(&mut stdout);
+        for b in batches {
+            w.write(b).map_err(fail)?;
+        }
+        w.finish().map_err(fail)?;
+        println!();
+    } else if csv {
+        let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut stdout);
+        for b in batches {
+            w.write(b).map_err(fail)?;
+        }
+    } else {
+        let text = arrow::util::pretty::pretty_format_batches(batches).map_err(fail)?;
+        println!("{text}");
+        let n: usize = batches.iter().map(|b| b.num_rows()).sum();
+        eprintln!("{} row{}", thousands(n as u64), if n == 1 { "" } else { "s" });
+    }
+    Ok(())
+}
+
+pub fn print_tables(stats: &[TableStats], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(stats).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                thousands(t.rows),
+                thousands(t.files),
+                human_bytes(t.bytes),
+                t.version.to_string(),
+                t.partition_columns.join(","),
+                t.last_modified.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", text_table(&["table", "rows", "files", "bytes", "version", "partitions", "last_modified"], &rows));
+}
+
+pub fn print_history(history: &[HistoryEntry], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(history).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<Vec<String>> = history
+        .iter()
+        .map(|h| {
+            let m = &h.metrics;
+            let get = |k: &str| m.get(k).map(|v| v.to_string()).unwrap_or_default();
+            let source = h
+                .weir
+                .get("weir.pipeline")
+                .or_else(|| h.weir.get("weir.model"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            vec![
+                h.version.to_string(),
+                h.timestamp.clone().unwrap_or_default(),
+                h.operation.clone(),
+                h.parameters.get("mode").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+                get("num_added_rows"),
+                get("num_added_files"),
+                get("num_removed_files"),
+                source,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        text_table(&["version", "timestamp", "operation", "mode", "rows_added", "files_added", "files_removed", "by"], &rows)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers() {
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(human_bytes(2048), "2.0 KiB");
+    }
+}

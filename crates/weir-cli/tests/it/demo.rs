@@ -1,0 +1,138 @@
+//! The golden project: the demo's exact results, reruns, new files, other readers.
+
+use std::path::Path;
+
+use crate::{ok, query, scalar, weir};
+
+fn asset<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    summary["assets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name))
+        .unwrap_or_else(|| panic!("asset {name} missing from {summary}"))
+}
+
+fn counts(summary: &serde_json::Value, name: &str) -> (u64, u64, u64) {
+    let a = asset(summary, name);
+    assert_eq!(a["status"], "succeeded", "{a}");
+    (
+        a["rows_read"].as_u64().unwrap_or(0),
+        a["rows_written"].as_u64().unwrap_or(0),
+        a["rows_quarantined"].as_u64().unwrap_or(0),
+    )
+}
+
+fn demo(dir: &Path) -> serde_json::Value {
+    let out = weir(Path::new("."), &["demo", dir.to_str().unwrap(), "--format", "json"]);
+    serde_json::from_str(&ok(&out)).expect("run summary is JSON")
+}
+
+#[test]
+fn demo_golden_rerun_and_new_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let s = demo(&dir);
+    assert_eq!(s["ok"], true);
+    // read == written + quarantined for every pipeline.
+    assert_eq!(counts(&s, "customers"), (52, 50, 2));
+    assert_eq!(counts(&s, "products"), (22, 20, 2));
+    assert_eq!(counts(&s, "orders"), (65, 64, 1));
+    assert_eq!(counts(&s, "order_items"), (131, 130, 1));
+    assert_eq!(asset(&s, "orders")["units"], 3);
+
+    // Exact table contents.
+    assert_eq!(scalar(&dir, "select count(*) from raw.customers"), 50);
+    assert_eq!(scalar(&dir, "select count(*) from staging.stg_customers"), 49);
+    assert_eq!(scalar(&dir, "select count(distinct customer_id) from raw.customers"), 49);
+    assert_eq!(scalar(&dir, "select count(*) from raw.orders where status is null"), 1);
+    assert_eq!(scalar(&dir, "select count(*) from raw.orders where order_date = '2024-01-01'"), 35);
+    assert_eq!(scalar(&dir, "select email from raw.customers where customer_id = 7"), serde_json::Value::Null);
+    assert_eq!(scalar(&dir, "select count(*) from marts.fct_orders"), 64);
+    assert_eq!(scalar(&dir, "select count(*) from marts.daily_revenue"), 2);
+    assert_eq!(scalar(&dir, "select count(*) from staging.stg_order_items"), 130);
+    // Declared decimal stays exact.
+    assert_eq!(scalar(&dir, "select cast(sum(price) as varchar) from raw.products"), scalar(&dir, "select cast(sum(cast(price as decimal(12,2))) as varchar) from raw.products"));
+
+    // The quarantine keeps reason, file, line and raw text.
+    let q = query(&dir, "select source, line, reason, raw from raw.customers__quarantine order by line");
+    assert_eq!(q.len(), 2);
+    assert_eq!(q[0]["source"], "data/customers.csv");
+    assert_eq!(q[0]["line"], 23);
+    assert_eq!(q[0]["reason"], "column `signup_date`: cannot parse `2023-02-30` as date");
+    assert_eq!(q[0]["raw"], "21,\"Ben Okafor\",Ben21@Example.com,DE,2023-02-30");
+    assert_eq!(q[1]["reason"], "expected 5 fields, found 2");
+    assert_eq!(q[1]["raw"], "31,Kim Broken");
+    let q = query(&dir, "select line, reason from raw.order_items__quarantine");
+    assert_eq!(q[0]["reason"], "column `quantity`: cannot parse `-` as int");
+    let q = query(&dir, "select reason from raw.products__quarantine order by line");
+    assert!(q[0]["reason"].as_str().unwrap().starts_with("invalid JSON"), "{q:?}");
+
+    // A second run finds nothing new and adds nothing.
+    let before = ok(&weir(&dir, &["tables", "--format", "json"]));
+    let s2: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["run", "tag:raw", "--format", "json"]))).unwrap();
+    for p in ["customers", "products", "orders", "order_items"] {
+        assert_eq!(counts(&s2, p), (0, 0, 0), "{p}");
+    }
+    let after = ok(&weir(&dir, &["tables", "--format", "json"]));
+    let strip = |t: &str| -> Vec<(String, u64, u64)> {
+        let v: serde_json::Value = serde_json::from_str(t).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"].as_str().unwrap().starts_with("raw."))
+            .map(|t| (t["name"].as_str().unwrap().to_string(), t["version"].as_u64().unwrap(), t["rows"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(strip(&before), strip(&after));
+    assert_eq!(scalar(&dir, "select count(*) from raw.orders"), 64);
+
+    // A new file: only it is loaded; the incremental model picks up its rows.
+    std::fs::write(
+        dir.join("data/orders/orders_2024-01-03.csv"),
+        "order_id,customer_id,order_date,status\n66,3,2024-01-03,shipped\n67,4,2024-01-03,bogus-but-valid\n",
+    )
+    .unwrap();
+    let s3: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["run", "--format", "json"]))).unwrap();
+    assert_eq!(counts(&s3, "orders"), (2, 2, 0));
+    assert_eq!(asset(&s3, "orders")["units"], 1);
+    assert_eq!(counts(&s3, "customers"), (0, 0, 0));
+    assert_eq!(scalar(&dir, "select count(*) from raw.orders"), 66);
+    assert_eq!(scalar(&dir, "select count(*) from marts.fct_orders"), 66);
+    // The new orders have no items yet, so revenue (an inner join) has no third day.
+    assert_eq!(scalar(&dir, "select count(*) from marts.daily_revenue"), 2);
+    assert_eq!(scalar(&dir, "select items from marts.fct_orders where order_id = 66"), 0);
+
+    // History shows the append with the file that was loaded.
+    let h: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["table", "history", "raw.orders", "--format", "json"]))).unwrap();
+    assert_eq!(h[0]["weir"]["weir.files"], serde_json::json!(["data/orders/orders_2024-01-03.csv"]));
+
+    // Another engine reads the same rows.
+    other_reader_agrees(&dir);
+}
+
+/// Reads raw.orders with the `deltalake` Python package and compares with weir.
+fn other_reader_agrees(dir: &Path) {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import deltalake, pyarrow"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(std::env::var_os("CI").is_none(), "CI must have the deltalake Python package (scripts/test installs it)");
+        eprintln!("skipping the deltalake-python check: package not installed");
+        return;
+    }
+    let script = r#"
+import sys, json, deltalake, pyarrow.compute as pc
+t = deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table()
+print(json.dumps({"rows": t.num_rows, "sum": pc.sum(t["order_id"]).as_py(), "dates": sorted({str(d) for d in t["order_date"].to_pylist()})}))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, dir.join("lake/raw/orders").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"], scalar(dir, "select count(*) from raw.orders"));
+    assert_eq!(v["sum"], scalar(dir, "select sum(order_id) from raw.orders"));
+    assert_eq!(v["dates"], serde_json::json!(["2024-01-01", "2024-01-02", "2024-01-03"]));
+}

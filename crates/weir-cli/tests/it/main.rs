@@ -1,0 +1,43 @@
+//! End-to-end tests through the real `weir` binary.
+
+mod crash;
+mod demo;
+mod errors;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub fn weir(project: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(project)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("WEIR_LOG")
+        .output()
+        .expect("weir runs")
+}
+
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "weir failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a query and returns the rows as JSON objects.
+pub fn query(project: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let text = ok(&weir(project, &["query", sql, "--format", "json"]));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Array(vec![]));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+pub fn scalar(project: &Path, sql: &str) -> serde_json::Value {
+    let rows = query(project, sql);
+    let row = rows.first().and_then(|r| r.as_object()).cloned().unwrap_or_default();
+    row.values().next().cloned().unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,195 @@
+//! Rendering model SQL with minijinja: `ref()`, `source()`, `config()`, `is_incremental()`,
+//! `this` and `var()`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+use weir_common::Error;
+use weir_config::{ModelConfig, ModelFile, Project};
+
+/// A model after rendering.
+#[derive(Debug, Clone)]
+pub struct CompiledModel {
+    pub name: String,
+    /// `schema.table` the model materializes to.
+    pub table: String,
+    pub sql: String,
+    pub config: ModelConfig,
+    /// Models named by `ref()`.
+    pub refs: Vec<String>,
+    /// Tables named by `source()`, as `schema.table`.
+    pub sources: Vec<String>,
+    pub tags: Vec<String>,
+    pub description: Option<String>,
+}
+
+/// How to render: while building the graph (`is_incremental()` false), or for a run.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderMode {
+    pub is_incremental: bool,
+}
+
+#[derive(Default)]
+struct Collected {
+    refs: Vec<String>,
+    sources: Vec<String>,
+    config: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// Renders one model. `tables` maps every model name to its `schema.table`.
+pub fn render_model(
+    project: &Project,
+    model: &ModelFile,
+    tables: &BTreeMap<String, String>,
+    mode: RenderMode,
+) -> Result<CompiledModel, Error> {
+    let collected = Arc::new(Mutex::new(Collected::default()));
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+
+    let c = collected.clone();
+    let known = tables.clone();
+    let file = model.file.display().to_string();
+    let this_model = model.name.clone();
+    env.add_function("ref", move |name: String| -> Result<String, minijinja::Error> {
+        match known.get(&name) {
+            Some(t) => {
+                lock(&c).refs.push(name);
+                Ok(t.clone())
+            }
+            None => {
+                let names: Vec<String> = known.keys().cloned().collect();
+                let hint = match weir_config::closest(&name, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => "models are named after their .sql files under models/".to_string(),
+                };
+                Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("model `{this_model}` ({file}) refers to unknown model `{name}`; hint: {hint}"),
+                ))
+            }
+        }
+    });
+    let c = collected.clone();
+    env.add_function("source", move |schema: String, table: String| -> Result<String, minijinja::Error> {
+        let t = format!("{schema}.{table}");
+        lock(&c).sources.push(t.clone());
+        Ok(t)
+    });
+    let c = collected.clone();
+    env.add_function("config", move |kwargs: Kwargs| -> Result<String, minijinja::Error> {
+        let mut map = BTreeMap::new();
+        for key in kwargs.args() {
+            let v: Value = kwargs.get(key)?;
+            let json = serde_json::to_value(&v)
+                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+            map.insert(key.to_string(), json);
+        }
+        lock(&c).config = Some(map);
+        Ok(String::new())
+    });
+    let incremental = mode.is_incremental;
+    env.add_function("is_incremental", move || incremental);
+    let vars = project.config.vars.clone();
+    env.add_function("var", move |name: String, default: Option<Value>| -> Result<Value, minijinja::Error> {
+        match vars.get(&name) {
+            Some(v) => Ok(Value::from_serialize(v)),
+            None => default.ok_or_else(|| {
+                minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("var `{name}` is not set; hint: add it under `vars:` in weir.yaml or pass a default: var('{name}', 'x')"),
+                )
+            }),
+        }
+    });
+
+    let props = model.properties.as_ref();
+    let base = props.map(|p| p.config()).unwrap_or_default();
+    // `this` needs the schema, which `config(schema=...)` may change: render twice when so.
+    let mut table = table_name(project, model, &base);
+    let mut sql = render(&env, model, &table)?;
+    let inline = lock(&collected).config.take();
+    let mut config = base;
+    if let Some(map) = inline {
+        let text = serde_json::Value::Object(map.into_iter().collect());
+        let inline: ModelConfig = serde_json::from_value(text).map_err(|e| {
+            Error::user(format!("invalid config(...) in {}: {e}", model.file.display()))
+                .with_hint("valid keys: materialized, unique_key, partition_by, incremental_strategy, schema")
+        })?;
+        config = merge(config, inline);
+        let t2 = table_name(project, model, &config);
+        if t2 != table {
+            table = t2;
+            *lock(&collected) = Collected::default();
+            sql = render(&env, model, &table)?;
+        }
+    }
+    let got = std::mem::take(&mut *lock(&collected));
+    weir_config::validate_table_name(&table, &model.file)?;
+    Ok(CompiledModel {
+        name: model.name.clone(),
+        table,
+        sql,
+        config,
+        refs: dedup(got.refs),
+        sources: dedup(got.sources),
+        tags: props.map(|p| p.tags.clone()).unwrap_or_default(),
+        description: props.and_then(|p| p.description.clone()),
+    })
+}
+
+fn lock(c: &Mutex<Collected>) -> std::sync::MutexGuard<'_, Collected> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn dedup(mut v: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|x| seen.insert(x.clone()));
+    v
+}
+
+fn merge(base: ModelConfig, over: ModelConfig) -> ModelConfig {
+    ModelConfig {
+        materialized: over.materialized.or(base.materialized),
+        unique_key: if over.unique_key.is_empty() { base.unique_key } else { over.unique_key },
+        partition_by: if over.partition_by.is_empty() { base.partition_by } else { over.partition_by },
+        incremental_strategy: over.incremental_strategy.or(base.incremental_strategy),
+        schema: over.schema.or(base.schema),
+    }
+}
+
+/// `schema.table` of a model: config schema, else its folder, else the project default.
+pub fn table_name(project: &Project, model: &ModelFile, config: &ModelConfig) -> String {
+    let schema = config
+        .schema
+        .clone()
+        .or_else(|| model.folder_schema.clone())
+        .unwrap_or_else(|| project.config.models.schema.clone());
+    format!("{schema}.{}", model.name)
+}
+
+fn render(env: &Environment<'_>, model: &ModelFile, this: &str) -> Result<String, Error> {
+    env.render_str(&model.sql, minijinja::context! { this => this }).map_err(|e| {
+        let detail = e.detail().map(|d| d.to_string()).unwrap_or_else(|| e.to_string());
+        // Errors raised by our functions carry their own hint.
+        let (msg, hint) = match detail.split_once("; hint: ") {
+            Some((m, h)) => (m.to_string(), Some(h.to_string())),
+            None => (detail, None),
+        };
+        let place = match e.line() {
+            Some(l) => format!("{}:{l}", model.file.display()),
+            None => model.file.display().to_string(),
+        };
+        let mut err = if msg.contains(&model.file.display().to_string()) {
+            Error::user(msg)
+        } else {
+            Error::user(format!("{place}: {msg}"))
+        };
+        if let Some(h) = hint {
+            err = err.with_hint(h);
+        }
+        err
+    })
+}

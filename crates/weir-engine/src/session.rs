@@ -1,0 +1,46 @@
+//! DataFusion sessions over the lake.
+
+use std::sync::Arc;
+
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::prelude::SessionContext;
+use weir_common::Error;
+use weir_lake::Lake;
+
+/// A session with every lake table registered as `schema.table`.
+pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
+    let ctx = weir_lake::new_session();
+    for name in lake.list()? {
+        register_table(&ctx, lake, &name).await?;
+    }
+    Ok(ctx)
+}
+
+/// Registers (or re-registers) one lake table in `ctx`.
+pub async fn register_table(ctx: &SessionContext, lake: &Lake, name: &str) -> Result<(), Error> {
+    let (schema, _) = name.split_once('.').ok_or_else(|| Error::internal(format!("bad table name {name}")))?;
+    ensure_schema(ctx, schema)?;
+    let table = lake.open_existing(name).await?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| weir_lake::delta_error(name, e))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| Error::internal(format!("table provider for `{name}`: {e}")))?;
+    let _ = ctx.deregister_table(name);
+    ctx.register_table(name, provider)
+        .map_err(|e| Error::internal(format!("registering `{name}`: {e}")))?;
+    Ok(())
+}
+
+/// Makes sure schema `name` exists in the session's catalog.
+pub fn ensure_schema(ctx: &SessionContext, name: &str) -> Result<(), Error> {
+    let catalog = ctx.catalog("weir").ok_or_else(|| Error::internal("catalog missing"))?;
+    if catalog.schema(name).is_none() {
+        catalog
+            .register_schema(name, Arc::new(MemorySchemaProvider::new()))
+            .map_err(|e| Error::internal(format!("schema `{name}`: {e}")))?;
+    }
+    Ok(())
+}
