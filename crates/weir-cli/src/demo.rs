@@ -12,7 +12,8 @@ use weir_common::Error;
 fn write(root: &Path, rel: &str, content: &[u8]) -> Result<(), Error> {
     let path = root.join(rel);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     std::fs::write(&path, content).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
@@ -20,16 +21,26 @@ fn write(root: &Path, rel: &str, content: &[u8]) -> Result<(), Error> {
 /// `weir init DIR`: a minimal project with one pipeline and one model.
 pub fn write_init(dir: &Path) -> Result<(), Error> {
     if dir.join("weir.yaml").exists() {
-        return Err(Error::user(format!("`{}` already holds a project", dir.display())));
+        return Err(Error::user(format!(
+            "`{}` already holds a project",
+            dir.display()
+        )));
     }
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "project".into());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "project".into());
     write(dir, "weir.yaml", format!("name: {name}\n# Lake root: a directory or an object-store URL.\nlake: lake\nvars: {{}}\n").as_bytes())?;
     write(
         dir,
         "pipelines/example.yaml",
         b"description: Load the example CSV files into raw.example.\nsource:\n  type: files\n  path: data/*.csv\n  schema:\n    - { name: id, type: bigint, nullable: false }\nsink:\n  table: raw.example\n  mode: append\n",
     )?;
-    write(dir, "data/example.csv", b"id,name,amount\n1,first,10.5\n2,second,20\n")?;
+    write(
+        dir,
+        "data/example.csv",
+        b"id,name,amount\n1,first,10.5\n2,second,20\n",
+    )?;
     write(
         dir,
         "models/example_summary.sql",
@@ -43,12 +54,17 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
 
-const FIRST: [&str; 10] = ["Ada", "Ben", "Chloe", "Dev", "Ema", "Finn", "Gia", "Hugo", "Iris", "Jon"];
+const FIRST: [&str; 10] = [
+    "Ada", "Ben", "Chloe", "Dev", "Ema", "Finn", "Gia", "Hugo", "Iris", "Jon",
+];
 const LAST: [&str; 5] = ["Smith", "Okafor", "Müller", "Tanaka", "Rossi"];
 const COUNTRIES: [&str; 5] = ["US", "DE", "JP", "IT", "NG"];
 const CATEGORIES: [&str; 4] = ["books", "garden", "kitchen", "toys"];
@@ -69,11 +85,27 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
     let mut c = String::from("customer_id,name,email,country,signup_date\n");
     for id in 1..=50u64 {
         let name = format!("{} {}", FIRST[(id % 10) as usize], LAST[(id % 5) as usize]);
-        let email = if id == 7 { String::new() } else { format!("{}{id}@Example.com", FIRST[(id % 10) as usize]) };
-        let date = if id == 21 { "2023-02-30".to_string() } else { format!("2023-{:02}-{:02}", 1 + id % 12, 1 + id % 28) };
-        let _ = writeln!(c, "{id},\"{name}\",{email},{},{date}", COUNTRIES[(id % 5) as usize]);
+        let email = if id == 7 {
+            String::new()
+        } else {
+            format!("{}{id}@Example.com", FIRST[(id % 10) as usize])
+        };
+        let date = if id == 21 {
+            "2023-02-30".to_string()
+        } else {
+            format!("2023-{:02}-{:02}", 1 + id % 12, 1 + id % 28)
+        };
+        let _ = writeln!(
+            c,
+            "{id},\"{name}\",{email},{},{date}",
+            COUNTRIES[(id % 5) as usize]
+        );
         if id == 12 {
-            let _ = writeln!(c, "{id},\"{name}\",{email},{},{date}", COUNTRIES[(id % 5) as usize]);
+            let _ = writeln!(
+                c,
+                "{id},\"{name}\",{email},{},{date}",
+                COUNTRIES[(id % 5) as usize]
+            );
         }
         if id == 30 {
             c.push_str("31,Kim Broken\n");
@@ -105,13 +137,25 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
     let files: [(&str, std::ops::RangeInclusive<u64>, &str); 3] = [
         ("data/orders/orders_2024-01-01.csv", 1..=30, "2024-01-01"),
         ("data/orders/orders_2024-01-02.csv", 31..=60, "2024-01-02"),
-        ("data/orders/orders_2024-01-01_late.csv", 61..=65, "2024-01-01"),
+        (
+            "data/orders/orders_2024-01-01_late.csv",
+            61..=65,
+            "2024-01-01",
+        ),
     ];
     for (rel, ids, day) in files {
         let mut o = String::from("order_id,customer_id,order_date,status\n");
         for id in ids {
-            let customer = if id == 45 { "N/A".to_string() } else { (1 + rng.next(50)).to_string() };
-            let customer = if customer == "21" { "22".to_string() } else { customer };
+            let customer = if id == 45 {
+                "N/A".to_string()
+            } else {
+                (1 + rng.next(50)).to_string()
+            };
+            let customer = if customer == "21" {
+                "22".to_string()
+            } else {
+                customer
+            };
             let status = match id {
                 17 => "NULL",
                 _ if id % 10 == 0 => "returned",
@@ -121,15 +165,27 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
             for _ in 0..(1 + id % 3) {
                 item_id += 1;
                 let product = 1 + rng.next(20);
-                let qty = if item_id == 50 { "-".to_string() } else { (1 + rng.next(4)).to_string() };
-                let _ = writeln!(items, "{item_id},{id},{product},{qty},{}.{:02}", 5 + rng.next(95), rng.next(100));
+                let qty = if item_id == 50 {
+                    "-".to_string()
+                } else {
+                    (1 + rng.next(4)).to_string()
+                };
+                let _ = writeln!(
+                    items,
+                    "{item_id},{id},{product},{qty},{}.{:02}",
+                    5 + rng.next(95),
+                    rng.next(100)
+                );
             }
         }
         write(dir, rel, o.as_bytes())?;
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(items.as_bytes()).map_err(|e| Error::internal(format!("gzip: {e}")))?;
-    let gz = gz.finish().map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    gz.write_all(items.as_bytes())
+        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    let gz = gz
+        .finish()
+        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
     write(dir, "data/order_items.csv.gz", &gz)?;
     Ok(true)
 }
@@ -142,8 +198,12 @@ pub async fn print_tour(project: &weir_config::Project, dir: &Path) -> Result<()
         .sql("select order_date, orders, items, revenue from marts.daily_revenue order by order_date")
         .await
         .map_err(|e| Error::internal(format!("demo tour: {e}")))?;
-    let batches = df.collect().await.map_err(|e| Error::internal(format!("demo tour: {e}")))?;
-    let text = arrow::util::pretty::pretty_format_batches(&batches).map_err(|e| Error::internal(e.to_string()))?;
+    let batches = df
+        .collect()
+        .await
+        .map_err(|e| Error::internal(format!("demo tour: {e}")))?;
+    let text = arrow::util::pretty::pretty_format_batches(&batches)
+        .map_err(|e| Error::internal(e.to_string()))?;
     eprintln!("\nmarts.daily_revenue:\n{text}");
     let d = dir.display();
     eprintln!(

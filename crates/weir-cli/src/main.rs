@@ -14,7 +14,11 @@ use weir_common::{Domain, Error};
 use weir_orchestrator::{RunOptions, RunSummary};
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "A data platform in one binary: ingest, transform, load, query.")]
+#[command(
+    name = "weir",
+    version,
+    about = "A data platform in one binary: ingest, transform, load, query."
+)]
 struct Cli {
     /// Project directory (holding weir.yaml).
     #[arg(long, global = true, env = "WEIR_PROJECT", default_value = ".")]
@@ -90,12 +94,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "warn,deltalake_core=error".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+                .unwrap_or_else(|_| "warn,deltalake_core=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -116,7 +124,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
     match cli.command {
         Command::Init { dir } => {
             demo::write_init(&dir)?;
-            eprintln!("created project in {}\n  next: cd {} && weir run", dir.display(), dir.display());
+            eprintln!(
+                "created project in {}\n  next: cd {} && weir run",
+                dir.display(),
+                dir.display()
+            );
             Ok(0)
         }
         Command::Validate => {
@@ -133,7 +145,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             );
             Ok(0)
         }
-        Command::Run { selector, full_refresh, format } => {
+        Command::Run {
+            selector,
+            full_refresh,
+            format,
+        } => {
             let project = weir_config::load_project(&cli.project)?;
             let sel = (!selector.is_empty()).then(|| selector.join(" "));
             let summary = run_project(&project, sel, full_refresh, progress).await?;
@@ -159,7 +175,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             output::print_tables(&stats, format == Format::Json);
             Ok(0)
         }
-        Command::Table { command: TableCommand::History { name, limit, format } } => {
+        Command::Table {
+            command:
+                TableCommand::History {
+                    name,
+                    limit,
+                    format,
+                },
+        } => {
             let project = weir_config::load_project(&cli.project)?;
             let lake = weir_lake::Lake::new(project.lake_root());
             let history = lake.history(&name, limit).await?;
@@ -190,7 +213,10 @@ fn query_error(lake: &weir_lake::Lake, e: datafusion::error::DataFusionError) ->
     let mut err = Error::user(format!("query failed: {text}"));
     if text.contains("not found") {
         let tables = lake.list().unwrap_or_default();
-        err = err.with_hint(format!("tables are named `schema.table`; this lake has: {}", tables.join(", ")));
+        err = err.with_hint(format!(
+            "tables are named `schema.table`; this lake has: {}",
+            tables.join(", ")
+        ));
     }
     err
 }
@@ -220,7 +246,15 @@ async fn run_project(
             ));
         }) as weir_orchestrator::ProgressFn
     });
-    let summary = weir_orchestrator::run(project, RunOptions { selector, full_refresh, progress: progress_fn }).await;
+    let summary = weir_orchestrator::run(
+        project,
+        RunOptions {
+            selector,
+            full_refresh,
+            progress: progress_fn,
+        },
+    )
+    .await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -229,7 +263,10 @@ async fn run_project(
 
 fn report(summary: &RunSummary, format: Format) -> u8 {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(summary).unwrap_or_default()
+        );
     } else {
         eprint!("{}", output::run_table(summary));
     }

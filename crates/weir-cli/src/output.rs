@@ -9,7 +9,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -79,10 +79,31 @@ pub fn run_table(s: &RunSummary) -> String {
             ]
         })
         .collect();
-    let mut out = text_table(&["asset", "kind", "status", "read", "written", "quarantined", "table", "time"], &rows);
-    let total = |f: fn(&weir_orchestrator::AssetResult) -> u64| thousands(s.assets.iter().map(f).sum());
-    let failed = s.assets.iter().filter(|a| a.status == AssetStatus::Failed).count();
-    let skipped = s.assets.iter().filter(|a| a.status == AssetStatus::Skipped).count();
+    let mut out = text_table(
+        &[
+            "asset",
+            "kind",
+            "status",
+            "read",
+            "written",
+            "quarantined",
+            "table",
+            "time",
+        ],
+        &rows,
+    );
+    let total =
+        |f: fn(&weir_orchestrator::AssetResult) -> u64| thousands(s.assets.iter().map(f).sum());
+    let failed = s
+        .assets
+        .iter()
+        .filter(|a| a.status == AssetStatus::Failed)
+        .count();
+    let skipped = s
+        .assets
+        .iter()
+        .filter(|a| a.status == AssetStatus::Skipped)
+        .count();
     out.push_str(&format!(
         "\nrun {}: {} assets, {failed} failed, {skipped} skipped; rows read {}, written {}, quarantined {} in {:.1}s\n",
         &s.run_id[..8.min(s.run_id.len())],
@@ -106,7 +127,11 @@ pub fn run_table(s: &RunSummary) -> String {
         }
         if let Some(e) = &a.error {
             let text = e.replace('\n', "\n    ");
-            out.push_str(&format!("\n{} ({}):\n    {text}\n", a.name, a.error_domain.as_deref().unwrap_or("skipped")));
+            out.push_str(&format!(
+                "\n{} ({}):\n    {text}\n",
+                a.name,
+                a.error_domain.as_deref().unwrap_or("skipped")
+            ));
         }
     }
     out
@@ -123,7 +148,9 @@ pub fn print_batches(batches: &[RecordBatch], csv: bool, json: bool) -> Result<(
         w.finish().map_err(fail)?;
         println!();
     } else if csv {
-        let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut stdout);
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut stdout);
         for b in batches {
             w.write(b).map_err(fail)?;
         }
@@ -131,14 +158,21 @@ pub fn print_batches(batches: &[RecordBatch], csv: bool, json: bool) -> Result<(
         let text = arrow::util::pretty::pretty_format_batches(batches).map_err(fail)?;
         println!("{text}");
         let n: usize = batches.iter().map(|b| b.num_rows()).sum();
-        eprintln!("{} row{}", thousands(n as u64), if n == 1 { "" } else { "s" });
+        eprintln!(
+            "{} row{}",
+            thousands(n as u64),
+            if n == 1 { "" } else { "s" }
+        );
     }
     Ok(())
 }
 
 pub fn print_tables(stats: &[TableStats], json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(stats).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(stats).unwrap_or_default()
+        );
         return;
     }
     let rows: Vec<Vec<String>> = stats
@@ -155,12 +189,29 @@ pub fn print_tables(stats: &[TableStats], json: bool) {
             ]
         })
         .collect();
-    print!("{}", text_table(&["table", "rows", "files", "bytes", "version", "partitions", "last_modified"], &rows));
+    print!(
+        "{}",
+        text_table(
+            &[
+                "table",
+                "rows",
+                "files",
+                "bytes",
+                "version",
+                "partitions",
+                "last_modified"
+            ],
+            &rows
+        )
+    );
 }
 
 pub fn print_history(history: &[HistoryEntry], json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(history).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(history).unwrap_or_default()
+        );
         return;
     }
     let rows: Vec<Vec<String>> = history
@@ -179,7 +230,11 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
                 h.version.to_string(),
                 h.timestamp.clone().unwrap_or_default(),
                 h.operation.clone(),
-                h.parameters.get("mode").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+                h.parameters
+                    .get("mode")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string(),
                 get("num_added_rows"),
                 get("num_added_files"),
                 get("num_removed_files"),
@@ -189,7 +244,19 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
         .collect();
     print!(
         "{}",
-        text_table(&["version", "timestamp", "operation", "mode", "rows_added", "files_added", "files_removed", "by"], &rows)
+        text_table(
+            &[
+                "version",
+                "timestamp",
+                "operation",
+                "mode",
+                "rows_added",
+                "files_added",
+                "files_removed",
+                "by"
+            ],
+            &rows
+        )
     );
 }
 

@@ -83,10 +83,11 @@ impl Error {
     /// An I/O error: a missing file is the user's mistake, anything else is external.
     pub fn io(what: impl fmt::Display, err: std::io::Error) -> Self {
         match err.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::user(format!("{what}: not found")).with_hint("check the path and that the file exists")
+            std::io::ErrorKind::NotFound => Error::user(format!("{what}: not found"))
+                .with_hint("check the path and that the file exists"),
+            std::io::ErrorKind::PermissionDenied => {
+                Error::user(format!("{what}: permission denied"))
             }
-            std::io::ErrorKind::PermissionDenied => Error::user(format!("{what}: permission denied")),
             _ => Error::external(format!("{what}: {err}")),
         }
     }
@@ -120,7 +121,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -139,10 +142,16 @@ mod tests {
 
     #[test]
     fn missing_file_is_user_error() {
-        let err = Error::io("reading x.csv", std::io::Error::from(std::io::ErrorKind::NotFound));
+        let err = Error::io(
+            "reading x.csv",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
         assert_eq!(err.domain, Domain::User);
         assert!(!err.retryable);
-        let err = Error::io("reading x.csv", std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let err = Error::io(
+            "reading x.csv",
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        );
         assert_eq!(err.domain, Domain::External);
         assert!(err.retryable);
     }

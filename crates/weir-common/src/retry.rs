@@ -85,13 +85,17 @@ mod tests {
     #[tokio::test]
     async fn retries_external_until_success() {
         let mut retries = 0;
-        let out = retry(&fast(), |_, _, _| retries += 1, |attempt| async move {
-            if attempt < 3 {
-                Err(Error::external("flaky"))
-            } else {
-                Ok(attempt)
-            }
-        })
+        let out = retry(
+            &fast(),
+            |_, _, _| retries += 1,
+            |attempt| async move {
+                if attempt < 3 {
+                    Err(Error::external("flaky"))
+                } else {
+                    Ok(attempt)
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(out, 3);
@@ -101,10 +105,14 @@ mod tests {
     #[tokio::test]
     async fn user_errors_fail_at_once() {
         let mut calls = 0;
-        let err = retry(&fast(), |_, _, _| {}, |_| {
-            calls += 1;
-            async { Err::<(), _>(Error::user("bad config")) }
-        })
+        let err = retry(
+            &fast(),
+            |_, _, _| {},
+            |_| {
+                calls += 1;
+                async { Err::<(), _>(Error::user("bad config")) }
+            },
+        )
         .await
         .unwrap_err();
         assert_eq!(calls, 1);
@@ -114,10 +122,14 @@ mod tests {
     #[tokio::test]
     async fn gives_up_after_max_attempts() {
         let mut calls = 0;
-        let _ = retry(&fast(), |_, _, _| {}, |_| {
-            calls += 1;
-            async { Err::<(), _>(Error::external("down")) }
-        })
+        let _ = retry(
+            &fast(),
+            |_, _, _| {},
+            |_| {
+                calls += 1;
+                async { Err::<(), _>(Error::external("down")) }
+            },
+        )
         .await;
         assert_eq!(calls, 4);
     }

@@ -67,22 +67,34 @@ fn read(path: &Path, shown: &Path) -> Result<String, Error> {
 pub fn load_project(root: &Path) -> Result<Project, Error> {
     let config_path = root.join("weir.yaml");
     if !config_path.exists() {
-        return Err(Error::user(format!("no weir.yaml in `{}`", root.display()))
-            .with_hint("run weir inside a project, pass --project DIR, or create one with `weir init DIR`"));
+        return Err(
+            Error::user(format!("no weir.yaml in `{}`", root.display())).with_hint(
+                "run weir inside a project, pass --project DIR, or create one with `weir init DIR`",
+            ),
+        );
     }
-    let config: ProjectConfig = parse_yaml(Path::new("weir.yaml"), &read(&config_path, Path::new("weir.yaml"))?)?;
+    let config: ProjectConfig = parse_yaml(
+        Path::new("weir.yaml"),
+        &read(&config_path, Path::new("weir.yaml"))?,
+    )?;
 
     let mut pipelines = Vec::new();
     let pipe_dir = root.join("pipelines");
     for file in list_files(&pipe_dir, &["yaml", "yml"])? {
         let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
         let cfg: PipelineConfig = parse_yaml(&shown, &read(&file, &shown)?)?;
-        let name = cfg
-            .name
-            .clone()
-            .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+        let name = cfg.name.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
         validate_table_name(&cfg.sink.table, &shown)?;
-        pipelines.push(Pipeline { name, file: shown, config: cfg });
+        pipelines.push(Pipeline {
+            name,
+            file: shown,
+            config: cfg,
+        });
     }
 
     let mut models = Vec::new();
@@ -105,11 +117,19 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
     }
     for file in list_files(&model_dir, &["sql"])? {
         let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
-        let name = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let name = file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let folder_schema = file
             .strip_prefix(&model_dir)
             .ok()
-            .and_then(|rel| rel.components().next().filter(|_| rel.components().count() > 1))
+            .and_then(|rel| {
+                rel.components()
+                    .next()
+                    .filter(|_| rel.components().count() > 1)
+            })
             .map(|c| c.as_os_str().to_string_lossy().into_owned());
         if let Some(other) = models.iter().find(|m: &&ModelFile| m.name == name) {
             return Err(Error::user(format!(
@@ -121,7 +141,13 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         }
         let sql = read(&file, &shown)?;
         let properties = props.remove(&name).map(|(_, p)| p);
-        models.push(ModelFile { name, folder_schema, file: shown, sql, properties });
+        models.push(ModelFile {
+            name,
+            folder_schema,
+            file: shown,
+            sql,
+            properties,
+        });
     }
     if let Some((name, (file, _))) = props.into_iter().next() {
         return Err(Error::user(format!(
@@ -141,7 +167,12 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
             )));
         }
     }
-    Ok(Project { root: root.to_path_buf(), config, pipelines, models })
+    Ok(Project {
+        root: root.to_path_buf(),
+        config,
+        pipelines,
+        models,
+    })
 }
 
 /// Checks `schema.table` form.
@@ -154,8 +185,11 @@ pub fn validate_table_name(table: &str, file: &Path) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::user(format!("invalid table name `{table}` in {}", file.display()))
-            .with_hint("write `schema.table` using letters, digits and `_`, e.g. `raw.orders`"))
+        Err(Error::user(format!(
+            "invalid table name `{table}` in {}",
+            file.display()
+        ))
+        .with_hint("write `schema.table` using letters, digits and `_`, e.g. `raw.orders`"))
     }
 }
 
@@ -167,7 +201,8 @@ fn list_files(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, Error> {
     }
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| Error::io(format!("listing {}", d.display()), e))?;
+        let entries =
+            std::fs::read_dir(&d).map_err(|e| Error::io(format!("listing {}", d.display()), e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", d.display()), e))?;
             let path = entry.path();

@@ -93,7 +93,9 @@ fn default_max() -> Duration {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!("invalid duration `{text}` ({e}); write e.g. `500ms`, `30s`, `5m`"))
+        serde::de::Error::custom(format!(
+            "invalid duration `{text}` ({e}); write e.g. `500ms`, `30s`, `5m`"
+        ))
     })
 }
 

@@ -24,8 +24,13 @@ fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
         None => raw.clone(),
     };
     // serde_yaml_ng prefixes the path of the offending node: "source.csv: unknown field ...".
-    let (path, msg) = match msg.find(": unknown ").or_else(|| msg.find(": missing field")) {
-        Some(i) if !msg[..i].contains(' ') => (Some(msg[..i].to_string()), msg[i + 2..].to_string()),
+    let (path, msg) = match msg
+        .find(": unknown ")
+        .or_else(|| msg.find(": missing field"))
+    {
+        Some(i) if !msg[..i].contains(' ') => {
+            (Some(msg[..i].to_string()), msg[i + 2..].to_string())
+        }
         _ => (None, msg),
     };
     let place = match &path {
@@ -37,7 +42,10 @@ fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
             let (found, expected) = split_expected(rest);
             let mut e = Error::user(format!("unknown {what} `{found}` in {place}"));
             let hint = match closest(&found, &expected) {
-                Some(best) => format!("did you mean `{best}`? valid {what}s here: {}", expected.join(", ")),
+                Some(best) => format!(
+                    "did you mean `{best}`? valid {what}s here: {}",
+                    expected.join(", ")
+                ),
                 None if expected.is_empty() => format!("this {what} takes no options"),
                 None => format!("valid {what}s here: {}", expected.join(", ")),
             };
@@ -56,7 +64,12 @@ fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
 fn split_expected(rest: &str) -> (String, Vec<String>) {
     let ticks: Vec<&str> = rest.split('`').collect();
     // Odd indices are inside backticks.
-    let quoted: Vec<String> = ticks.iter().skip(1).step_by(2).map(|s| s.to_string()).collect();
+    let quoted: Vec<String> = ticks
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.to_string())
+        .collect();
     match quoted.split_first() {
         Some((found, expected)) => (found.clone(), expected.to_vec()),
         None => (rest.trim().to_string(), vec![]),
@@ -122,7 +135,10 @@ mod tests {
 
     #[test]
     fn closest_finds_typos_only() {
-        let keys: Vec<String> = ["source", "sink", "transform"].iter().map(|s| s.to_string()).collect();
+        let keys: Vec<String> = ["source", "sink", "transform"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(closest("sourse", &keys), Some("source"));
         assert_eq!(closest("snk", &keys), Some("sink"));
         assert_eq!(closest("zzzzzzzz", &keys), None);
@@ -131,10 +147,18 @@ mod tests {
     #[test]
     fn env_values_are_interpolated_and_redacted() {
         std::env::set_var("WEIR_TEST_SECRET_XYZ", "s3cr3t-value");
-        let out = interpolate_env(Path::new("weir.yaml"), "password: ${env:WEIR_TEST_SECRET_XYZ}\n").unwrap();
+        let out = interpolate_env(
+            Path::new("weir.yaml"),
+            "password: ${env:WEIR_TEST_SECRET_XYZ}\n",
+        )
+        .unwrap();
         assert_eq!(out, "password: s3cr3t-value\n");
         assert_eq!(weir_common::redact("pw=s3cr3t-value"), "pw=***");
-        let err = interpolate_env(Path::new("weir.yaml"), "a: 1\nb: ${env:WEIR_SURELY_UNSET_VAR}\n").unwrap_err();
+        let err = interpolate_env(
+            Path::new("weir.yaml"),
+            "a: 1\nb: ${env:WEIR_SURELY_UNSET_VAR}\n",
+        )
+        .unwrap_err();
         assert!(err.message.contains("weir.yaml:2"), "{}", err.message);
     }
 
@@ -143,6 +167,10 @@ mod tests {
         let text = "source:\n  type: files\n  path: x.csv\nsinc:\n  table: raw.x\n";
         let err = parse_yaml::<PipelineConfig>(Path::new("pipelines/x.yaml"), text).unwrap_err();
         assert_eq!(err.message, "unknown key `sinc` in pipelines/x.yaml:4:1");
-        assert!(err.hint.as_deref().unwrap().starts_with("did you mean `sink`?"));
+        assert!(err
+            .hint
+            .as_deref()
+            .unwrap()
+            .starts_with("did you mean `sink`?"));
     }
 }

@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn parses_types() {
         assert_eq!(parse_type("BIGINT").unwrap(), DataType::Int64);
-        assert_eq!(parse_type("decimal(12, 2)").unwrap(), DataType::Decimal128(12, 2));
+        assert_eq!(
+            parse_type("decimal(12, 2)").unwrap(),
+            DataType::Decimal128(12, 2)
+        );
         assert!(parse_type("decimal(40,2)").is_err());
         let err = parse_type("bigintt").unwrap_err();
         assert!(err.hint.unwrap().contains("bigint"));

@@ -38,7 +38,11 @@ impl Graph {
     pub fn build(project: &Project) -> Result<Graph, Error> {
         let mut tables = BTreeMap::new();
         for m in &project.models {
-            let cfg = m.properties.as_ref().map(|p| p.config()).unwrap_or_default();
+            let cfg = m
+                .properties
+                .as_ref()
+                .map(|p| p.config())
+                .unwrap_or_default();
             tables.insert(m.name.clone(), table_name(project, m, &cfg));
         }
         let mut assets = Vec::new();
@@ -52,7 +56,14 @@ impl Graph {
             });
         }
         for m in &project.models {
-            let compiled = render_model(project, m, &tables, RenderMode { is_incremental: false })?;
+            let compiled = render_model(
+                project,
+                m,
+                &tables,
+                RenderMode {
+                    is_incremental: false,
+                },
+            )?;
             tables.insert(m.name.clone(), compiled.table.clone());
             assets.push(Asset {
                 name: m.name.clone(),
@@ -66,8 +77,19 @@ impl Graph {
         // re-render once with the final table names.
         for a in assets.iter_mut() {
             if let AssetKind::Model(m) = &mut a.kind {
-                let file = project.models.iter().find(|f| f.name == m.name).ok_or_else(|| Error::internal("model vanished"))?;
-                let again = render_model(project, file, &tables, RenderMode { is_incremental: false })?;
+                let file = project
+                    .models
+                    .iter()
+                    .find(|f| f.name == m.name)
+                    .ok_or_else(|| Error::internal("model vanished"))?;
+                let again = render_model(
+                    project,
+                    file,
+                    &tables,
+                    RenderMode {
+                        is_incremental: false,
+                    },
+                )?;
                 **m = again;
             }
         }
@@ -81,7 +103,12 @@ impl Graph {
                 .with_hint("each table has one writer; change a sink table or a model's schema"));
             }
         }
-        let by_name: BTreeMap<String, usize> = assets.iter().enumerate().map(|(i, a)| (a.name.clone(), i)).collect();
+        let by_name: BTreeMap<String, usize> = assets
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.clone(), i))
+            .collect();
+        #[allow(clippy::needless_range_loop)] // the body reads one asset and writes another
         for i in 0..assets.len() {
             let mut deps = BTreeSet::new();
             if let AssetKind::Model(m) = &assets[i].kind {
@@ -118,7 +145,9 @@ impl Graph {
     }
 
     pub fn find(&self, name: &str) -> Option<usize> {
-        self.assets.iter().position(|a| a.name == name || a.table == name)
+        self.assets
+            .iter()
+            .position(|a| a.name == name || a.table == name)
     }
 
     fn closure(&self, start: usize, up: bool) -> BTreeSet<usize> {
@@ -147,7 +176,9 @@ impl Graph {
         let mut chosen = BTreeSet::new();
         for term in sel.split([',', ' ']).filter(|t| !t.is_empty()) {
             if let Some(tag) = term.strip_prefix("tag:") {
-                let hits: Vec<usize> = (0..self.assets.len()).filter(|&i| self.assets[i].tags.iter().any(|t| t == tag)).collect();
+                let hits: Vec<usize> = (0..self.assets.len())
+                    .filter(|&i| self.assets[i].tags.iter().any(|t| t == tag))
+                    .collect();
                 if hits.is_empty() {
                     return Err(Error::user(format!("no asset has tag `{tag}`")));
                 }
@@ -163,7 +194,9 @@ impl Graph {
                     Some(b) => format!("did you mean `{b}`?"),
                     None => format!("known assets: {}", names.join(", ")),
                 };
-                return Err(Error::user(format!("no pipeline or model named `{name}`")).with_hint(hint));
+                return Err(
+                    Error::user(format!("no pipeline or model named `{name}`")).with_hint(hint)
+                );
             };
             chosen.insert(i);
             if up {
@@ -201,19 +234,31 @@ fn topo_order(assets: &[Asset]) -> Result<Vec<usize>, Error> {
     let mut path = vec![*stuck.iter().next().unwrap_or(&0)];
     loop {
         let last = *path.last().unwrap_or(&0);
-        let Some(&next) = assets[last].deps.iter().find(|d| stuck.contains(d)) else { break };
+        let Some(&next) = assets[last].deps.iter().find(|d| stuck.contains(d)) else {
+            break;
+        };
         if let Some(p) = path.iter().position(|&x| x == next) {
-            let mut cycle: Vec<String> = path[p..].iter().map(|&i| assets[i].name.clone()).collect();
+            let mut cycle: Vec<String> =
+                path[p..].iter().map(|&i| assets[i].name.clone()).collect();
             cycle.push(assets[next].name.clone());
             return Err(cycle_error(&cycle));
         }
         path.push(next);
     }
-    Err(cycle_error(&stuck.iter().map(|&i| assets[i].name.clone()).collect::<Vec<_>>()))
+    Err(cycle_error(
+        &stuck
+            .iter()
+            .map(|&i| assets[i].name.clone())
+            .collect::<Vec<_>>(),
+    ))
 }
 
 fn cycle_error(names: &[String]) -> Error {
-    let chain = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(" -> ");
+    let chain = names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(" -> ");
     Error::user(format!("models form a cycle: {chain}"))
         .with_hint("a model cannot depend on itself, directly or through others; remove one ref()")
 }

@@ -73,23 +73,30 @@ pub fn render_model(
         }
     });
     let c = collected.clone();
-    env.add_function("source", move |schema: String, table: String| -> Result<String, minijinja::Error> {
-        let t = format!("{schema}.{table}");
-        lock(&c).sources.push(t.clone());
-        Ok(t)
-    });
+    env.add_function(
+        "source",
+        move |schema: String, table: String| -> Result<String, minijinja::Error> {
+            let t = format!("{schema}.{table}");
+            lock(&c).sources.push(t.clone());
+            Ok(t)
+        },
+    );
     let c = collected.clone();
-    env.add_function("config", move |kwargs: Kwargs| -> Result<String, minijinja::Error> {
-        let mut map = BTreeMap::new();
-        for key in kwargs.args() {
-            let v: Value = kwargs.get(key)?;
-            let json = serde_json::to_value(&v)
-                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            map.insert(key.to_string(), json);
-        }
-        lock(&c).config = Some(map);
-        Ok(String::new())
-    });
+    env.add_function(
+        "config",
+        move |kwargs: Kwargs| -> Result<String, minijinja::Error> {
+            let mut map = BTreeMap::new();
+            for key in kwargs.args() {
+                let v: Value = kwargs.get(key)?;
+                let json = serde_json::to_value(&v).map_err(|e| {
+                    minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
+                })?;
+                map.insert(key.to_string(), json);
+            }
+            lock(&c).config = Some(map);
+            Ok(String::new())
+        },
+    );
     let incremental = mode.is_incremental;
     env.add_function("is_incremental", move || incremental);
     let vars = project.config.vars.clone();
@@ -115,8 +122,13 @@ pub fn render_model(
     if let Some(map) = inline {
         let text = serde_json::Value::Object(map.into_iter().collect());
         let inline: ModelConfig = serde_json::from_value(text).map_err(|e| {
-            Error::user(format!("invalid config(...) in {}: {e}", model.file.display()))
-                .with_hint("valid keys: materialized, unique_key, partition_by, incremental_strategy, schema")
+            Error::user(format!(
+                "invalid config(...) in {}: {e}",
+                model.file.display()
+            ))
+            .with_hint(
+                "valid keys: materialized, unique_key, partition_by, incremental_strategy, schema",
+            )
         })?;
         config = merge(config, inline);
         let t2 = table_name(project, model, &config);
@@ -153,8 +165,16 @@ fn dedup(mut v: Vec<String>) -> Vec<String> {
 fn merge(base: ModelConfig, over: ModelConfig) -> ModelConfig {
     ModelConfig {
         materialized: over.materialized.or(base.materialized),
-        unique_key: if over.unique_key.is_empty() { base.unique_key } else { over.unique_key },
-        partition_by: if over.partition_by.is_empty() { base.partition_by } else { over.partition_by },
+        unique_key: if over.unique_key.is_empty() {
+            base.unique_key
+        } else {
+            over.unique_key
+        },
+        partition_by: if over.partition_by.is_empty() {
+            base.partition_by
+        } else {
+            over.partition_by
+        },
         incremental_strategy: over.incremental_strategy.or(base.incremental_strategy),
         schema: over.schema.or(base.schema),
     }
@@ -171,25 +191,29 @@ pub fn table_name(project: &Project, model: &ModelFile, config: &ModelConfig) ->
 }
 
 fn render(env: &Environment<'_>, model: &ModelFile, this: &str) -> Result<String, Error> {
-    env.render_str(&model.sql, minijinja::context! { this => this }).map_err(|e| {
-        let detail = e.detail().map(|d| d.to_string()).unwrap_or_else(|| e.to_string());
-        // Errors raised by our functions carry their own hint.
-        let (msg, hint) = match detail.split_once("; hint: ") {
-            Some((m, h)) => (m.to_string(), Some(h.to_string())),
-            None => (detail, None),
-        };
-        let place = match e.line() {
-            Some(l) => format!("{}:{l}", model.file.display()),
-            None => model.file.display().to_string(),
-        };
-        let mut err = if msg.contains(&model.file.display().to_string()) {
-            Error::user(msg)
-        } else {
-            Error::user(format!("{place}: {msg}"))
-        };
-        if let Some(h) = hint {
-            err = err.with_hint(h);
-        }
-        err
-    })
+    env.render_str(&model.sql, minijinja::context! { this => this })
+        .map_err(|e| {
+            let detail = e
+                .detail()
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| e.to_string());
+            // Errors raised by our functions carry their own hint.
+            let (msg, hint) = match detail.split_once("; hint: ") {
+                Some((m, h)) => (m.to_string(), Some(h.to_string())),
+                None => (detail, None),
+            };
+            let place = match e.line() {
+                Some(l) => format!("{}:{l}", model.file.display()),
+                None => model.file.display().to_string(),
+            };
+            let mut err = if msg.contains(&model.file.display().to_string()) {
+                Error::user(msg)
+            } else {
+                Error::user(format!("{place}: {msg}"))
+            };
+            if let Some(h) = hint {
+                err = err.with_hint(h);
+            }
+            err
+        })
 }

@@ -18,7 +18,9 @@ pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
 
 /// Registers (or re-registers) one lake table in `ctx`.
 pub async fn register_table(ctx: &SessionContext, lake: &Lake, name: &str) -> Result<(), Error> {
-    let (schema, _) = name.split_once('.').ok_or_else(|| Error::internal(format!("bad table name {name}")))?;
+    let (schema, _) = name
+        .split_once('.')
+        .ok_or_else(|| Error::internal(format!("bad table name {name}")))?;
     ensure_schema(ctx, schema)?;
     let table = lake.open_existing(name).await?;
     table
@@ -36,7 +38,9 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, name: &str) -> Re
 
 /// Makes sure schema `name` exists in the session's catalog.
 pub fn ensure_schema(ctx: &SessionContext, name: &str) -> Result<(), Error> {
-    let catalog = ctx.catalog("weir").ok_or_else(|| Error::internal("catalog missing"))?;
+    let catalog = ctx
+        .catalog("weir")
+        .ok_or_else(|| Error::internal("catalog missing"))?;
     if catalog.schema(name).is_none() {
         catalog
             .register_schema(name, Arc::new(MemorySchemaProvider::new()))

@@ -35,11 +35,15 @@ pub fn new_session() -> datafusion::prelude::SessionContext {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let ctx = deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
-        .unwrap_or_default()
-        .into_inner();
+    let ctx =
+        deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
+            .unwrap_or_default()
+            .into_inner();
     if ctx.catalog("weir").is_none() {
-        ctx.register_catalog("weir", std::sync::Arc::new(datafusion::catalog::MemoryCatalogProvider::new()));
+        ctx.register_catalog(
+            "weir",
+            std::sync::Arc::new(datafusion::catalog::MemoryCatalogProvider::new()),
+        );
     }
     ctx
 }
@@ -50,9 +54,13 @@ pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableEr
     let text = err.to_string();
     match &err {
         E::ObjectStore { .. } | E::Io { .. } => Error::external(format!("{context}: {text}")),
-        E::VersionAlreadyExists(_) => Error::external(format!("{context}: concurrent commit: {text}")),
+        E::VersionAlreadyExists(_) => {
+            Error::external(format!("{context}: concurrent commit: {text}"))
+        }
         E::SchemaMismatch { .. } => Error::user(format!("{context}: {text}")),
-        _ if text.contains("Schema error") || text.contains("schema") => Error::user(format!("{context}: {text}")),
+        _ if text.contains("Schema error") || text.contains("schema") => {
+            Error::user(format!("{context}: {text}"))
+        }
         _ => Error::external(format!("{context}: {text}")).not_retryable(),
     }
 }

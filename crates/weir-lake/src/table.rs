@@ -72,9 +72,13 @@ impl Lake {
     pub fn table_url(&self, name: &str) -> Result<Url, Error> {
         let rel = name.replace('.', "/");
         if let Some(dir) = self.local_dir(name) {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            let dir = dir.canonicalize().map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
-            Url::from_directory_path(&dir).map_err(|_| Error::internal(format!("bad lake path {}", dir.display())))
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let dir = dir
+                .canonicalize()
+                .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+            Url::from_directory_path(&dir)
+                .map_err(|_| Error::internal(format!("bad lake path {}", dir.display())))
         } else {
             let base = self.root.trim_end_matches('/');
             Url::parse(&format!("{base}/{rel}/"))
@@ -145,13 +149,17 @@ impl Lake {
             return Ok(out);
         }
         let root = self.local_root();
-        let Ok(schemas) = std::fs::read_dir(&root) else { return Ok(out) };
+        let Ok(schemas) = std::fs::read_dir(&root) else {
+            return Ok(out);
+        };
         for s in schemas.flatten() {
             let sname = s.file_name().to_string_lossy().into_owned();
             if sname.starts_with(['.', '_']) || !s.path().is_dir() {
                 continue;
             }
-            let Ok(tables) = std::fs::read_dir(s.path()) else { continue };
+            let Ok(tables) = std::fs::read_dir(s.path()) else {
+                continue;
+            };
             for t in tables.flatten() {
                 if t.path().join("_delta_log").is_dir() {
                     out.push(format!("{sname}.{}", t.file_name().to_string_lossy()));
@@ -163,11 +171,17 @@ impl Lake {
     }
 
     /// The committed txn version of `app_id` in `table`.
-    pub async fn txn_version(&self, table: &DeltaTable, app_id: &str) -> Result<Option<i64>, Error> {
+    pub async fn txn_version(
+        &self,
+        table: &DeltaTable,
+        app_id: &str,
+    ) -> Result<Option<i64>, Error> {
         if table.version().is_none() {
             return Ok(None);
         }
-        let snap = table.snapshot().map_err(|e| delta_error("reading snapshot", e))?;
+        let snap = table
+            .snapshot()
+            .map_err(|e| delta_error("reading snapshot", e))?;
         snap.transaction_version(table.log_store().as_ref(), app_id)
             .await
             .map_err(|e| delta_error("reading transaction version", e))
@@ -192,12 +206,18 @@ impl Lake {
             files,
             bytes,
             partition_columns: snap.metadata().partition_columns().to_vec(),
-            last_modified: chrono::DateTime::from_timestamp_millis(newest).filter(|_| newest > 0).map(|d| d.to_rfc3339()),
+            last_modified: chrono::DateTime::from_timestamp_millis(newest)
+                .filter(|_| newest > 0)
+                .map(|d| d.to_rfc3339()),
         })
     }
 
     /// Commits of a table, newest first.
-    pub async fn history(&self, name: &str, limit: Option<usize>) -> Result<Vec<HistoryEntry>, Error> {
+    pub async fn history(
+        &self,
+        name: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<HistoryEntry>, Error> {
         let t = self.open_existing(name).await?;
         let latest = t.version().unwrap_or(0);
         let infos: Vec<_> = t
@@ -209,7 +229,11 @@ impl Lake {
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
-                let metrics = c.info.get("operationMetrics").cloned().unwrap_or(serde_json::Value::Null);
+                let metrics = c
+                    .info
+                    .get("operationMetrics")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null);
                 let weir: serde_json::Map<String, serde_json::Value> = c
                     .info
                     .iter()
@@ -217,7 +241,10 @@ impl Lake {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 HistoryEntry {
-                    version: c.read_version.map(|v| v + 1).unwrap_or(latest.saturating_sub(i as u64)),
+                    version: c
+                        .read_version
+                        .map(|v| v + 1)
+                        .unwrap_or(latest.saturating_sub(i as u64)),
                     timestamp: c
                         .timestamp
                         .and_then(chrono::DateTime::from_timestamp_millis)
@@ -233,33 +260,58 @@ impl Lake {
     }
 
     fn manifest_path(&self, table: &str, app: &str, n: i64) -> Option<PathBuf> {
-        self.local_dir(table).map(|d| d.join("_weir").join("positions").join(app).join(format!("{n}.json")))
+        self.local_dir(table).map(|d| {
+            d.join("_weir")
+                .join("positions")
+                .join(app)
+                .join(format!("{n}.json"))
+        })
     }
 
     /// Writes the position manifest for commit `n` of `app` (before that commit).
-    pub fn write_manifest(&self, table: &str, app: &str, n: i64, value: &serde_json::Value) -> Result<(), Error> {
+    pub fn write_manifest(
+        &self,
+        table: &str,
+        app: &str,
+        n: i64,
+        value: &serde_json::Value,
+    ) -> Result<(), Error> {
         let Some(path) = self.manifest_path(table, app, n) else {
-            return Err(Error::user("file positions on object-store lakes are not supported yet")
-                .with_hint("use a local lake directory for incremental file loads"));
+            return Err(
+                Error::user("file positions on object-store lakes are not supported yet")
+                    .with_hint("use a local lake directory for incremental file loads"),
+            );
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec(value).map_err(|e| Error::internal(format!("manifest: {e}")))?;
-        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        let text =
+            serde_json::to_vec(value).map_err(|e| Error::internal(format!("manifest: {e}")))?;
+        std::fs::write(&tmp, text)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
     /// Reads the manifest of commit `n`: it must exist, as it was written before the commit.
-    pub fn read_manifest(&self, table: &str, app: &str, n: i64) -> Result<serde_json::Value, Error> {
+    pub fn read_manifest(
+        &self,
+        table: &str,
+        app: &str,
+        n: i64,
+    ) -> Result<serde_json::Value, Error> {
         let Some(path) = self.manifest_path(table, app, n) else {
-            return Err(Error::user("file positions on object-store lakes are not supported yet"));
+            return Err(Error::user(
+                "file positions on object-store lakes are not supported yet",
+            ));
         };
         let text = std::fs::read(&path).map_err(|e| {
             Error::io(format!("reading position manifest {}", path.display()), e)
                 .with_hint("the table records a load whose manifest is gone; rebuild with `weir run --full-refresh`")
         })?;
-        serde_json::from_slice(&text).map_err(|e| Error::internal(format!("corrupt manifest {}: {e}", path.display())))
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::internal(format!("corrupt manifest {}: {e}", path.display())))
     }
 }

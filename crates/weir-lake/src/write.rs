@@ -112,11 +112,19 @@ pub fn cast_to_table(
     if !new_cols.is_empty() && evolution == SchemaEvolution::Strict {
         return Err(Error::user(format!(
             "new column(s) {} are not in `{table_name}` and schema_evolution is `strict`",
-            new_cols.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+            new_cols
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
-        .with_hint("set `schema_evolution: add_columns` on the sink, or drop the columns in `transform:`"));
+        .with_hint(
+            "set `schema_evolution: add_columns` on the sink, or drop the columns in `transform:`",
+        ));
     }
-    let df = df.select(exprs).map_err(|e| Error::internal(format!("projecting to table schema: {e}")))?;
+    let df = df
+        .select(exprs)
+        .map_err(|e| Error::internal(format!("projecting to table schema: {e}")))?;
     Ok((df, !new_cols.is_empty()))
 }
 
@@ -144,17 +152,28 @@ impl Lake {
             if let Some(v) = self.txn_version(&table, app).await? {
                 if v >= *n {
                     tracing::info!(table = name, app = %app, version = n, "commit already landed; skipping");
-                    return Ok(WriteMetrics { skipped: true, version: table.version().unwrap_or(0), ..Default::default() });
+                    return Ok(WriteMetrics {
+                        skipped: true,
+                        version: table.version().unwrap_or(0),
+                        ..Default::default()
+                    });
                 }
             }
         }
         for c in spec.partition_by.iter().chain(&spec.key) {
             if df.schema().field_with_unqualified_name(c).is_err() {
-                return Err(Error::user(format!("column `{c}` named in the sink of `{name}` is not in the data"))
-                    .with_hint(format!(
-                        "available columns: {}",
-                        df.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-                    )));
+                return Err(Error::user(format!(
+                    "column `{c}` named in the sink of `{name}` is not in the data"
+                ))
+                .with_hint(format!(
+                    "available columns: {}",
+                    df.schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
             }
         }
         let mut commit = CommitProperties::default().with_metadata(opts.metadata.clone());
@@ -162,7 +181,13 @@ impl Lake {
             commit = commit.with_application_transaction(Transaction::new(app, *n));
         }
         let table_schema: Option<SchemaRef> = if existing {
-            Some(table.snapshot().map_err(|e| delta_error(name, e))?.snapshot().arrow_schema())
+            Some(
+                table
+                    .snapshot()
+                    .map_err(|e| delta_error(name, e))?
+                    .snapshot()
+                    .arrow_schema(),
+            )
         } else {
             None
         };
@@ -171,7 +196,9 @@ impl Lake {
         let (df, deletes) = match (&spec.delete_flag, spec.mode) {
             (Some(flag), WriteMode::Merge) => {
                 if df.schema().field_with_unqualified_name(flag).is_err() {
-                    return Err(Error::user(format!("delete_flag column `{flag}` is not in the data for `{name}`")));
+                    return Err(Error::user(format!(
+                        "delete_flag column `{flag}` is not in the data for `{name}`"
+                    )));
                 }
                 let keep: Vec<Expr> = df
                     .schema()
@@ -187,18 +214,28 @@ impl Lake {
                     .map_err(df_err("filtering deleted rows"))?;
                 let mut key_cols: Vec<Expr> = spec.key.iter().map(|k| col(quoted(k))).collect();
                 key_cols.push(col(quoted(flag)));
-                (live, Some(df.select(key_cols).map_err(df_err("selecting deleted keys"))?))
+                (
+                    live,
+                    Some(
+                        df.select(key_cols)
+                            .map_err(df_err("selecting deleted keys"))?,
+                    ),
+                )
             }
             _ => (df, None),
         };
 
         let (df, add_columns) = match (&table_schema, spec.mode) {
-            (Some(ts), m) if m != WriteMode::Overwrite => cast_to_table(df, ts, name, spec.evolution)?,
+            (Some(ts), m) if m != WriteMode::Overwrite => {
+                cast_to_table(df, ts, name, spec.evolution)?
+            }
             _ => (df, false),
         };
 
         if spec.mode == WriteMode::Merge && existing {
-            return self.merge(name, table, ctx, df, deletes, spec, commit, add_columns).await;
+            return self
+                .merge(name, table, ctx, df, deletes, spec, commit, add_columns)
+                .await;
         }
 
         let mut builder = table
@@ -218,15 +255,19 @@ impl Lake {
                 }
             }
             WriteMode::Overwrite => {
-                builder = builder.with_save_mode(SaveMode::Overwrite).with_schema_mode(SchemaMode::Overwrite);
+                builder = builder
+                    .with_save_mode(SaveMode::Overwrite)
+                    .with_schema_mode(SchemaMode::Overwrite);
                 if !spec.partition_by.is_empty() {
                     builder = builder.with_partition_columns(spec.partition_by.clone());
                 }
             }
             WriteMode::ReplacePartitions => {
                 if spec.partition_by.is_empty() {
-                    return Err(Error::user(format!("`replace_partitions` on `{name}` needs `partition_by`"))
-                        .with_hint("name the partition columns whose values the new data replaces"));
+                    return Err(Error::user(format!(
+                        "`replace_partitions` on `{name}` needs `partition_by`"
+                    ))
+                    .with_hint("name the partition columns whose values the new data replaces"));
                 }
                 if existing {
                     let predicate = partition_predicate(&df, &spec.partition_by).await?;
@@ -235,7 +276,10 @@ impl Lake {
                         Some(p) => builder = builder.with_replace_where(p),
                         None => {
                             // No rows: nothing to replace.
-                            return Ok(WriteMetrics { version: self.open(name).await?.version().unwrap_or(0), ..Default::default() });
+                            return Ok(WriteMetrics {
+                                version: self.open(name).await?.version().unwrap_or(0),
+                                ..Default::default()
+                            });
                         }
                     }
                     if add_columns {
@@ -246,7 +290,9 @@ impl Lake {
                 }
             }
         }
-        let table = builder.await.map_err(|e| delta_error(format!("writing `{name}`"), e))?;
+        let table = builder
+            .await
+            .map_err(|e| delta_error(format!("writing `{name}`"), e))?;
         let version = table.version().unwrap_or(0);
         let rows = self
             .history(name, Some(1))
@@ -254,7 +300,11 @@ impl Lake {
             .first()
             .and_then(|h| h.metrics.get("num_added_rows").and_then(|v| v.as_u64()))
             .unwrap_or(0);
-        Ok(WriteMetrics { rows_inserted: rows, version, ..Default::default() })
+        Ok(WriteMetrics {
+            rows_inserted: rows,
+            version,
+            ..Default::default()
+        })
     }
 
     #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
@@ -279,7 +329,12 @@ impl Lake {
             // Deleted keys join as rows whose non-key columns are null, flagged for deletion.
             Some(del) => {
                 let flag = spec.delete_flag.clone().unwrap_or_default();
-                let live_cols: Vec<String> = live.schema().fields().iter().map(|f| f.name().clone()).collect();
+                let live_cols: Vec<String> = live
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
                 let live_x = live
                     .clone()
                     .with_column("__weir_delete", lit(false))
@@ -289,8 +344,18 @@ impl Lake {
                     if spec.key.contains(c) {
                         del_exprs.push(col(quoted(c)));
                     } else {
-                        let dt = live.schema().field_with_unqualified_name(c).map(|f| f.data_type().clone()).unwrap_or(DataType::Null);
-                        del_exprs.push(datafusion::logical_expr::cast(lit(datafusion::scalar::ScalarValue::Null), dt).alias(c));
+                        let dt = live
+                            .schema()
+                            .field_with_unqualified_name(c)
+                            .map(|f| f.data_type().clone())
+                            .unwrap_or(DataType::Null);
+                        del_exprs.push(
+                            datafusion::logical_expr::cast(
+                                lit(datafusion::scalar::ScalarValue::Null),
+                                dt,
+                            )
+                            .alias(c),
+                        );
                     }
                 }
                 del_exprs.push(lit(true).alias("__weir_delete"));
@@ -301,12 +366,18 @@ impl Lake {
                     .map_err(df_err("merge source"))?;
                 live_x.union(dels).map_err(df_err("merge source"))?
             }
-            None => live.clone().with_column("__weir_delete", lit(false)).map_err(df_err("merge source"))?,
+            None => live
+                .clone()
+                .with_column("__weir_delete", lit(false))
+                .map_err(df_err("merge source"))?,
         };
         keys.push(datafusion::functions_aggregate::count::count(lit(1)).alias("__n"));
         let dupes = source
             .clone()
-            .aggregate(spec.key.iter().map(|k| col(quoted(k))).collect(), vec![keys.pop().unwrap_or(lit(1))])
+            .aggregate(
+                spec.key.iter().map(|k| col(quoted(k))).collect(),
+                vec![keys.pop().unwrap_or(lit(1))],
+            )
             .and_then(|d| d.filter(col("__n").gt(lit(1i64))))
             .and_then(|d| d.limit(0, Some(1)))
             .map_err(df_err("checking merge keys"))?
@@ -314,7 +385,9 @@ impl Lake {
             .await
             .map_err(df_err("checking merge keys"))?;
         if dupes.iter().any(|b| b.num_rows() > 0) {
-            let shown = arrow::util::pretty::pretty_format_batches(&dupes).map(|d| d.to_string()).unwrap_or_default();
+            let shown = arrow::util::pretty::pretty_format_batches(&dupes)
+                .map(|d| d.to_string())
+                .unwrap_or_default();
             return Err(Error::user(format!(
                 "merge into `{name}`: the new data has several rows for one key ({})\n{shown}",
                 spec.key.join(", ")
@@ -327,7 +400,12 @@ impl Lake {
             .map(|k| format!("target.\"{k}\" = source.\"{k}\""))
             .collect::<Vec<_>>()
             .join(" AND ");
-        let cols: Vec<String> = live.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let cols: Vec<String> = live
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let mut builder = table
             .merge(source, predicate)
             .with_source_alias("source")
@@ -359,7 +437,9 @@ impl Lake {
                 i
             })
             .map_err(|e| delta_error("merge", e))?;
-        let (table, m) = builder.await.map_err(|e| delta_error(format!("merging into `{name}`"), e))?;
+        let (table, m) = builder
+            .await
+            .map_err(|e| delta_error(format!("merging into `{name}`"), e))?;
         Ok(WriteMetrics {
             rows_inserted: m.num_target_rows_inserted as u64,
             rows_updated: m.num_target_rows_updated as u64,
@@ -387,7 +467,11 @@ async fn partition_predicate(df: &DataFrame, cols: &[String]) -> Result<Option<E
             for (i, c) in cols.iter().enumerate() {
                 let v = datafusion::scalar::ScalarValue::try_from_array(b.column(i), row)
                     .map_err(|e| Error::internal(format!("partition value: {e}")))?;
-                let term = if v.is_null() { col(quoted(c)).is_null() } else { col(quoted(c)).eq(lit(v)) };
+                let term = if v.is_null() {
+                    col(quoted(c)).is_null()
+                } else {
+                    col(quoted(c)).eq(lit(v))
+                };
                 and = Some(match and {
                     None => term,
                     Some(a) => a.and(term),

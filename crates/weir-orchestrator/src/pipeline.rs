@@ -30,7 +30,11 @@ pub async fn run_pipeline(
 ) -> Result<AssetResult, Error> {
     let table = &p.config.sink.table;
     let app = app_id(&p.name);
-    let hints = if full_refresh { None } else { lake.schema(table).await? };
+    let hints = if full_refresh {
+        None
+    } else {
+        lake.schema(table).await?
+    };
     let source = weir_connectors::source_for(&p.config.source, &project.root, hints)?;
 
     // Where the last commit left off.
@@ -75,7 +79,9 @@ pub async fn run_pipeline(
             _ = ticker.tick() => on_progress(&p.name, &progress),
         }
     }
-    reader.await.map_err(|e| Error::internal(format!("reader task: {e}")))??;
+    reader
+        .await
+        .map_err(|e| Error::internal(format!("reader task: {e}")))??;
     on_progress(&p.name, &progress);
     let good: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
     result.rows_read = good + bad.len() as u64;
@@ -106,14 +112,20 @@ pub async fn run_pipeline(
     metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
     metadata.insert("weir.files".to_string(), serde_json::json!(plan.units));
-    let opts = WriteOptions { txn: Some((app.clone(), n as i64)), metadata };
+    let opts = WriteOptions {
+        txn: Some((app.clone(), n as i64)),
+        metadata,
+    };
 
     if !bad.is_empty() {
         let q = quarantine_batch(&bad, &p.name, run_id)?;
         let qname = format!("{table}__quarantine");
         let ctx = weir_lake::new_session();
-        let df = ctx.read_batch(q).map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
-        lake.write(&qname, &ctx, df, &WriteSpec::default(), &opts).await?;
+        let df = ctx
+            .read_batch(q)
+            .map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
+        lake.write(&qname, &ctx, df, &WriteSpec::default(), &opts)
+            .await?;
     }
 
     let ctx = lake_session(lake).await?;
@@ -121,17 +133,28 @@ pub async fn run_pipeline(
         .map_err(|e| Error::internal(format!("staging batches: {e}")))?;
     let df = match &p.config.transform {
         Some(sql) => {
-            ctx.register_table("source", Arc::new(mem)).map_err(|e| Error::internal(e.to_string()))?;
+            ctx.register_table("source", Arc::new(mem))
+                .map_err(|e| Error::internal(e.to_string()))?;
             ctx.sql(sql).await.map_err(|e| {
-                Error::user(format!("transform of pipeline `{}` ({}): {e}", p.name, p.file.display()))
-                    .with_hint("the incoming rows are the table `source`")
+                Error::user(format!(
+                    "transform of pipeline `{}` ({}): {e}",
+                    p.name,
+                    p.file.display()
+                ))
+                .with_hint("the incoming rows are the table `source`")
             })?
         }
-        None => ctx.read_table(Arc::new(mem)).map_err(|e| Error::internal(e.to_string()))?,
+        None => ctx
+            .read_table(Arc::new(mem))
+            .map_err(|e| Error::internal(e.to_string()))?,
     };
     let sink = &p.config.sink;
     let spec = WriteSpec {
-        mode: if full_refresh { weir_config::WriteMode::Overwrite } else { sink.mode },
+        mode: if full_refresh {
+            weir_config::WriteMode::Overwrite
+        } else {
+            sink.mode
+        },
         key: sink.key.clone(),
         delete_flag: sink.delete_flag.clone(),
         partition_by: sink.partition_by.clone(),
@@ -156,17 +179,30 @@ fn quarantine_batch(bad: &[BadRow], pipeline: &str, run_id: &str) -> Result<Reco
         Field::new("line", DataType::Int64, false),
         Field::new("reason", DataType::Utf8, false),
         Field::new("raw", DataType::Utf8, false),
-        Field::new("quarantined_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "quarantined_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ]));
     let n = bad.len();
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; n])),
         Arc::new(StringArray::from(vec![pipeline; n])),
-        Arc::new(StringArray::from(bad.iter().map(|b| b.source.as_str()).collect::<Vec<_>>())),
-        Arc::new(Int64Array::from(bad.iter().map(|b| b.line as i64).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(bad.iter().map(|b| b.reason.as_str()).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(bad.iter().map(|b| b.raw.as_str()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(
+            bad.iter().map(|b| b.source.as_str()).collect::<Vec<_>>(),
+        )),
+        Arc::new(Int64Array::from(
+            bad.iter().map(|b| b.line as i64).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            bad.iter().map(|b| b.reason.as_str()).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            bad.iter().map(|b| b.raw.as_str()).collect::<Vec<_>>(),
+        )),
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
     ];
-    RecordBatch::try_new(schema, cols).map_err(|e| Error::internal(format!("quarantine batch: {e}")))
+    RecordBatch::try_new(schema, cols)
+        .map_err(|e| Error::internal(format!("quarantine batch: {e}")))
 }

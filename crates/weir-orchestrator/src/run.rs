@@ -88,7 +88,11 @@ pub struct RunSummary {
 }
 
 fn policy(c: &RetryConfig) -> RetryPolicy {
-    RetryPolicy { max_attempts: c.max_attempts, initial_backoff: c.initial_backoff, max_backoff: c.max_backoff }
+    RetryPolicy {
+        max_attempts: c.max_attempts,
+        initial_backoff: c.initial_backoff,
+        max_backoff: c.max_backoff,
+    }
 }
 
 /// Runs the selected assets. Returns `Err` only when nothing could start (bad selector,
@@ -100,7 +104,10 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
     let run_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
-    let progress: ProgressFn = opts.progress.clone().unwrap_or_else(|| Arc::new(|_: &str, _: &Progress| {}));
+    let progress: ProgressFn = opts
+        .progress
+        .clone()
+        .unwrap_or_else(|| Arc::new(|_: &str, _: &Progress| {}));
     let tables: BTreeMap<String, String> = graph
         .assets
         .iter()
@@ -116,12 +123,19 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
             AssetKind::Pipeline(_) => "pipeline",
             AssetKind::Model(_) => "model",
         };
-        if let Some(&d) = asset.deps.iter().find(|d| results.get(d).is_some_and(|r| r.status != AssetStatus::Succeeded)) {
+        if let Some(&d) = asset.deps.iter().find(|d| {
+            results
+                .get(d)
+                .is_some_and(|r| r.status != AssetStatus::Succeeded)
+        }) {
             let mut r = AssetResult::new(&asset.name, &asset.table);
             r.kind = kind.into();
             r.status = AssetStatus::Skipped;
             r.attempts = 0;
-            r.error = Some(format!("upstream `{}` did not succeed", graph.assets[d].name));
+            r.error = Some(format!(
+                "upstream `{}` did not succeed",
+                graph.assets[d].name
+            ));
             results.insert(i, r);
             continue;
         }
@@ -189,7 +203,10 @@ pub async fn project_session(
     let ctx = lake_session(lake).await?;
     for a in &graph.assets {
         if let AssetKind::Model(m) = &a.kind {
-            let mat = m.config.materialized.unwrap_or(project.config.models.materialized);
+            let mat = m
+                .config
+                .materialized
+                .unwrap_or(project.config.models.materialized);
             if mat == Materialized::View {
                 let (schema, _) = m.table.split_once('.').unwrap_or(("analytics", &m.table));
                 ensure_schema(&ctx, schema)?;
@@ -217,7 +234,10 @@ async fn run_model(
         return Err(Error::internal("not a model"));
     };
     let mut result = AssetResult::new(&asset.name, &asset.table);
-    let mat = compiled.config.materialized.unwrap_or(project.config.models.materialized);
+    let mat = compiled
+        .config
+        .materialized
+        .unwrap_or(project.config.models.materialized);
     let ctx = project_session(project, lake, graph).await?;
     if mat == Materialized::View {
         result.note = Some("view (computed at query time)".into());
@@ -231,25 +251,59 @@ async fn run_model(
             .iter()
             .find(|m| m.name == compiled.name)
             .ok_or_else(|| Error::internal("model file missing"))?;
-        render_model(project, file, tables, RenderMode { is_incremental: true })?.sql
+        render_model(
+            project,
+            file,
+            tables,
+            RenderMode {
+                is_incremental: true,
+            },
+        )?
+        .sql
     } else {
         compiled.sql.clone()
     };
     let df = ctx.sql(&sql).await.map_err(|e| {
-        let file = project.models.iter().find(|m| m.name == compiled.name).map(|m| m.file.display().to_string()).unwrap_or_default();
+        let file = project
+            .models
+            .iter()
+            .find(|m| m.name == compiled.name)
+            .map(|m| m.file.display().to_string())
+            .unwrap_or_default();
         Error::user(format!("model `{}` ({file}): {e}", compiled.name))
     })?;
     let cfg = &compiled.config;
     let mode = if !incremental {
         WriteMode::Overwrite
     } else {
-        cfg.incremental_strategy.unwrap_or(if cfg.unique_key.is_empty() { WriteMode::Append } else { WriteMode::Merge })
+        cfg.incremental_strategy
+            .unwrap_or(if cfg.unique_key.is_empty() {
+                WriteMode::Append
+            } else {
+                WriteMode::Merge
+            })
     };
-    let spec = WriteSpec { mode, key: cfg.unique_key.clone(), partition_by: cfg.partition_by.clone(), ..Default::default() };
+    let spec = WriteSpec {
+        mode,
+        key: cfg.unique_key.clone(),
+        partition_by: cfg.partition_by.clone(),
+        ..Default::default()
+    };
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.model".to_string(), serde_json::json!(compiled.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
-    let m = lake.write(&asset.table, &ctx, df, &spec, &WriteOptions { txn: None, metadata }).await?;
+    let m = lake
+        .write(
+            &asset.table,
+            &ctx,
+            df,
+            &spec,
+            &WriteOptions {
+                txn: None,
+                metadata,
+            },
+        )
+        .await?;
     result.rows_written = m.rows_inserted + m.rows_updated;
     result.rows_deleted = m.rows_deleted;
     result.version = Some(m.version);

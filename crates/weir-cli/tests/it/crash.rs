@@ -20,11 +20,20 @@ fn project(dir: &Path) {
     )
     .unwrap();
     for part in 0..3u64 {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("data/part-{part}.csv"))).unwrap());
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(dir.join(format!("data/part-{part}.csv"))).unwrap(),
+        );
         writeln!(f, "id,kind,amount,note").unwrap();
         for i in 0..ROWS / 3 {
             let id = part * (ROWS / 3) + i;
-            writeln!(f, "{id},k{},{}.{:02},some text for row {id}", id % 7, id % 1000, id % 100).unwrap();
+            writeln!(
+                f,
+                "{id},k{},{}.{:02},some text for row {id}",
+                id % 7,
+                id % 1000,
+                id % 100
+            )
+            .unwrap();
         }
     }
 }
@@ -88,11 +97,20 @@ fn sigkill_during_write_then_rerun_loads_each_row_once() {
             break;
         }
     }
-    assert!(killed_mid_write > 0, "the process was never killed while writing; the test proved nothing");
+    assert!(
+        killed_mid_write > 0,
+        "the process was never killed while writing; the test proved nothing"
+    );
     // Rerun to completion, twice: the second must add nothing.
     ok(&weir(dir, &["run", "--quiet"]));
     ok(&weir(dir, &["run", "--quiet"]));
     assert_eq!(scalar(dir, "select count(*) from raw.events"), ROWS);
-    assert_eq!(scalar(dir, "select count(distinct id) from raw.events"), ROWS);
-    assert_eq!(scalar(dir, "select sum(id) from raw.events"), ROWS * (ROWS - 1) / 2);
+    assert_eq!(
+        scalar(dir, "select count(distinct id) from raw.events"),
+        ROWS
+    );
+    assert_eq!(
+        scalar(dir, "select sum(id) from raw.events"),
+        ROWS * (ROWS - 1) / 2
+    );
 }

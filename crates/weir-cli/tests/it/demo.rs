@@ -22,7 +22,10 @@ fn counts(summary: &serde_json::Value, name: &str) -> (u64, u64, u64) {
 }
 
 fn demo(dir: &Path) -> serde_json::Value {
-    let out = weir(Path::new("."), &["demo", dir.to_str().unwrap(), "--format", "json"]);
+    let out = weir(
+        Path::new("."),
+        &["demo", dir.to_str().unwrap(), "--format", "json"],
+    );
     serde_json::from_str(&ok(&out)).expect("run summary is JSON")
 }
 
@@ -41,34 +44,83 @@ fn demo_golden_rerun_and_new_file() {
 
     // Exact table contents.
     assert_eq!(scalar(&dir, "select count(*) from raw.customers"), 50);
-    assert_eq!(scalar(&dir, "select count(*) from staging.stg_customers"), 49);
-    assert_eq!(scalar(&dir, "select count(distinct customer_id) from raw.customers"), 49);
-    assert_eq!(scalar(&dir, "select count(*) from raw.orders where status is null"), 1);
-    assert_eq!(scalar(&dir, "select count(*) from raw.orders where order_date = '2024-01-01'"), 35);
-    assert_eq!(scalar(&dir, "select email from raw.customers where customer_id = 7"), serde_json::Value::Null);
+    assert_eq!(
+        scalar(&dir, "select count(*) from staging.stg_customers"),
+        49
+    );
+    assert_eq!(
+        scalar(
+            &dir,
+            "select count(distinct customer_id) from raw.customers"
+        ),
+        49
+    );
+    assert_eq!(
+        scalar(&dir, "select count(*) from raw.orders where status is null"),
+        1
+    );
+    assert_eq!(
+        scalar(
+            &dir,
+            "select count(*) from raw.orders where order_date = '2024-01-01'"
+        ),
+        35
+    );
+    assert_eq!(
+        scalar(
+            &dir,
+            "select email from raw.customers where customer_id = 7"
+        ),
+        serde_json::Value::Null
+    );
     assert_eq!(scalar(&dir, "select count(*) from marts.fct_orders"), 64);
     assert_eq!(scalar(&dir, "select count(*) from marts.daily_revenue"), 2);
-    assert_eq!(scalar(&dir, "select count(*) from staging.stg_order_items"), 130);
+    assert_eq!(
+        scalar(&dir, "select count(*) from staging.stg_order_items"),
+        130
+    );
     // Declared decimal stays exact.
-    assert_eq!(scalar(&dir, "select cast(sum(price) as varchar) from raw.products"), scalar(&dir, "select cast(sum(cast(price as decimal(12,2))) as varchar) from raw.products"));
+    assert_eq!(
+        scalar(&dir, "select cast(sum(price) as varchar) from raw.products"),
+        scalar(
+            &dir,
+            "select cast(sum(cast(price as decimal(12,2))) as varchar) from raw.products"
+        )
+    );
 
     // The quarantine keeps reason, file, line and raw text.
-    let q = query(&dir, "select source, line, reason, raw from raw.customers__quarantine order by line");
+    let q = query(
+        &dir,
+        "select source, line, reason, raw from raw.customers__quarantine order by line",
+    );
     assert_eq!(q.len(), 2);
     assert_eq!(q[0]["source"], "data/customers.csv");
     assert_eq!(q[0]["line"], 23);
-    assert_eq!(q[0]["reason"], "column `signup_date`: cannot parse `2023-02-30` as date");
-    assert_eq!(q[0]["raw"], "21,\"Ben Okafor\",Ben21@Example.com,DE,2023-02-30");
+    assert_eq!(
+        q[0]["reason"],
+        "column `signup_date`: cannot parse `2023-02-30` as date"
+    );
+    assert_eq!(
+        q[0]["raw"],
+        "21,\"Ben Okafor\",Ben21@Example.com,DE,2023-02-30"
+    );
     assert_eq!(q[1]["reason"], "expected 5 fields, found 2");
     assert_eq!(q[1]["raw"], "31,Kim Broken");
     let q = query(&dir, "select line, reason from raw.order_items__quarantine");
     assert_eq!(q[0]["reason"], "column `quantity`: cannot parse `-` as int");
-    let q = query(&dir, "select reason from raw.products__quarantine order by line");
-    assert!(q[0]["reason"].as_str().unwrap().starts_with("invalid JSON"), "{q:?}");
+    let q = query(
+        &dir,
+        "select reason from raw.products__quarantine order by line",
+    );
+    assert!(
+        q[0]["reason"].as_str().unwrap().starts_with("invalid JSON"),
+        "{q:?}"
+    );
 
     // A second run finds nothing new and adds nothing.
     let before = ok(&weir(&dir, &["tables", "--format", "json"]));
-    let s2: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["run", "tag:raw", "--format", "json"]))).unwrap();
+    let s2: serde_json::Value =
+        serde_json::from_str(&ok(&weir(&dir, &["run", "tag:raw", "--format", "json"]))).unwrap();
     for p in ["customers", "products", "orders", "order_items"] {
         assert_eq!(counts(&s2, p), (0, 0, 0), "{p}");
     }
@@ -79,7 +131,13 @@ fn demo_golden_rerun_and_new_file() {
             .unwrap()
             .iter()
             .filter(|t| t["name"].as_str().unwrap().starts_with("raw."))
-            .map(|t| (t["name"].as_str().unwrap().to_string(), t["version"].as_u64().unwrap(), t["rows"].as_u64().unwrap()))
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_string(),
+                    t["version"].as_u64().unwrap(),
+                    t["rows"].as_u64().unwrap(),
+                )
+            })
             .collect()
     };
     assert_eq!(strip(&before), strip(&after));
@@ -91,7 +149,8 @@ fn demo_golden_rerun_and_new_file() {
         "order_id,customer_id,order_date,status\n66,3,2024-01-03,shipped\n67,4,2024-01-03,bogus-but-valid\n",
     )
     .unwrap();
-    let s3: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["run", "--format", "json"]))).unwrap();
+    let s3: serde_json::Value =
+        serde_json::from_str(&ok(&weir(&dir, &["run", "--format", "json"]))).unwrap();
     assert_eq!(counts(&s3, "orders"), (2, 2, 0));
     assert_eq!(asset(&s3, "orders")["units"], 1);
     assert_eq!(counts(&s3, "customers"), (0, 0, 0));
@@ -99,11 +158,24 @@ fn demo_golden_rerun_and_new_file() {
     assert_eq!(scalar(&dir, "select count(*) from marts.fct_orders"), 66);
     // The new orders have no items yet, so revenue (an inner join) has no third day.
     assert_eq!(scalar(&dir, "select count(*) from marts.daily_revenue"), 2);
-    assert_eq!(scalar(&dir, "select items from marts.fct_orders where order_id = 66"), 0);
+    assert_eq!(
+        scalar(
+            &dir,
+            "select items from marts.fct_orders where order_id = 66"
+        ),
+        0
+    );
 
     // History shows the append with the file that was loaded.
-    let h: serde_json::Value = serde_json::from_str(&ok(&weir(&dir, &["table", "history", "raw.orders", "--format", "json"]))).unwrap();
-    assert_eq!(h[0]["weir"]["weir.files"], serde_json::json!(["data/orders/orders_2024-01-03.csv"]));
+    let h: serde_json::Value = serde_json::from_str(&ok(&weir(
+        &dir,
+        &["table", "history", "raw.orders", "--format", "json"],
+    )))
+    .unwrap();
+    assert_eq!(
+        h[0]["weir"]["weir.files"],
+        serde_json::json!(["data/orders/orders_2024-01-03.csv"])
+    );
 
     // Another engine reads the same rows.
     other_reader_agrees(&dir);
@@ -117,7 +189,10 @@ fn other_reader_agrees(dir: &Path) {
         .map(|s| s.success())
         .unwrap_or(false);
     if !have {
-        assert!(std::env::var_os("CI").is_none(), "CI must have the deltalake Python package (scripts/test installs it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have the deltalake Python package (scripts/test installs it)"
+        );
         eprintln!("skipping the deltalake-python check: package not installed");
         return;
     }
@@ -130,9 +205,19 @@ print(json.dumps({"rows": t.num_rows, "sum": pc.sum(t["order_id"]).as_py(), "dat
         .args(["-c", script, dir.join("lake/raw/orders").to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"], scalar(dir, "select count(*) from raw.orders"));
-    assert_eq!(v["sum"], scalar(dir, "select sum(order_id) from raw.orders"));
-    assert_eq!(v["dates"], serde_json::json!(["2024-01-01", "2024-01-02", "2024-01-03"]));
+    assert_eq!(
+        v["sum"],
+        scalar(dir, "select sum(order_id) from raw.orders")
+    );
+    assert_eq!(
+        v["dates"],
+        serde_json::json!(["2024-01-01", "2024-01-02", "2024-01-03"])
+    );
 }

@@ -16,14 +16,18 @@ fn project(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 /// The error part of a run report (the summary table holds timings).
 fn error_part(err: &str) -> String {
-    let start = err.find("(user):").map(|i| err[..i].rfind('\n').map(|j| j + 1).unwrap_or(0)).unwrap_or(0);
+    let start = err
+        .find("(user):")
+        .map(|i| err[..i].rfind('\n').map(|j| j + 1).unwrap_or(0))
+        .unwrap_or(0);
     err[start..].trim_end().to_string()
 }
 
 /// stderr with the temp dir replaced, and the exit code.
 fn fails(dir: &Path, args: &[&str]) -> (i32, String) {
     let out = weir(dir, args);
-    let text = String::from_utf8_lossy(&out.stderr).replace(&dir.display().to_string(), "<project>");
+    let text =
+        String::from_utf8_lossy(&out.stderr).replace(&dir.display().to_string(), "<project>");
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -33,7 +37,10 @@ const PIPE: &str = "source:\n  type: files\n  path: data/x.csv\nsink:\n  table: 
 fn unknown_key() {
     let p = project(&[
         ("weir.yaml", "name: t\n"),
-        ("pipelines/x.yaml", "source:\n  type: files\n  path: data/x.csv\n  delimeter: ';'\nsink:\n  table: raw.x\n"),
+        (
+            "pipelines/x.yaml",
+            "source:\n  type: files\n  path: data/x.csv\n  delimeter: ';'\nsink:\n  table: raw.x\n",
+        ),
     ]);
     let (code, err) = fails(p.path(), &["validate"]);
     assert_eq!(code, 2);
@@ -83,7 +90,10 @@ fn bad_csv_rows_over_budget_commit_nothing() {
     let (code, err) = fails(p.path(), &["run"]);
     assert_eq!(code, 1);
     insta::assert_snapshot!("bad_csv_rows", error_part(&err));
-    assert!(!p.path().join("lake/raw/x/_delta_log").exists(), "nothing may be committed");
+    assert!(
+        !p.path().join("lake/raw/x/_delta_log").exists(),
+        "nothing may be committed"
+    );
 }
 
 #[test]

@@ -32,12 +32,20 @@ pub fn ok(out: &Output) -> String {
 /// Runs a query and returns the rows as JSON objects.
 pub fn query(project: &Path, sql: &str) -> Vec<serde_json::Value> {
     let text = ok(&weir(project, &["query", sql, "--format", "json"]));
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Array(vec![]));
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Array(vec![]));
     v.as_array().cloned().unwrap_or_default()
 }
 
 pub fn scalar(project: &Path, sql: &str) -> serde_json::Value {
     let rows = query(project, sql);
-    let row = rows.first().and_then(|r| r.as_object()).cloned().unwrap_or_default();
-    row.values().next().cloned().unwrap_or(serde_json::Value::Null)
+    let row = rows
+        .first()
+        .and_then(|r| r.as_object())
+        .cloned()
+        .unwrap_or_default();
+    row.values()
+        .next()
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
 }

@@ -2,8 +2,8 @@
 
 use std::io::{BufReader, Read};
 
-use weir_config::{Compression, FileFormat};
 use weir_common::Error;
+use weir_config::{Compression, FileFormat};
 
 use super::list::{FileEntry, Location};
 
@@ -50,7 +50,12 @@ pub fn open(file: &FileEntry, compression: Compression) -> Result<Box<dyn Read +
         Location::Remote { store, path } => {
             let handle = tokio::runtime::Handle::current();
             let bytes = handle
-                .block_on(async { object_store::ObjectStoreExt::get(store.as_ref(), path).await?.bytes().await })
+                .block_on(async {
+                    object_store::ObjectStoreExt::get(store.as_ref(), path)
+                        .await?
+                        .bytes()
+                        .await
+                })
                 .map_err(|e| Error::external(format!("fetching {}: {e}", file.key)))?;
             Box::new(std::io::Cursor::new(bytes))
         }
@@ -137,7 +142,10 @@ pub struct CsvRecords<R> {
 
 impl<R: Read> CsvRecords<R> {
     pub fn new(src: R, delimiter: u8, quote: u8) -> Self {
-        let reader = csv_core::ReaderBuilder::new().delimiter(delimiter).quote(quote).build();
+        let reader = csv_core::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .quote(quote)
+            .build();
         Self {
             reader,
             src,
@@ -194,7 +202,10 @@ impl<R: Read> CsvRecords<R> {
                     }
                     csv_core::ReadRecordResult::Record => {
                         self.line += self.raw.iter().filter(|&&b| b == b'\n').count() as u64;
-                        if nend_total == 1 && nout_total == 0 && self.raw.iter().all(|b| b.is_ascii_whitespace()) {
+                        if nend_total == 1
+                            && nout_total == 0
+                            && self.raw.iter().all(|b| b.is_ascii_whitespace())
+                        {
                             break; // blank line
                         }
                         return Ok(Some((line, nend_total)));
@@ -226,7 +237,10 @@ impl<R: Read> CsvRecords<R> {
 }
 
 /// Reads the next line of an NDJSON stream into `line`; returns false at the end.
-pub fn next_line(reader: &mut dyn std::io::BufRead, line: &mut Vec<u8>) -> Result<bool, std::io::Error> {
+pub fn next_line(
+    reader: &mut dyn std::io::BufRead,
+    line: &mut Vec<u8>,
+) -> Result<bool, std::io::Error> {
     line.clear();
     let n = reader.read_until(b'\n', line)?;
     Ok(n > 0)

@@ -32,7 +32,10 @@ pub fn infer_type(values: &StringArray) -> Option<DataType> {
     if values.null_count() == values.len() {
         return None;
     }
-    let opts = CastOptions { safe: true, ..Default::default() };
+    let opts = CastOptions {
+        safe: true,
+        ..Default::default()
+    };
     for dt in candidates() {
         if let Ok(out) = cast_with_options(values, &dt, &opts) {
             if out.null_count() == values.null_count() {
@@ -114,15 +117,30 @@ mod tests {
 
     #[test]
     fn infers_narrowest() {
-        assert_eq!(infer_type(&s(&[Some("1"), None, Some("-3")])), Some(DataType::Int64));
-        assert_eq!(infer_type(&s(&[Some("1"), Some("2.5")])), Some(DataType::Float64));
-        assert_eq!(infer_type(&s(&[Some("true"), Some("false")])), Some(DataType::Boolean));
-        assert_eq!(infer_type(&s(&[Some("2024-01-05")])), Some(DataType::Date32));
+        assert_eq!(
+            infer_type(&s(&[Some("1"), None, Some("-3")])),
+            Some(DataType::Int64)
+        );
+        assert_eq!(
+            infer_type(&s(&[Some("1"), Some("2.5")])),
+            Some(DataType::Float64)
+        );
+        assert_eq!(
+            infer_type(&s(&[Some("true"), Some("false")])),
+            Some(DataType::Boolean)
+        );
+        assert_eq!(
+            infer_type(&s(&[Some("2024-01-05")])),
+            Some(DataType::Date32)
+        );
         assert_eq!(
             infer_type(&s(&[Some("2024-01-05 10:00:00")])),
             Some(DataType::Timestamp(TimeUnit::Microsecond, None))
         );
-        assert_eq!(infer_type(&s(&[Some("1"), Some("x")])), Some(DataType::Utf8));
+        assert_eq!(
+            infer_type(&s(&[Some("1"), Some("x")])),
+            Some(DataType::Utf8)
+        );
         assert_eq!(infer_type(&s(&[None])), None);
     }
 

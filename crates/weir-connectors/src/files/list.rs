@@ -21,7 +21,10 @@ pub struct FileEntry {
 #[derive(Clone)]
 pub enum Location {
     Local(PathBuf),
-    Remote { store: Arc<dyn ObjectStore>, path: ObjPath },
+    Remote {
+        store: Arc<dyn ObjectStore>,
+        path: ObjPath,
+    },
 }
 
 fn has_glob(s: &str) -> bool {
@@ -53,13 +56,25 @@ pub async fn list_files(path: &str, root: &Path) -> Result<Vec<FileEntry>, Error
 }
 
 fn list_local(path: &str, root: &Path) -> Result<Vec<FileEntry>, Error> {
-    let abs = if Path::new(path).is_absolute() { PathBuf::from(path) } else { root.join(path) };
+    let abs = if Path::new(path).is_absolute() {
+        PathBuf::from(path)
+    } else {
+        root.join(path)
+    };
     let key_of = |p: &Path| -> String {
-        p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
+        p.strip_prefix(root)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
     };
     let entry = |p: PathBuf| -> Result<FileEntry, Error> {
-        let meta = std::fs::metadata(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-        Ok(FileEntry { key: key_of(&p), size: meta.len(), location: Location::Local(p) })
+        let meta =
+            std::fs::metadata(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+        Ok(FileEntry {
+            key: key_of(&p),
+            size: meta.len(),
+            location: Location::Local(p),
+        })
     };
     let abs_str = abs.to_string_lossy().into_owned();
     if has_glob(&abs_str) {
@@ -72,8 +87,13 @@ fn list_local(path: &str, root: &Path) -> Result<Vec<FileEntry>, Error> {
             base.push(comp);
         }
         if !base.is_dir() {
-            return Err(Error::user(format!("source directory `{}` does not exist", key_of(&base)))
-                .with_hint("check `path:` in the pipeline; relative paths start at the project directory"));
+            return Err(Error::user(format!(
+                "source directory `{}` does not exist",
+                key_of(&base)
+            ))
+            .with_hint(
+                "check `path:` in the pipeline; relative paths start at the project directory",
+            ));
         }
         let matcher = glob_matcher(&abs_str)?;
         let mut files = Vec::new();
@@ -90,8 +110,11 @@ fn list_local(path: &str, root: &Path) -> Result<Vec<FileEntry>, Error> {
     } else if abs.is_file() {
         Ok(vec![entry(abs)?])
     } else {
-        Err(Error::user(format!("source file `{path}` not found"))
-            .with_hint("check `path:` in the pipeline; relative paths start at the project directory"))
+        Err(
+            Error::user(format!("source file `{path}` not found")).with_hint(
+                "check `path:` in the pipeline; relative paths start at the project directory",
+            ),
+        )
     }
 }
 
@@ -123,10 +146,12 @@ async fn list_remote(path: &str) -> Result<Vec<FileEntry>, Error> {
         Some(i) => &path[..path[..i].rfind('/').map(|j| j + 1).unwrap_or(i)],
         None => path,
     };
-    let url = url::Url::parse(base).map_err(|e| Error::user(format!("invalid URL `{path}`: {e}")))?;
+    let url =
+        url::Url::parse(base).map_err(|e| Error::user(format!("invalid URL `{path}`: {e}")))?;
     let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars()).map_err(|e| {
-        Error::user(format!("cannot open `{path}`: {e}"))
-            .with_hint("object-store credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*)")
+        Error::user(format!("cannot open `{path}`: {e}")).with_hint(
+            "object-store credentials come from the environment (AWS_*, GOOGLE_*, AZURE_*)",
+        )
     })?;
     let store: Arc<dyn ObjectStore> = Arc::from(store);
     let scheme_host = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
@@ -149,7 +174,10 @@ async fn list_remote(path: &str) -> Result<Vec<FileEntry>, Error> {
         out.push(FileEntry {
             key,
             size: meta.size,
-            location: Location::Remote { store: store.clone(), path: meta.location },
+            location: Location::Remote {
+                store: store.clone(),
+                path: meta.location,
+            },
         });
     }
     if out.is_empty() && matcher.is_none() {
@@ -167,17 +195,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("data/sub")).unwrap();
-        for f in ["data/a.csv", "data/b.csv.gz", "data/sub/c.csv", "data/_skip.csv", "data/x.json"] {
+        for f in [
+            "data/a.csv",
+            "data/b.csv.gz",
+            "data/sub/c.csv",
+            "data/_skip.csv",
+            "data/x.json",
+        ] {
             std::fs::write(d.join(f), "h\n1\n").unwrap();
         }
         let keys = |v: Vec<FileEntry>| v.into_iter().map(|f| f.key).collect::<Vec<_>>();
-        assert_eq!(keys(list_files("data/*.csv", d).await.unwrap()), vec!["data/a.csv"]);
+        assert_eq!(
+            keys(list_files("data/*.csv", d).await.unwrap()),
+            vec!["data/a.csv"]
+        );
         assert_eq!(
             keys(list_files("data/**/*.csv*", d).await.unwrap()),
             vec!["data/a.csv", "data/b.csv.gz", "data/sub/c.csv"]
         );
         assert_eq!(keys(list_files("data", d).await.unwrap()).len(), 4);
-        assert_eq!(keys(list_files("data/x.json", d).await.unwrap()), vec!["data/x.json"]);
+        assert_eq!(
+            keys(list_files("data/x.json", d).await.unwrap()),
+            vec!["data/x.json"]
+        );
         let err = list_files("data/nope.csv", d).await.err().unwrap();
         assert_eq!(err.message, "source file `data/nope.csv` not found");
     }

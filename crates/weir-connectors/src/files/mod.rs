@@ -58,7 +58,11 @@ impl FilesSource {
         for col in &config.schema {
             crate::types::parse_type(&col.data_type)?;
         }
-        Ok(Self { config, root: root.to_path_buf(), hints: None })
+        Ok(Self {
+            config,
+            root: root.to_path_buf(),
+            hints: None,
+        })
     }
 
     /// Types of an existing target table, used for columns the config does not declare so
@@ -73,8 +77,11 @@ impl FilesSource {
             return Ok(f);
         }
         decode::guess_format(&file.key).ok_or_else(|| {
-            Error::user(format!("cannot tell the format of `{}` from its name", file.key))
-                .with_hint("set `format: csv`, `ndjson` or `parquet` on the source")
+            Error::user(format!(
+                "cannot tell the format of `{}` from its name",
+                file.key
+            ))
+            .with_hint("set `format: csv`, `ndjson` or `parquet` on the source")
         })
     }
 }
@@ -88,7 +95,10 @@ impl Source for FilesSource {
             _ => LoadedFiles::default(),
         };
         let all = list::list_files(&self.config.path, &self.root).await?;
-        let new: Vec<FileEntry> = all.into_iter().filter(|f| !loaded.files.contains_key(&f.key)).collect();
+        let new: Vec<FileEntry> = all
+            .into_iter()
+            .filter(|f| !loaded.files.contains_key(&f.key))
+            .collect();
 
         // Settle the schema from samples of the new files.
         let declared = declared_fields(&self.config)?;
@@ -102,7 +112,8 @@ impl Source for FilesSource {
 
         let mut next = loaded.clone();
         for f in &new {
-            next.files.insert(f.key.clone(), LoadedFile { size: f.size });
+            next.files
+                .insert(f.key.clone(), LoadedFile { size: f.size });
         }
         let next = Position(
             serde_json::to_value(&next).map_err(|e| Error::internal(format!("position: {e}")))?,
@@ -123,11 +134,21 @@ impl Source for FilesSource {
         let all = list::list_files(&self.config.path, &self.root).await?;
         for key in &plan.units {
             let Some(file) = all.iter().find(|f| &f.key == key) else {
-                return Err(Error::external(format!("file `{key}` disappeared while loading"))
-                    .with_hint("files must stay in place until they are loaded"));
+                return Err(
+                    Error::external(format!("file `{key}` disappeared while loading"))
+                        .with_hint("files must stay in place until they are loaded"),
+                );
             };
             let format = self.format_of(file)?;
-            read::read_file(file, format, &self.config, plan.schema.clone(), out.clone(), progress.clone()).await?;
+            read::read_file(
+                file,
+                format,
+                &self.config,
+                plan.schema.clone(),
+                out.clone(),
+                progress.clone(),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -146,4 +167,3 @@ fn declared_fields(config: &SourceConfig) -> Result<Vec<Field>, Error> {
         })
         .collect()
 }
-

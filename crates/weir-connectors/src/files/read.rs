@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, BooleanBufferBuilder, StringArray, StringBuilder};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, BooleanBufferBuilder, StringArray, StringBuilder,
+};
 use arrow::compute::{cast_with_options, filter_record_batch, CastOptions};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -19,7 +21,12 @@ use super::list::{FileEntry, Location};
 use crate::types::type_name;
 
 /// Samples the first `n` rows of a file for type inference.
-pub async fn sample(file: &FileEntry, format: FileFormat, config: &SourceConfig, n: usize) -> Result<Sample, Error> {
+pub async fn sample(
+    file: &FileEntry,
+    format: FileFormat,
+    config: &SourceConfig,
+    n: usize,
+) -> Result<Sample, Error> {
     let file = file.clone();
     let config = config.clone();
     blocking(move || match format {
@@ -52,7 +59,9 @@ pub async fn read_file(
     .await
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
@@ -65,13 +74,18 @@ struct BatchSink {
 
 impl BatchSink {
     fn send(&mut self, batch: RecordBatch, bad: Vec<BadRow>, bytes: u64) -> Result<(), Error> {
-        self.progress.add((batch.num_rows() + bad.len()) as u64, bytes);
+        self.progress
+            .add((batch.num_rows() + bad.len()) as u64, bytes);
         let closed = || Error::external("the sink stopped while reading").not_retryable();
         if !bad.is_empty() {
-            self.out.blocking_send(SourceEvent::Bad(bad)).map_err(|_| closed())?;
+            self.out
+                .blocking_send(SourceEvent::Bad(bad))
+                .map_err(|_| closed())?;
         }
         if batch.num_rows() > 0 {
-            self.out.blocking_send(SourceEvent::Batch(batch)).map_err(|_| closed())?;
+            self.out
+                .blocking_send(SourceEvent::Batch(batch))
+                .map_err(|_| closed())?;
         }
         Ok(())
     }
@@ -93,8 +107,16 @@ struct TextRows {
 
 impl TextRows {
     fn new(schema: SchemaRef, source: &str) -> Self {
-        let cols = schema.fields().iter().map(|_| StringBuilder::new()).collect();
-        let trim = schema.fields().iter().map(|f| f.data_type() != &DataType::Utf8).collect();
+        let cols = schema
+            .fields()
+            .iter()
+            .map(|_| StringBuilder::new())
+            .collect();
+        let trim = schema
+            .fields()
+            .iter()
+            .map(|f| f.data_type() != &DataType::Utf8)
+            .collect();
         Self {
             schema,
             source: source.to_string(),
@@ -112,7 +134,12 @@ impl TextRows {
     }
 
     fn reject(&mut self, line: u64, reason: String, raw: String) {
-        self.bad.push(BadRow { reason, source: self.source.clone(), line, raw });
+        self.bad.push(BadRow {
+            reason,
+            source: self.source.clone(),
+            line,
+            raw,
+        });
     }
 
     fn push_row_meta(&mut self, line: u64, raw: &[u8]) {
@@ -133,7 +160,10 @@ impl TextRows {
         let mut ok = BooleanBufferBuilder::new(n);
         ok.append_n(n, true);
         let mut reasons: HashMap<usize, String> = HashMap::new();
-        let opts = CastOptions { safe: true, ..Default::default() };
+        let opts = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.cols.len());
         for (i, field) in self.schema.fields().iter().enumerate() {
             let text: StringArray = self.cols[i].finish();
@@ -163,7 +193,10 @@ impl TextRows {
                 for row in 0..n {
                     if typed.is_null(row) && ok.get_bit(row) {
                         ok.set_bit(row, false);
-                        reasons.insert(row, format!("column `{}` is required but empty", field.name()));
+                        reasons.insert(
+                            row,
+                            format!("column `{}` is required but empty", field.name()),
+                        );
                     }
                 }
             }
@@ -175,7 +208,11 @@ impl TextRows {
                 // Required columns may hold nulls in rows about to be filtered out: build with
                 // a nullable schema, filter, then restore the declared one.
                 let loose = Arc::new(arrow::datatypes::Schema::new(
-                    schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.as_ref().clone().with_nullable(true))
+                        .collect::<Vec<_>>(),
                 ));
                 RecordBatch::try_new(loose, arrays.clone())
             })
@@ -195,7 +232,8 @@ impl TextRows {
                 });
             }
             let mask = BooleanArray::new(ok.finish(), None);
-            filter_record_batch(&batch, &mask).map_err(|e| Error::internal(format!("filter: {e}")))?
+            filter_record_batch(&batch, &mask)
+                .map_err(|e| Error::internal(format!("filter: {e}")))?
         };
         let good = RecordBatch::try_new(schema, good.columns().to_vec())
             .map_err(|e| Error::internal(format!("assembling batch: {e}")))?;
@@ -215,11 +253,16 @@ fn csv_byte(c: char, what: &str) -> Result<u8, Error> {
     if c.is_ascii() {
         Ok(c as u8)
     } else {
-        Err(Error::user(format!("csv {what} `{c}` must be a single ASCII character")))
+        Err(Error::user(format!(
+            "csv {what} `{c}` must be a single ASCII character"
+        )))
     }
 }
 
-fn csv_reader(file: &FileEntry, config: &SourceConfig) -> Result<CsvRecords<Box<dyn std::io::Read + Send>>, Error> {
+fn csv_reader(
+    file: &FileEntry,
+    config: &SourceConfig,
+) -> Result<CsvRecords<Box<dyn std::io::Read + Send>>, Error> {
     let input = decode::open(file, config.compression)?;
     Ok(CsvRecords::new(
         input,
@@ -230,7 +273,9 @@ fn csv_reader(file: &FileEntry, config: &SourceConfig) -> Result<CsvRecords<Box<
 
 fn io_err(file: &FileEntry) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| {
-        if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof {
+        if e.kind() == std::io::ErrorKind::InvalidData
+            || e.kind() == std::io::ErrorKind::UnexpectedEof
+        {
             Error::user(format!("cannot decompress `{}`: {e}", file.key))
                 .with_hint("check the file and the `compression:` setting")
         } else {
@@ -240,12 +285,18 @@ fn io_err(file: &FileEntry) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// Header of a CSV file (normalized), or `column_N` names when there is none.
-fn csv_header(rec: &mut CsvRecords<Box<dyn std::io::Read + Send>>, config: &SourceConfig, file: &FileEntry) -> Result<Option<Vec<String>>, Error> {
+fn csv_header(
+    rec: &mut CsvRecords<Box<dyn std::io::Read + Send>>,
+    config: &SourceConfig,
+    file: &FileEntry,
+) -> Result<Option<Vec<String>>, Error> {
     if config.csv.header {
         match rec.next_record().map_err(io_err(file))? {
             None => Ok(None),
             Some((_, n)) => {
-                let names: Vec<String> = (0..n).map(|i| String::from_utf8_lossy(rec.field(i)).into_owned()).collect();
+                let names: Vec<String> = (0..n)
+                    .map(|i| String::from_utf8_lossy(rec.field(i)).into_owned())
+                    .collect();
                 Ok(Some(normalize_header(&names)))
             }
         }
@@ -259,11 +310,18 @@ fn sample_csv(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sampl
     let Some(mut header) = csv_header(&mut rec, config, file)? else {
         return Ok(Sample { columns: vec![] });
     };
-    let nulls: Vec<&[u8]> = config.csv.null_values.iter().map(|s| s.as_bytes()).collect();
+    let nulls: Vec<&[u8]> = config
+        .csv
+        .null_values
+        .iter()
+        .map(|s| s.as_bytes())
+        .collect();
     let mut cols: Vec<StringBuilder> = header.iter().map(|_| StringBuilder::new()).collect();
     let mut rows = 0;
     while rows < n {
-        let Some((_, count)) = rec.next_record().map_err(io_err(file))? else { break };
+        let Some((_, count)) = rec.next_record().map_err(io_err(file))? else {
+            break;
+        };
         if header.is_empty() {
             header = (1..=count).map(|i| format!("column_{i}")).collect();
             cols = header.iter().map(|_| StringBuilder::new()).collect();
@@ -281,16 +339,30 @@ fn sample_csv(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sampl
         rows += 1;
     }
     Ok(Sample {
-        columns: header.into_iter().zip(cols).map(|(h, mut c)| (h, SampleType::Strings(c.finish()))).collect(),
+        columns: header
+            .into_iter()
+            .zip(cols)
+            .map(|(h, mut c)| (h, SampleType::Strings(c.finish())))
+            .collect(),
     })
 }
 
-fn read_csv(file: &FileEntry, config: &SourceConfig, schema: SchemaRef, sink: &mut BatchSink) -> Result<(), Error> {
+fn read_csv(
+    file: &FileEntry,
+    config: &SourceConfig,
+    schema: SchemaRef,
+    sink: &mut BatchSink,
+) -> Result<(), Error> {
     let mut rec = csv_reader(file, config)?;
     let Some(mut header) = csv_header(&mut rec, config, file)? else {
         return Ok(());
     };
-    let nulls: Vec<Vec<u8>> = config.csv.null_values.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let nulls: Vec<Vec<u8>> = config
+        .csv
+        .null_values
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
     let mut rows = TextRows::new(schema.clone(), &file.key);
     let mut map: Vec<Option<usize>> = header.iter().map(|h| schema.index_of(h).ok()).collect();
     let mut last_bytes = 0;
@@ -301,7 +373,11 @@ fn read_csv(file: &FileEntry, config: &SourceConfig, schema: SchemaRef, sink: &m
         }
         if count != header.len() {
             let raw = rec.raw_text();
-            rows.reject(line, format!("expected {} fields, found {count}", header.len()), raw);
+            rows.reject(
+                line,
+                format!("expected {} fields, found {count}", header.len()),
+                raw,
+            );
         } else if let Some(i) = (0..count).find(|&i| std::str::from_utf8(rec.field(i)).is_err()) {
             let raw = rec.raw_text();
             rows.reject(line, format!("column `{}`: invalid UTF-8", header[i]), raw);
@@ -344,8 +420,14 @@ fn json_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn ndjson_reader(file: &FileEntry, config: &SourceConfig) -> Result<std::io::BufReader<Box<dyn std::io::Read + Send>>, Error> {
-    Ok(std::io::BufReader::with_capacity(1 << 20, decode::open(file, config.compression)?))
+fn ndjson_reader(
+    file: &FileEntry,
+    config: &SourceConfig,
+) -> Result<std::io::BufReader<Box<dyn std::io::Read + Send>>, Error> {
+    Ok(std::io::BufReader::with_capacity(
+        1 << 20,
+        decode::open(file, config.compression)?,
+    ))
 }
 
 fn sample_ndjson(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sample, Error> {
@@ -355,7 +437,8 @@ fn sample_ndjson(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sa
     let mut line = Vec::new();
     let mut rows = 0;
     while rows < n && decode::next_line(&mut reader, &mut line).map_err(io_err(file))? {
-        let Ok(obj) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&line) else {
+        let Ok(obj) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&line)
+        else {
             continue;
         };
         for (k, v) in obj {
@@ -384,7 +467,12 @@ fn sample_ndjson(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sa
     })
 }
 
-fn read_ndjson(file: &FileEntry, config: &SourceConfig, schema: SchemaRef, sink: &mut BatchSink) -> Result<(), Error> {
+fn read_ndjson(
+    file: &FileEntry,
+    config: &SourceConfig,
+    schema: SchemaRef,
+    sink: &mut BatchSink,
+) -> Result<(), Error> {
     let mut reader = ndjson_reader(file, config)?;
     let mut rows = TextRows::new(schema.clone(), &file.key);
     let mut line = Vec::new();
@@ -399,7 +487,8 @@ fn read_ndjson(file: &FileEntry, config: &SourceConfig, schema: SchemaRef, sink:
             continue;
         }
         let raw = || String::from_utf8_lossy(&line).trim_end().to_string();
-        let obj = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&line) {
+        let obj = match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&line)
+        {
             Ok(o) => o,
             Err(e) => {
                 let r = raw();
@@ -425,7 +514,9 @@ fn read_ndjson(file: &FileEntry, config: &SourceConfig, schema: SchemaRef, sink:
             let r = raw();
             rows.reject(
                 line_no,
-                format!("unexpected field `{k}` (not seen in the rows sampled to settle the schema)"),
+                format!(
+                    "unexpected field `{k}` (not seen in the rows sampled to settle the schema)"
+                ),
                 r,
             );
             continue;
@@ -452,22 +543,33 @@ fn with_parquet<T>(
     f: impl FnOnce(ParquetBuilderAny) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let bad = |e: parquet::errors::ParquetError| {
-        Error::user(format!("`{}` is not a readable Parquet file: {e}", file.key))
+        Error::user(format!(
+            "`{}` is not a readable Parquet file: {e}",
+            file.key
+        ))
     };
     match &file.location {
         Location::Local(p) => {
-            let f0 = std::fs::File::open(p).map_err(|e| Error::io(format!("opening {}", file.key), e))?;
+            let f0 = std::fs::File::open(p)
+                .map_err(|e| Error::io(format!("opening {}", file.key), e))?;
             f(ParquetBuilderAny::File(
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f0).map_err(bad)?,
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f0)
+                    .map_err(bad)?,
             ))
         }
         Location::Remote { store, path } => {
             let handle = tokio::runtime::Handle::current();
             let bytes = handle
-                .block_on(async { object_store::ObjectStoreExt::get(store.as_ref(), path).await?.bytes().await })
+                .block_on(async {
+                    object_store::ObjectStoreExt::get(store.as_ref(), path)
+                        .await?
+                        .bytes()
+                        .await
+                })
                 .map_err(|e| Error::external(format!("fetching {}: {e}", file.key)))?;
             f(ParquetBuilderAny::Bytes(
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(bad)?,
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .map_err(bad)?,
             ))
         }
     }
@@ -486,7 +588,9 @@ impl ParquetBuilderAny {
         }
     }
 
-    fn build(self) -> parquet::errors::Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    fn build(
+        self,
+    ) -> parquet::errors::Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
         match self {
             ParquetBuilderAny::File(b) => b.with_batch_size(65_536).build(),
             ParquetBuilderAny::Bytes(b) => b.with_batch_size(65_536).build(),
@@ -499,21 +603,35 @@ fn sample_parquet(file: &FileEntry) -> Result<Sample, Error> {
     let columns = schema
         .fields()
         .iter()
-        .map(|f| (decode::normalize_column_name(f.name()), SampleType::Typed(f.data_type().clone())))
+        .map(|f| {
+            (
+                decode::normalize_column_name(f.name()),
+                SampleType::Typed(f.data_type().clone()),
+            )
+        })
         .collect();
     Ok(Sample { columns })
 }
 
 fn read_parquet(file: &FileEntry, schema: SchemaRef, sink: &mut BatchSink) -> Result<(), Error> {
     let reader = with_parquet(file, |b| {
-        b.build().map_err(|e| Error::user(format!("reading `{}`: {e}", file.key)))
+        b.build()
+            .map_err(|e| Error::user(format!("reading `{}`: {e}", file.key)))
     })?;
     let mut row_base = 0u64;
-    let opts = CastOptions { safe: true, ..Default::default() };
+    let opts = CastOptions {
+        safe: true,
+        ..Default::default()
+    };
     for batch in reader {
         let batch = batch.map_err(|e| Error::user(format!("reading `{}`: {e}", file.key)))?;
         let n = batch.num_rows();
-        let names: Vec<String> = batch.schema().fields().iter().map(|f| decode::normalize_column_name(f.name())).collect();
+        let names: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| decode::normalize_column_name(f.name()))
+            .collect();
         let mut ok = BooleanBufferBuilder::new(n);
         ok.append_n(n, true);
         let mut reasons: HashMap<usize, String> = HashMap::new();
@@ -526,19 +644,27 @@ fn read_parquet(file: &FileEntry, schema: SchemaRef, sink: &mut BatchSink) -> Re
                     if col.data_type() == field.data_type() {
                         col.clone()
                     } else {
-                        let typed = cast_with_options(col, field.data_type(), &opts).map_err(|e| {
-                            Error::user(format!(
-                                "`{}`: column `{}` of type {} cannot become {}: {e}",
-                                file.key,
-                                field.name(),
-                                type_name(col.data_type()),
-                                type_name(field.data_type())
-                            ))
-                        })?;
+                        let typed =
+                            cast_with_options(col, field.data_type(), &opts).map_err(|e| {
+                                Error::user(format!(
+                                    "`{}`: column `{}` of type {} cannot become {}: {e}",
+                                    file.key,
+                                    field.name(),
+                                    type_name(col.data_type()),
+                                    type_name(field.data_type())
+                                ))
+                            })?;
                         for row in 0..n {
                             if col.is_valid(row) && typed.is_null(row) && ok.get_bit(row) {
                                 ok.set_bit(row, false);
-                                reasons.insert(row, format!("column `{}`: value does not fit {}", field.name(), type_name(field.data_type())));
+                                reasons.insert(
+                                    row,
+                                    format!(
+                                        "column `{}`: value does not fit {}",
+                                        field.name(),
+                                        type_name(field.data_type())
+                                    ),
+                                );
                             }
                         }
                         typed
@@ -549,16 +675,24 @@ fn read_parquet(file: &FileEntry, schema: SchemaRef, sink: &mut BatchSink) -> Re
                 for row in 0..n {
                     if arr.is_null(row) && ok.get_bit(row) {
                         ok.set_bit(row, false);
-                        reasons.insert(row, format!("column `{}` is required but empty", field.name()));
+                        reasons.insert(
+                            row,
+                            format!("column `{}` is required but empty", field.name()),
+                        );
                     }
                 }
             }
             arrays.push(arr);
         }
         let loose = Arc::new(arrow::datatypes::Schema::new(
-            schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
         ));
-        let typed = RecordBatch::try_new(loose, arrays).map_err(|e| Error::internal(format!("batch: {e}")))?;
+        let typed = RecordBatch::try_new(loose, arrays)
+            .map_err(|e| Error::internal(format!("batch: {e}")))?;
         let mut bad = Vec::new();
         let good = if reasons.is_empty() {
             typed
@@ -593,4 +727,3 @@ fn row_as_json(batch: &RecordBatch, row: usize) -> String {
     }
     String::from_utf8_lossy(&buf).trim_end().to_string()
 }
-
