@@ -11,6 +11,18 @@ use weir_common::Error;
 
 use crate::delta_error;
 
+/// Whether a table directory holds at least one commit: a writer killed before its first
+/// commit leaves an empty `_delta_log`, which is not a table.
+fn has_commit(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir.join("_delta_log")).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.ends_with(".json") || n.ends_with(".checkpoint.parquet")
+        })
+    })
+}
+
 /// The lake: a root directory or object-store URL holding `schema/table` Delta tables.
 #[derive(Debug, Clone)]
 pub struct Lake {
@@ -89,7 +101,7 @@ impl Lake {
     /// Whether a Delta table exists at `name`, without creating directories.
     pub fn exists(&self, name: &str) -> bool {
         match self.local_dir(name) {
-            Some(dir) => dir.join("_delta_log").is_dir(),
+            Some(dir) => has_commit(&dir),
             None => true,
         }
     }
@@ -161,7 +173,7 @@ impl Lake {
                 continue;
             };
             for t in tables.flatten() {
-                if t.path().join("_delta_log").is_dir() {
+                if has_commit(&t.path()) {
                     out.push(format!("{sname}.{}", t.file_name().to_string_lossy()));
                 }
             }

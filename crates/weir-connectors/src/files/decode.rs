@@ -201,6 +201,14 @@ impl<R: Read> CsvRecords<R> {
                         self.ends.resize(len, 0);
                     }
                     csv_core::ReadRecordResult::Record => {
+                        // Blank lines before the record are consumed with it.
+                        let leading = self
+                            .raw
+                            .iter()
+                            .take_while(|b| **b == b'\n' || **b == b'\r')
+                            .filter(|&&b| b == b'\n')
+                            .count() as u64;
+                        let line = line + leading;
                         self.line += self.raw.iter().filter(|&&b| b == b'\n').count() as u64;
                         if nend_total == 1
                             && nout_total == 0
@@ -224,7 +232,12 @@ impl<R: Read> CsvRecords<R> {
 
     /// The raw text of the current record without its line ending.
     pub fn raw_text(&self) -> String {
-        let mut r = self.raw.as_slice();
+        let start = self
+            .raw
+            .iter()
+            .take_while(|b| **b == b'\n' || **b == b'\r')
+            .count();
+        let mut r = &self.raw[start..];
         while let Some((&last, rest)) = r.split_last() {
             if last == b'\n' || last == b'\r' {
                 r = rest;

@@ -36,7 +36,13 @@ pub fn infer_type(values: &StringArray) -> Option<DataType> {
         safe: true,
         ..Default::default()
     };
+    // Arrow casts `2024-01-05 10:00:00` to a date by dropping the time: only plain
+    // `YYYY-MM-DD` values may infer as dates.
+    let date_like = values.iter().flatten().all(|v| v.len() <= 10);
     for dt in candidates() {
+        if dt == DataType::Date32 && !date_like {
+            continue;
+        }
         if let Ok(out) = cast_with_options(values, &dt, &opts) {
             if out.null_count() == values.null_count() {
                 return Some(dt);

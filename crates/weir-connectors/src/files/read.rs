@@ -151,7 +151,7 @@ impl TextRows {
     fn raw_of(&self, row: usize) -> String {
         let start = if row == 0 { 0 } else { self.raw_ends[row - 1] };
         let text = String::from_utf8_lossy(&self.raw[start..self.raw_ends[row]]);
-        text.trim_end_matches(['\n', '\r']).to_string()
+        text.trim_matches(['\n', '\r']).to_string()
     }
 
     /// Casts the gathered text to the schema; returns the good rows and all bad rows.
