@@ -203,7 +203,7 @@ impl TextRows {
             arrays.push(typed);
         }
         let schema = self.schema.clone();
-        let batch = RecordBatch::try_new(schema.clone(), relax(&arrays))
+        let batch = RecordBatch::try_new(schema.clone(), arrays.clone())
             .or_else(|_| {
                 // Required columns may hold nulls in rows about to be filtered out: build with
                 // a nullable schema, filter, then restore the declared one.
@@ -243,10 +243,6 @@ impl TextRows {
         self.raw_ends.clear();
         Ok((good, bad))
     }
-}
-
-fn relax(arrays: &[ArrayRef]) -> Vec<ArrayRef> {
-    arrays.to_vec()
 }
 
 fn csv_byte(c: char, what: &str) -> Result<u8, Error> {
