@@ -4,6 +4,7 @@
 pub mod graph;
 pub mod model;
 pub mod session;
+pub mod stream;
 
 pub use graph::{Asset, AssetKind, Graph};
 pub use model::{render_model, CompiledModel, RenderMode};

@@ -6,12 +6,16 @@ use std::time::Duration;
 use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use datafusion::datasource::MemTable;
+use datafusion::catalog::TableProvider;
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use weir_common::Error;
-use weir_config::{Pipeline, Project};
+use weir_config::{BadRowLimit, Pipeline, Project};
 use weir_core::{BadRow, Position, Progress, SourceEvent};
 use weir_engine::session::lake_session;
-use weir_lake::{Lake, WriteOptions, WriteSpec};
+use weir_engine::stream::{channel_table, BatchResult};
+use weir_lake::{Lake, WriteMetrics, WriteOptions, WriteSpec};
 
 use crate::run::{AssetResult, ProgressFn};
 
@@ -57,55 +61,6 @@ pub async fn run_pipeline(
         return Ok(result);
     }
 
-    // Read everything, keeping the bad rows aside.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(8);
-    let progress = Arc::new(Progress::default());
-    let reader = {
-        let source = source.clone();
-        let plan = plan.clone();
-        let progress = progress.clone();
-        tokio::spawn(async move { source.read(&plan, tx, progress).await })
-    };
-    let mut batches = Vec::new();
-    let mut bad: Vec<BadRow> = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(SourceEvent::Batch(b)) => batches.push(b),
-                Some(SourceEvent::Bad(rows)) => bad.extend(rows),
-                None => break,
-            },
-            _ = ticker.tick() => on_progress(&p.name, &progress),
-        }
-    }
-    reader
-        .await
-        .map_err(|e| Error::internal(format!("reader task: {e}")))??;
-    on_progress(&p.name, &progress);
-    let good: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-    result.rows_read = good + bad.len() as u64;
-    result.rows_quarantined = bad.len() as u64;
-    result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
-
-    if let Some(limit) = p.config.max_bad_rows {
-        if limit.exceeded(bad.len() as u64, result.rows_read) {
-            let sample: Vec<String> = bad
-                .iter()
-                .take(3)
-                .map(|b| format!("  {}:{}: {}", b.source, b.line, b.reason))
-                .collect();
-            return Err(Error::user(format!(
-                "pipeline `{}`: {} of {} rows are malformed, more than max_bad_rows ({limit}); nothing was committed\n{}",
-                p.name,
-                bad.len(),
-                result.rows_read,
-                sample.join("\n")
-            ))
-            .with_hint("fix the input files or raise `max_bad_rows`; the rejected rows are listed above"));
-        }
-    }
-
     let n = committed + 1;
     lake.write_manifest(table, &app, n, &plan.next.0)?;
     let mut metadata = std::collections::HashMap::new();
@@ -117,23 +72,213 @@ pub async fn run_pipeline(
         metadata,
     };
 
-    if !bad.is_empty() {
-        let q = quarantine_batch(&bad, &p.name, run_id)?;
-        let qname = format!("{table}__quarantine");
-        let ctx = weir_lake::new_session();
-        let df = ctx
-            .read_batch(q)
-            .map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
-        lake.write(&qname, &ctx, df, &WriteSpec::default(), &opts)
-            .await?;
-    }
-
+    // The source streams into the write: batches flow through a bounded channel into
+    // DataFusion (transform, casts, Parquet encoding on every core), bad rows are kept
+    // aside. After the last row the feeder checks `max_bad_rows` and commits the
+    // quarantine; only then does the stream end and the table commit follow.
+    let progress = Arc::new(Progress::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel::<SourceEvent>(8);
+    let reader = {
+        let source = source.clone();
+        let plan = plan.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move { source.read(&plan, events_tx, progress).await })
+    };
     let ctx = lake_session(lake).await?;
-    let mem = MemTable::try_new(plan.schema.clone(), vec![batches])
-        .map_err(|e| Error::internal(format!("staging batches: {e}")))?;
+    let partitions = ctx.state().config().target_partitions();
+    let (batches_tx, batches_rx) = tokio::sync::mpsc::channel(partitions * 2);
+    let incoming = channel_table(plan.schema.clone(), batches_rx, partitions)?;
+    let feeder = tokio::spawn(feed(
+        Feed {
+            pipeline: p.name.clone(),
+            max_bad_rows: p.config.max_bad_rows,
+            lake: lake.clone(),
+            quarantine: format!("{table}__quarantine"),
+            run_id: run_id.to_string(),
+            opts: opts.clone(),
+        },
+        reader,
+        events_rx,
+        batches_tx,
+    ));
+
+    let write = write_incoming(lake, p, &ctx, incoming, full_refresh, &opts);
+    tokio::pin!(write);
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let written = loop {
+        tokio::select! {
+            w = &mut write => break w,
+            _ = ticker.tick() => on_progress(&p.name, &progress),
+        }
+    };
+    on_progress(&p.name, &progress);
+    // The write has stopped reading: a feeder still blocked on a full channel sees it
+    // closed and ends, so this join cannot hang.
+    let fed = feeder
+        .await
+        .map_err(|e| Error::internal(format!("feeder task: {e}")))?;
+    let (m, fed) = match (written, fed) {
+        // The feeder's own failure (a source error, too many bad rows) is the cause; the
+        // write only saw the stream end in error.
+        (_, Err(e)) => return Err(e),
+        (Err(e), _) => return Err(e),
+        (Ok(m), Ok(fed)) => (m, fed),
+    };
+    result.rows_read = fed.good + fed.bad;
+    result.rows_quarantined = fed.bad;
+    result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    result.rows_written = m.rows_inserted + m.rows_updated;
+    result.rows_deleted = m.rows_deleted;
+    result.version = Some(m.version);
+    if m.skipped {
+        result.note = Some("already committed by an earlier attempt".into());
+    }
+    Ok(result)
+}
+
+/// What the feeder needs besides its channels.
+struct Feed {
+    pipeline: String,
+    max_bad_rows: Option<BadRowLimit>,
+    lake: Lake,
+    quarantine: String,
+    run_id: String,
+    opts: WriteOptions,
+}
+
+/// Rows the feeder passed on and set aside.
+struct Fed {
+    good: u64,
+    bad: u64,
+}
+
+/// Moves batches from the source to the write and bad rows aside; at the end, enforces
+/// `max_bad_rows` and commits the quarantine. On failure the write receives the error, so
+/// it commits nothing, and the error is returned for the user.
+async fn feed(
+    f: Feed,
+    reader: tokio::task::JoinHandle<Result<(), Error>>,
+    mut events: tokio::sync::mpsc::Receiver<SourceEvent>,
+    out: tokio::sync::mpsc::Sender<BatchResult>,
+) -> Result<Fed, Error> {
+    let mut good = 0u64;
+    let mut bad: Vec<BadRow> = Vec::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            SourceEvent::Batch(b) => {
+                good += b.num_rows() as u64;
+                if out.send(Ok(b)).await.is_err() {
+                    // The write stopped early (it failed, or the commit had already landed).
+                    reader.abort();
+                    return Ok(Fed {
+                        good,
+                        bad: bad.len() as u64,
+                    });
+                }
+            }
+            SourceEvent::Bad(rows) => {
+                bad.extend(rows);
+                if let Some(limit) = f.max_bad_rows {
+                    // A count limit can fail as soon as it is passed; a ratio needs the total.
+                    let seen = good + bad.len() as u64;
+                    if matches!(limit, BadRowLimit::Count(_))
+                        && limit.exceeded(bad.len() as u64, seen)
+                    {
+                        reader.abort();
+                        return veto(&out, too_many_bad_rows(&f, &bad, seen, limit, false)).await;
+                    }
+                }
+            }
+        }
+    }
+    let read = match reader.await {
+        Ok(r) => r,
+        Err(e) => Err(Error::internal(format!("reader task: {e}"))),
+    };
+    if let Err(e) = read {
+        return veto(&out, e).await;
+    }
+    let total = good + bad.len() as u64;
+    if let Some(limit) = f.max_bad_rows {
+        if limit.exceeded(bad.len() as u64, total) {
+            return veto(&out, too_many_bad_rows(&f, &bad, total, limit, true)).await;
+        }
+    }
+    if !bad.is_empty() {
+        let q = quarantine_batch(&bad, &f.pipeline, &f.run_id)?;
+        let ctx = weir_lake::new_session();
+        let written = match ctx.read_batch(q) {
+            Ok(df) => {
+                f.lake
+                    .write(&f.quarantine, &ctx, df, &WriteSpec::default(), &f.opts)
+                    .await
+            }
+            Err(e) => Err(Error::internal(format!("quarantine frame: {e}"))),
+        };
+        if let Err(e) = written {
+            return veto(&out, e).await;
+        }
+    }
+    Ok(Fed {
+        good,
+        bad: bad.len() as u64,
+    })
+}
+
+/// Fails the write reading `out` with `e`, and returns `e`.
+async fn veto(out: &tokio::sync::mpsc::Sender<BatchResult>, e: Error) -> Result<Fed, Error> {
+    let _ = out
+        .send(Err(DataFusionError::External(e.message.clone().into())))
+        .await;
+    Err(e)
+}
+
+fn too_many_bad_rows(
+    f: &Feed,
+    bad: &[BadRow],
+    read: u64,
+    limit: BadRowLimit,
+    finished: bool,
+) -> Error {
+    let sample: Vec<String> = bad
+        .iter()
+        .take(3)
+        .map(|b| format!("  {}:{}: {}", b.source, b.line, b.reason))
+        .collect();
+    let counted = if finished {
+        format!("{} of {read} rows are malformed", bad.len())
+    } else {
+        format!(
+            "{} of the first {read} rows are malformed (reading stopped there)",
+            bad.len()
+        )
+    };
+    Error::user(format!(
+        "pipeline `{}`: {counted}, more than max_bad_rows ({limit}); nothing was committed\n{}",
+        f.pipeline,
+        sample.join("\n")
+    ))
+    .with_hint("fix the input files or raise `max_bad_rows`; the rejected rows are listed above")
+}
+
+/// Writes the incoming rows, through the transform if there is one, into the sink table.
+async fn write_incoming(
+    lake: &Lake,
+    p: &Pipeline,
+    ctx: &SessionContext,
+    incoming: Arc<dyn TableProvider>,
+    full_refresh: bool,
+    opts: &WriteOptions,
+) -> Result<WriteMetrics, Error> {
+    let sink = &p.config.sink;
+    let mode = if full_refresh {
+        weir_config::WriteMode::Overwrite
+    } else {
+        sink.mode
+    };
     let df = match &p.config.transform {
         Some(sql) => {
-            ctx.register_table("source", Arc::new(mem))
+            ctx.register_table("source", incoming)
                 .map_err(|e| Error::internal(e.to_string()))?;
             ctx.sql(sql).await.map_err(|e| {
                 Error::user(format!(
@@ -145,29 +290,39 @@ pub async fn run_pipeline(
             })?
         }
         None => ctx
-            .read_table(Arc::new(mem))
+            .read_table(incoming)
             .map_err(|e| Error::internal(e.to_string()))?,
     };
-    let sink = &p.config.sink;
+    // Merge and replace_partitions read their input more than once (key checks, partition
+    // values, the join): stage it to local Parquet first, which keeps memory bounded.
+    let _staging;
+    let df = match mode {
+        weir_config::WriteMode::Merge | weir_config::WriteMode::ReplacePartitions
+            if lake.exists(&sink.table) =>
+        {
+            let dir = tempfile::Builder::new()
+                .prefix("weir-staging-")
+                .tempdir()
+                .map_err(|e| Error::io("creating a staging directory", e))?;
+            let path = dir.path().to_string_lossy().to_string();
+            df.write_parquet(&path, DataFrameWriteOptions::new(), None)
+                .await
+                .map_err(|e| Error::external(format!("staging pipeline `{}`: {e}", p.name)))?;
+            _staging = dir;
+            ctx.read_parquet(&path, ParquetReadOptions::default())
+                .await
+                .map_err(|e| Error::internal(format!("reading staged rows: {e}")))?
+        }
+        _ => df,
+    };
     let spec = WriteSpec {
-        mode: if full_refresh {
-            weir_config::WriteMode::Overwrite
-        } else {
-            sink.mode
-        },
+        mode,
         key: sink.key.clone(),
         delete_flag: sink.delete_flag.clone(),
         partition_by: sink.partition_by.clone(),
         evolution: sink.schema_evolution,
     };
-    let m = lake.write(table, &ctx, df, &spec, &opts).await?;
-    result.rows_written = m.rows_inserted + m.rows_updated;
-    result.rows_deleted = m.rows_deleted;
-    result.version = Some(m.version);
-    if m.skipped {
-        result.note = Some("already committed by an earlier attempt".into());
-    }
-    Ok(result)
+    lake.write(&sink.table, ctx, df, &spec, opts).await
 }
 
 fn quarantine_batch(bad: &[BadRow], pipeline: &str, run_id: &str) -> Result<RecordBatch, Error> {

@@ -3,6 +3,7 @@
 mod crash;
 mod demo;
 mod errors;
+mod loads;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -142,6 +142,11 @@ pub struct CsvRecords<R> {
 
 impl<R: Read> CsvRecords<R> {
     pub fn new(src: R, delimiter: u8, quote: u8) -> Self {
+        Self::starting_at(src, delimiter, quote, 1)
+    }
+
+    /// A reader whose first byte is on line `line` of the file.
+    pub fn starting_at(src: R, delimiter: u8, quote: u8, line: u64) -> Self {
         let reader = csv_core::ReaderBuilder::new()
             .delimiter(delimiter)
             .quote(quote)
@@ -156,7 +161,7 @@ impl<R: Read> CsvRecords<R> {
             fields: vec![0; 4096],
             ends: vec![0; 64],
             raw: Vec::with_capacity(4096),
-            line: 1,
+            line,
             bytes: 0,
         }
     }
@@ -224,6 +229,11 @@ impl<R: Read> CsvRecords<R> {
         }
     }
 
+    /// The line the next record starts on (blank lines before it not yet skipped).
+    pub fn next_line(&self) -> u64 {
+        self.line
+    }
+
     /// Bytes of field `i` of the current record.
     pub fn field(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
@@ -247,6 +257,122 @@ impl<R: Read> CsvRecords<R> {
         }
         String::from_utf8_lossy(r).into_owned()
     }
+}
+
+/// A run of whole CSV records cut from a file, and the line its first byte is on.
+pub struct Chunk {
+    pub data: Vec<u8>,
+    pub first_line: u64,
+}
+
+/// Cuts a CSV byte stream into chunks of about `target` bytes that end on record
+/// boundaries, so that the chunks can be parsed in parallel. Boundaries follow the same
+/// quoting rules as the record parser: a quote opens a quoted field only at the start of a
+/// field, `""` inside one is a literal quote, and a newline inside one is data.
+pub struct CsvChunker<R> {
+    src: R,
+    delimiter: u8,
+    quote: u8,
+    target: usize,
+    carry: Vec<u8>,
+    line: u64,
+    eof: bool,
+}
+
+impl<R: Read> CsvChunker<R> {
+    pub fn new(src: R, delimiter: u8, quote: u8, target: usize) -> Self {
+        Self {
+            src,
+            delimiter,
+            quote,
+            target: target.max(1),
+            carry: Vec::new(),
+            line: 1,
+            eof: false,
+        }
+    }
+
+    /// The next chunk, or None at the end of the stream.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
+        let mut want = self.target;
+        loop {
+            let mut buf = std::mem::take(&mut self.carry);
+            while buf.len() < want && !self.eof {
+                let len = buf.len();
+                buf.resize(want, 0);
+                match self.src.read(&mut buf[len..]) {
+                    Ok(0) => {
+                        buf.truncate(len);
+                        self.eof = true;
+                    }
+                    Ok(n) => buf.truncate(len + n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(len),
+                    Err(e) => return Err(e),
+                }
+            }
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let cut = if self.eof {
+                Some(buf.len())
+            } else {
+                last_record_end(&buf, self.delimiter, self.quote)
+            };
+            match cut {
+                Some(cut) => {
+                    self.carry = buf.split_off(cut);
+                    let first_line = self.line;
+                    self.line += memchr::memchr_iter(b'\n', &buf).count() as u64;
+                    return Ok(Some(Chunk {
+                        data: buf,
+                        first_line,
+                    }));
+                }
+                None => {
+                    // One record longer than the chunk: read on until it ends.
+                    self.carry = buf;
+                    want = self.carry.len() * 2;
+                }
+            }
+        }
+    }
+}
+
+/// The offset just past the last record-ending newline of `buf`, which starts at a record
+/// boundary; None when no record ends in it.
+fn last_record_end(buf: &[u8], delimiter: u8, quote: u8) -> Option<usize> {
+    if memchr::memchr(quote, buf).is_none() {
+        return memchr::memrchr(b'\n', buf).map(|i| i + 1);
+    }
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        FieldStart,
+        Unquoted,
+        Quoted,
+        QuoteInQuoted,
+    }
+    let mut state = State::FieldStart;
+    let mut last = None;
+    for (i, &b) in buf.iter().enumerate() {
+        state = match state {
+            State::Quoted => {
+                if b == quote {
+                    State::QuoteInQuoted
+                } else {
+                    State::Quoted
+                }
+            }
+            State::QuoteInQuoted if b == quote => State::Quoted,
+            State::FieldStart if b == quote => State::Quoted,
+            _ if b == b'\n' => {
+                last = Some(i + 1);
+                State::FieldStart
+            }
+            _ if b == b'\r' || b == delimiter => State::FieldStart,
+            _ => State::Unquoted,
+        };
+    }
+    last
 }
 
 /// Reads the next line of an NDJSON stream into `line`; returns false at the end.
@@ -284,6 +410,34 @@ mod tests {
         assert_eq!(r.next_record().unwrap(), Some((5, 2)));
         assert_eq!(r.raw_text(), "2,bob");
         assert_eq!(r.next_record().unwrap(), None);
+    }
+
+    /// Every record of `data` with its line, parsed in one piece.
+    fn records(data: &[u8], first_line: u64) -> Vec<(u64, Vec<Vec<u8>>)> {
+        let mut r = CsvRecords::starting_at(data, b',', b'"', first_line);
+        let mut out = Vec::new();
+        while let Some((line, n)) = r.next_record().unwrap() {
+            out.push((line, (0..n).map(|i| r.field(i).to_vec()).collect()));
+        }
+        out
+    }
+
+    #[test]
+    fn chunks_end_on_record_boundaries_whatever_their_size() {
+        let data: &[u8] = b"id,note\r\n1,\"two\nlines\"\r\n2,\"a \"\"quoted\"\", b\"\n\n3,5\" pipe\n4,\"x\ny\nz\",\n5,last";
+        let whole = records(data, 1);
+        assert_eq!(whole.len(), 6);
+        for target in 1..=data.len() + 1 {
+            let mut chunker = CsvChunker::new(data, b',', b'"', target);
+            let mut joined = Vec::new();
+            let mut parsed = Vec::new();
+            while let Some(chunk) = chunker.next_chunk().unwrap() {
+                joined.extend_from_slice(&chunk.data);
+                parsed.extend(records(&chunk.data, chunk.first_line));
+            }
+            assert_eq!(joined, data, "chunk size {target}");
+            assert_eq!(parsed, whole, "chunk size {target}");
+        }
     }
 
     #[test]

@@ -67,6 +67,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
 }
 
+#[derive(Clone)]
 struct BatchSink {
     out: mpsc::Sender<SourceEvent>,
     progress: Arc<Progress>,
@@ -77,14 +78,16 @@ impl BatchSink {
         self.progress
             .add((batch.num_rows() + bad.len()) as u64, bytes);
         let closed = || Error::external("the sink stopped while reading").not_retryable();
-        if !bad.is_empty() {
-            self.out
-                .blocking_send(SourceEvent::Bad(bad))
-                .map_err(|_| closed())?;
-        }
+        // The good rows first, so a consumer counting bad rows against rows read sees the
+        // whole chunk.
         if batch.num_rows() > 0 {
             self.out
                 .blocking_send(SourceEvent::Batch(batch))
+                .map_err(|_| closed())?;
+        }
+        if !bad.is_empty() {
+            self.out
+                .blocking_send(SourceEvent::Bad(bad))
                 .map_err(|_| closed())?;
         }
         Ok(())
@@ -343,47 +346,177 @@ fn sample_csv(file: &FileEntry, config: &SourceConfig, n: usize) -> Result<Sampl
     })
 }
 
+/// Bytes per CSV chunk handed to a parsing thread.
+const CSV_CHUNK_BYTES: usize = 4 << 20;
+
+/// What every CSV parsing thread shares.
+struct CsvLayout {
+    source: String,
+    schema: SchemaRef,
+    header: Vec<String>,
+    /// Target column of each file column.
+    map: Vec<Option<usize>>,
+    nulls: Vec<Vec<u8>>,
+    delimiter: u8,
+    quote: u8,
+    batch_rows: usize,
+}
+
+/// Reads a CSV file: this thread decompresses and cuts the stream into chunks on record
+/// boundaries, parsing threads turn chunks into typed batches. A file of one chunk is
+/// parsed here.
 fn read_csv(
     file: &FileEntry,
     config: &SourceConfig,
     schema: SchemaRef,
     sink: &mut BatchSink,
 ) -> Result<(), Error> {
-    let mut rec = csv_reader(file, config)?;
-    let Some(mut header) = csv_header(&mut rec, config, file)? else {
+    read_csv_chunked(file, config, schema, sink, CSV_CHUNK_BYTES)
+}
+
+fn read_csv_chunked(
+    file: &FileEntry,
+    config: &SourceConfig,
+    schema: SchemaRef,
+    sink: &mut BatchSink,
+    chunk_bytes: usize,
+) -> Result<(), Error> {
+    let delimiter = csv_byte(config.csv.delimiter, "delimiter")?;
+    let quote = csv_byte(config.csv.quote, "quote")?;
+    let input = decode::open(file, config.compression)?;
+    let mut chunks = decode::CsvChunker::new(input, delimiter, quote, chunk_bytes);
+    let Some(mut first) = chunks.next_chunk().map_err(io_err(file))? else {
         return Ok(());
     };
-    let nulls: Vec<Vec<u8>> = config
-        .csv
-        .null_values
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect();
-    let mut rows = TextRows::new(schema.clone(), &file.key);
-    let mut map: Vec<Option<usize>> = header.iter().map(|h| schema.index_of(h).ok()).collect();
-    let mut last_bytes = 0;
-    while let Some((line, count)) = rec.next_record().map_err(io_err(file))? {
-        if header.is_empty() {
-            header = (1..=count).map(|i| format!("column_{i}")).collect();
-            map = header.iter().map(|h| schema.index_of(h).ok()).collect();
+
+    // The header (or, without one, the width of the first record) comes from the first
+    // chunk; the data starts after it.
+    let mut rec = CsvRecords::new(std::io::Cursor::new(&first.data[..]), delimiter, quote);
+    let Some((_, width)) = rec.next_record().map_err(io_err(file))? else {
+        return Ok(());
+    };
+    let header: Vec<String> = if config.csv.header {
+        let names: Vec<String> = (0..width)
+            .map(|i| String::from_utf8_lossy(rec.field(i)).into_owned())
+            .collect();
+        let header = normalize_header(&names);
+        let consumed = rec.bytes as usize;
+        first.first_line = rec.next_line();
+        first.data.drain(..consumed);
+        header
+    } else {
+        (1..=width).map(|i| format!("column_{i}")).collect()
+    };
+    let layout = CsvLayout {
+        source: file.key.clone(),
+        map: header.iter().map(|h| schema.index_of(h).ok()).collect(),
+        header,
+        schema,
+        nulls: config
+            .csv
+            .null_values
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect(),
+        delimiter,
+        quote,
+        batch_rows: config.batch_rows,
+    };
+
+    let Some(second) = chunks.next_chunk().map_err(io_err(file))? else {
+        return parse_csv_chunk(first, &layout, sink);
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<decode::Chunk>(workers);
+    let rx = std::sync::Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..workers)
+            .map(|_| {
+                let mut sink = sink.clone();
+                let (rx, layout, failed) = (&rx, &layout, &failed);
+                scope.spawn(move || -> Result<(), Error> {
+                    loop {
+                        let next = rx.lock().map(|r| r.recv());
+                        let Ok(Ok(chunk)) = next else { return Ok(()) };
+                        if let Err(e) = parse_csv_chunk(chunk, layout, &mut sink) {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let cut = || -> Result<(), Error> {
+            for chunk in [first, second] {
+                if tx.send(chunk).is_err() {
+                    return Ok(());
+                }
+            }
+            while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                match chunks.next_chunk().map_err(io_err(file))? {
+                    Some(chunk) => {
+                        if tx.send(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            Ok(())
+        };
+        let cutting = cut();
+        drop(tx);
+        let mut result = cutting;
+        for t in threads {
+            let joined = t
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("a CSV parsing thread panicked")));
+            if result.is_ok() {
+                result = joined;
+            }
         }
-        if count != header.len() {
+        result
+    })
+}
+
+/// Parses one chunk of whole records into batches of the settled schema and bad rows.
+fn parse_csv_chunk(
+    chunk: decode::Chunk,
+    layout: &CsvLayout,
+    sink: &mut BatchSink,
+) -> Result<(), Error> {
+    let mut rec = CsvRecords::starting_at(
+        std::io::Cursor::new(chunk.data),
+        layout.delimiter,
+        layout.quote,
+        chunk.first_line,
+    );
+    let mut rows = TextRows::new(layout.schema.clone(), &layout.source);
+    let mut last_bytes = 0;
+    let io = |e: std::io::Error| Error::internal(format!("parsing an in-memory chunk: {e}"));
+    while let Some((line, count)) = rec.next_record().map_err(io)? {
+        if count != layout.header.len() {
             let raw = rec.raw_text();
             rows.reject(
                 line,
-                format!("expected {} fields, found {count}", header.len()),
+                format!("expected {} fields, found {count}", layout.header.len()),
                 raw,
             );
         } else if let Some(i) = (0..count).find(|&i| std::str::from_utf8(rec.field(i)).is_err()) {
             let raw = rec.raw_text();
-            rows.reject(line, format!("column `{}`: invalid UTF-8", header[i]), raw);
+            let name = &layout.header[i];
+            rows.reject(line, format!("column `{name}`: invalid UTF-8"), raw);
         } else {
             let mut seen = vec![false; rows.cols.len()];
-            for (i, target) in map.iter().enumerate() {
+            for (i, target) in layout.map.iter().enumerate() {
                 let Some(t) = *target else { continue };
                 let v = rec.field(i);
                 seen[t] = true;
-                if nulls.iter().any(|n| n.as_slice() == v) {
+                if layout.nulls.iter().any(|n| n.as_slice() == v) {
                     rows.cols[t].append_null();
                 } else {
                     // Checked above.
@@ -398,7 +531,7 @@ fn read_csv(
             }
             rows.push_row_meta(line, &rec.raw);
         }
-        if rows.len() >= config.batch_rows || rows.bad.len() >= config.batch_rows {
+        if rows.len() >= layout.batch_rows || rows.bad.len() >= layout.batch_rows {
             let (batch, bad) = rows.finish()?;
             sink.send(batch, bad, rec.bytes - last_bytes)?;
             last_bytes = rec.bytes;
@@ -722,4 +855,89 @@ fn row_as_json(batch: &RecordBatch, row: usize) -> String {
         return String::new();
     }
     String::from_utf8_lossy(&buf).trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema};
+
+    /// Reads `path` with chunks of `chunk_bytes`; returns the rows as text, sorted, and the
+    /// bad rows as (line, reason, raw), sorted.
+    fn read_all(
+        path: &std::path::Path,
+        schema: SchemaRef,
+        chunk_bytes: usize,
+    ) -> (Vec<String>, Vec<(u64, String, String)>) {
+        let file = FileEntry {
+            key: "data.csv".into(),
+            size: std::fs::metadata(path).unwrap().len(),
+            location: Location::Local(path.to_path_buf()),
+        };
+        let config: SourceConfig = serde_json::from_value(serde_json::json!({
+            "type": "files", "path": "data.csv", "batch_rows": 1000
+        }))
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(100_000);
+        let mut sink = BatchSink {
+            out: tx,
+            progress: Arc::new(Progress::default()),
+        };
+        read_csv_chunked(&file, &config, schema, &mut sink, chunk_bytes).unwrap();
+        drop(sink);
+        let (mut rows, mut bad) = (Vec::new(), Vec::new());
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                SourceEvent::Batch(b) => {
+                    for row in 0..b.num_rows() {
+                        let cells: Vec<String> = b
+                            .columns()
+                            .iter()
+                            .map(|c| arrow::util::display::array_value_to_string(c, row).unwrap())
+                            .collect();
+                        rows.push(cells.join("|"));
+                    }
+                }
+                SourceEvent::Bad(b) => bad.extend(b.into_iter().map(|r| (r.line, r.reason, r.raw))),
+            }
+        }
+        rows.sort();
+        bad.sort();
+        (rows, bad)
+    }
+
+    #[test]
+    fn parallel_chunks_read_exactly_what_one_pass_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.csv");
+        let mut text = String::from("id,amount,note\n");
+        for i in 0..20_000 {
+            match i % 997 {
+                0 => text.push_str(&format!("{i},oops,bad amount\n")),
+                1 => text.push_str(&format!("{i},1.5\n")),
+                2 => text.push_str(&format!("{i},2.5,\"multi\nline, \"\"quoted\"\"\"\n")),
+                3 => text.push('\n'),
+                _ => text.push_str(&format!("{i},{}.25,plain\n", i % 100)),
+            }
+        }
+        std::fs::write(&path, text).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("amount", DataType::Float64, true),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        let (one_rows, one_bad) = read_all(&path, schema.clone(), 1 << 30);
+        assert_eq!(one_rows.len() + one_bad.len(), 20_000 - 21);
+        assert_eq!(one_bad.len(), 2 * 21);
+        for chunk in [1 << 10, 7_777] {
+            let (rows, bad) = read_all(&path, schema.clone(), chunk);
+            assert_eq!(rows, one_rows, "chunk size {chunk}");
+            assert_eq!(bad, one_bad, "chunk size {chunk}");
+        }
+        // Row 997 is on line 1000: the header, rows 0..997, and one extra line for the
+        // multi-line record (the blank line takes the place of row 3).
+        assert!(one_bad.iter().any(|(line, reason, raw)| *line == 1000
+            && reason.contains("cannot parse `oops`")
+            && raw == "997,oops,bad amount"));
+    }
 }
