@@ -14,4 +14,4 @@ mod yaml;
 
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use spec::*;
-pub use yaml::{closest, interpolate_env, parse_yaml};
+pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

@@ -480,3 +480,150 @@ mod tests {
         assert!(!BadRowLimit::Ratio(0.01).exceeded(0, 0));
     }
 }
+
+impl crate::yaml::ConfigKeys for ProjectConfig {
+    const KEYS: &'static [&'static str] = &[
+        "name",
+        "lake",
+        "vars",
+        "models",
+        "retry",
+        "models.schema",
+        "models.materialized",
+        "retry.max_attempts",
+        "retry.initial_backoff",
+        "retry.max_backoff",
+    ];
+}
+
+impl crate::yaml::ConfigKeys for PipelineConfig {
+    const KEYS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "tags",
+        "source",
+        "transform",
+        "sink",
+        "max_bad_rows",
+        "retry",
+        "source.type",
+        "source.path",
+        "source.format",
+        "source.compression",
+        "source.csv",
+        "source.schema",
+        "source.incremental",
+        "source.batch_rows",
+        "source.csv.header",
+        "source.csv.delimiter",
+        "source.csv.quote",
+        "source.csv.null_values",
+        "sink.table",
+        "sink.mode",
+        "sink.key",
+        "sink.delete_flag",
+        "sink.partition_by",
+        "sink.schema_evolution",
+        "retry.max_attempts",
+        "retry.initial_backoff",
+        "retry.max_backoff",
+    ];
+}
+
+impl crate::yaml::ConfigKeys for ModelPropertiesFile {
+    const KEYS: &'static [&'static str] = &["models"];
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::yaml::{parse_yaml, ConfigKeys};
+    use std::path::Path;
+
+    /// The keys serde accepts in `section` of a document, read from the hint of an error
+    /// about an unknown key planted there.
+    fn accepted<T: serde::de::DeserializeOwned + ConfigKeys + std::fmt::Debug>(
+        base: &str,
+        section: &str,
+    ) -> Vec<String> {
+        let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(base).unwrap();
+        let mut node = &mut doc;
+        for part in section.split('.').filter(|p| !p.is_empty()) {
+            let map = node.as_mapping_mut().unwrap();
+            if !map.contains_key(part) {
+                map.insert(part.into(), serde_yaml_ng::Mapping::new().into());
+            }
+            node = map.get_mut(part).unwrap();
+        }
+        node.as_mapping_mut()
+            .unwrap()
+            .insert("qqqqqqqqqq".into(), 1.into());
+        let text = serde_yaml_ng::to_string(&doc).unwrap();
+        let err = parse_yaml::<T>(Path::new("x.yaml"), &text).unwrap_err();
+        let hint = err.hint.unwrap_or_default();
+        let list = hint.rsplit("valid keys here: ").next().unwrap_or_default();
+        let mut keys: Vec<String> = list.split(", ").map(str::to_string).collect();
+        keys.sort();
+        keys
+    }
+
+    fn listed(keys: &[&str], section: &str) -> Vec<String> {
+        let mut out: Vec<String> = keys
+            .iter()
+            .filter_map(|k| {
+                let (parent, last) = k.rsplit_once('.').unwrap_or(("", k));
+                (parent == section).then(|| last.to_string())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn key_lists_match_what_the_parser_accepts() {
+        let pipe = "source: {type: files, path: x.csv}\nsink: {table: raw.x}\n";
+        for section in ["", "source", "source.csv", "sink", "retry"] {
+            assert_eq!(
+                accepted::<PipelineConfig>(pipe, section),
+                listed(PipelineConfig::KEYS, section),
+                "pipeline section `{section}`"
+            );
+        }
+        for section in ["", "models", "retry"] {
+            assert_eq!(
+                accepted::<ProjectConfig>("name: p\n", section),
+                listed(ProjectConfig::KEYS, section),
+                "project section `{section}`"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_section_points_to_its_place() {
+        let text =
+            "source:\n  type: files\n  path: x.csv\n  delimeter: ';'\nsink:\n  table: raw.x\n";
+        let err = parse_yaml::<PipelineConfig>(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(
+            err.message,
+            "unknown key `delimeter` in `source` in p.yaml:4:3"
+        );
+        assert!(
+            err.hint
+                .as_deref()
+                .unwrap()
+                .starts_with("did you mean `source.csv.delimiter`? it belongs in another section"),
+            "{:?}",
+            err.hint
+        );
+        let text = "source:\n  type: files\n  path: x.csv\nsink:\n  table: raw.x\nmode: merge\n";
+        let err = parse_yaml::<PipelineConfig>(Path::new("p.yaml"), text).unwrap_err();
+        assert!(
+            err.hint
+                .as_deref()
+                .unwrap()
+                .starts_with("did you mean `sink.mode`?"),
+            "{:?}",
+            err.hint
+        );
+    }
+}

@@ -5,14 +5,36 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use weir_common::Error;
 
-/// Parses `text` (the contents of `file`) into `T`, turning serde errors into messages that
-/// name the file, line, column and offending key, with the closest valid key as a hint.
-pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Error> {
-    let text = interpolate_env(file, text)?;
-    serde_yaml_ng::from_str(&text).map_err(|err| yaml_error(file, &err))
+/// A config document type and every key it accepts, as dotted paths (`source.csv.quote`),
+/// so that a key written in the wrong section can be pointed to its right place.
+pub trait ConfigKeys {
+    const KEYS: &'static [&'static str];
 }
 
-fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
+/// Parses `text` (the contents of `file`) into `T`, turning serde errors into messages that
+/// name the file, line, column and offending key, with the closest valid key as a hint.
+pub fn parse_yaml<T: DeserializeOwned + ConfigKeys>(file: &Path, text: &str) -> Result<T, Error> {
+    let text = interpolate_env(file, text)?;
+    serde_yaml_ng::from_str(&text).map_err(|err| yaml_error(file, &err, T::KEYS))
+}
+
+/// The key path elsewhere in the document whose last part is nearest to `found`, for a
+/// key written in the wrong section (`delimiter` under `source:` is `source.csv.delimiter`).
+fn misplaced<'a>(found: &str, section: Option<&str>, keys: &[&'a str]) -> Option<&'a str> {
+    let section = section.unwrap_or("");
+    let elsewhere: Vec<(&str, String)> = keys
+        .iter()
+        .filter_map(|k| {
+            let (parent, last) = k.rsplit_once('.').unwrap_or(("", k));
+            (parent != section).then(|| (*k, last.to_string()))
+        })
+        .collect();
+    let lasts: Vec<String> = elsewhere.iter().map(|(_, l)| l.clone()).collect();
+    let best = closest(found, &lasts)?;
+    elsewhere.iter().find(|(_, l)| l == best).map(|(k, _)| *k)
+}
+
+fn yaml_error(file: &Path, err: &serde_yaml_ng::Error, keys: &[&str]) -> Error {
     let place = match err.location() {
         Some(loc) => format!("{}:{}:{}", file.display(), loc.line(), loc.column()),
         None => file.display().to_string(),
@@ -41,13 +63,22 @@ fn yaml_error(file: &Path, err: &serde_yaml_ng::Error) -> Error {
         if let Some(rest) = msg.strip_prefix(prefix) {
             let (found, expected) = split_expected(rest);
             let mut e = Error::user(format!("unknown {what} `{found}` in {place}"));
-            let hint = match closest(&found, &expected) {
-                Some(best) => format!(
+            let elsewhere = if what == "key" {
+                misplaced(&found, path.as_deref(), keys)
+            } else {
+                None
+            };
+            let hint = match (closest(&found, &expected), elsewhere) {
+                (Some(best), _) => format!(
                     "did you mean `{best}`? valid {what}s here: {}",
                     expected.join(", ")
                 ),
-                None if expected.is_empty() => format!("this {what} takes no options"),
-                None => format!("valid {what}s here: {}", expected.join(", ")),
+                (None, Some(full)) => format!(
+                    "did you mean `{full}`? it belongs in another section; valid {what}s here: {}",
+                    expected.join(", ")
+                ),
+                (None, None) if expected.is_empty() => format!("this {what} takes no options"),
+                (None, None) => format!("valid {what}s here: {}", expected.join(", ")),
             };
             e = e.with_hint(hint);
             return e;
