@@ -232,18 +232,21 @@ async fn run_project(
         b.enable_steady_tick(std::time::Duration::from_millis(120));
         b
     });
-    let started = std::time::Instant::now();
     let progress_fn: Option<weir_orchestrator::ProgressFn> = bar.clone().map(|b| {
+        // Rates are per asset: from the first report of each.
+        let starts = std::sync::Mutex::new(std::collections::HashMap::new());
         Arc::new(move |name: &str, p: &weir_core::Progress| {
             let rows = p.rows.load(std::sync::atomic::Ordering::Relaxed);
             let bytes = p.bytes.load(std::sync::atomic::Ordering::Relaxed);
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            b.set_message(format!(
-                "{name}: {} rows, {}, {} rows/s",
-                output::thousands(rows),
-                output::human_bytes(bytes),
-                output::thousands((rows as f64 / secs) as u64)
-            ));
+            let secs = match starts.lock() {
+                Ok(mut s) => s
+                    .entry(name.to_string())
+                    .or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    .as_secs_f64(),
+                Err(_) => 0.0,
+            };
+            b.set_message(output::progress_line(name, rows, bytes, secs));
         }) as weir_orchestrator::ProgressFn
     });
     let summary = weir_orchestrator::run(

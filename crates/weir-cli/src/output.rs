@@ -33,6 +33,20 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 /// Left-aligned text table.
+/// The progress line of an asset: rows, bytes and rate so far.
+pub fn progress_line(name: &str, rows: u64, bytes: u64, secs: f64) -> String {
+    let rate = if secs >= 0.5 {
+        format!(", {} rows/s", thousands((rows as f64 / secs) as u64))
+    } else {
+        String::new()
+    };
+    format!(
+        "{name}: {} rows, {}{rate}",
+        thousands(rows),
+        human_bytes(bytes)
+    )
+}
+
 pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -263,6 +277,19 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_show_rows_bytes_and_rate() {
+        assert_eq!(
+            progress_line("orders", 1_500_000, 3 << 20, 2.0),
+            "orders: 1,500,000 rows, 3.0 MiB, 750,000 rows/s"
+        );
+        // Too early for a meaningful rate.
+        assert_eq!(
+            progress_line("orders", 10, 100, 0.1),
+            "orders: 10 rows, 100 B"
+        );
+    }
 
     #[test]
     fn formats_numbers() {

@@ -4,6 +4,7 @@ mod crash;
 mod demo;
 mod errors;
 mod loads;
+mod progress;
 
 use std::path::Path;
 use std::process::{Command, Output};
