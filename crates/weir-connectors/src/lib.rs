@@ -15,15 +15,19 @@ use weir_core::Source;
 
 /// The explicit registry: config `type:` to source.
 /// `hints` is the target table's schema, when it exists: columns the config does not
-/// declare keep the types earlier loads gave them.
+/// declare keep the types earlier loads gave them. With `sequence`, batches carry
+/// [`weir_core::SEQ_COLUMN`], the rows' input order.
 pub fn source_for(
     config: &SourceConfig,
     project_root: &Path,
     hints: Option<SchemaRef>,
+    sequence: bool,
 ) -> Result<Arc<dyn Source>, Error> {
     match config.kind {
         SourceKind::Files => Ok(Arc::new(
-            files::FilesSource::new(config.clone(), project_root)?.with_type_hints(hints),
+            files::FilesSource::new(config.clone(), project_root)?
+                .with_type_hints(hints)
+                .with_sequence(sequence),
         )),
     }
 }

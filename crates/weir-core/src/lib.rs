@@ -34,6 +34,10 @@ pub struct BadRow {
     pub raw: String,
 }
 
+/// The column a source adds, when asked, holding each row's place in the input (file
+/// order, then line): later rows win when several carry the same key.
+pub const SEQ_COLUMN: &str = "__weir_seq";
+
 /// What a source emits.
 #[derive(Debug)]
 pub enum SourceEvent {

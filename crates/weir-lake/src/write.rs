@@ -392,7 +392,7 @@ impl Lake {
                 "merge into `{name}`: the new data has several rows for one key ({})\n{shown}",
                 spec.key.join(", ")
             ))
-            .with_hint("keep one row per key, e.g. `qualify row_number() over (partition by key order by updated_at desc) = 1` in the SQL"));
+            .with_hint("keep one row per key in the SQL, e.g. `qualify row_number() over (partition by key order by updated_at desc) = 1`; a pipeline transform that keeps the column `__weir_seq` (select *) lets the last row of each key win"));
         }
         let predicate = spec
             .key

@@ -9,10 +9,12 @@ use arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{col, lit, Expr, ExprFunctionExt};
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
 use weir_common::Error;
 use weir_config::{BadRowLimit, Pipeline, Project};
-use weir_core::{BadRow, Position, Progress, SourceEvent};
+use weir_core::{BadRow, Position, Progress, SourceEvent, SEQ_COLUMN};
 use weir_engine::session::lake_session;
 use weir_engine::stream::{channel_table, BatchResult};
 use weir_lake::{Lake, WriteMetrics, WriteOptions, WriteSpec};
@@ -39,7 +41,9 @@ pub async fn run_pipeline(
     } else {
         lake.schema(table).await?
     };
-    let source = weir_connectors::source_for(&p.config.source, &project.root, hints)?;
+    // A merge keeps the last row of each key, by input order.
+    let merge = p.config.sink.mode == weir_config::WriteMode::Merge;
+    let source = weir_connectors::source_for(&p.config.source, &project.root, hints, merge)?;
 
     // Where the last commit left off.
     let committed = if lake.exists(table) {
@@ -293,6 +297,25 @@ async fn write_incoming(
             .read_table(incoming)
             .map_err(|e| Error::internal(e.to_string()))?,
     };
+    let df = if df.schema().field_with_unqualified_name(SEQ_COLUMN).is_ok() {
+        if sink.mode == weir_config::WriteMode::Merge && !sink.key.is_empty() {
+            last_row_per_key(df, &sink.key)?
+        } else {
+            df.drop_columns(&[SEQ_COLUMN])
+                .map_err(|e| Error::internal(format!("dropping {SEQ_COLUMN}: {e}")))?
+        }
+    } else {
+        df
+    };
+    // A full refresh of a merge pipeline rebuilds what merging would have left: no rows of
+    // deleted keys, no flag column.
+    let df = match (&sink.delete_flag, full_refresh, sink.mode) {
+        (Some(flag), true, weir_config::WriteMode::Merge) => df
+            .filter(col(flag.as_str()).is_not_true())
+            .and_then(|d| d.drop_columns(&[flag.as_str()]))
+            .map_err(|e| Error::user(format!("delete_flag `{flag}` of `{}`: {e}", p.name)))?,
+        _ => df,
+    };
     // Merge and replace_partitions read their input more than once (key checks, partition
     // values, the join): stage it to local Parquet first, which keeps memory bounded.
     let _staging;
@@ -323,6 +346,21 @@ async fn write_incoming(
         evolution: sink.schema_evolution,
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
+}
+
+/// Keeps the last row (highest [`SEQ_COLUMN`]) of each key and drops the sequence.
+fn last_row_per_key(df: DataFrame, key: &[String]) -> Result<DataFrame, Error> {
+    let partition: Vec<Expr> = key.iter().map(|k| col(k.as_str())).collect();
+    let rank = row_number()
+        .partition_by(partition)
+        .order_by(vec![col(SEQ_COLUMN).sort(false, false)])
+        .build()
+        .map_err(|e| Error::internal(format!("ranking rows per key: {e}")))?
+        .alias("__weir_rank");
+    df.window(vec![rank])
+        .and_then(|d| d.filter(col("__weir_rank").eq(lit(1u64))))
+        .and_then(|d| d.drop_columns(&["__weir_rank", SEQ_COLUMN]))
+        .map_err(|e| Error::user(format!("keeping the last row per key: {e}")))
 }
 
 fn quarantine_batch(bad: &[BadRow], pipeline: &str, run_id: &str) -> Result<RecordBatch, Error> {

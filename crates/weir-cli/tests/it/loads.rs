@@ -132,3 +132,49 @@ fn a_ratio_budget_is_checked_after_the_last_batch_and_then_nothing_commits() {
         2 * (12_497_500 - 1_247_500)
     );
 }
+
+#[test]
+fn merge_keeps_the_last_row_of_a_key_by_file_then_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n".into()),
+            (
+                "pipelines/c.yaml",
+                "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.c\n  mode: merge\n  key: [id]\n  delete_flag: gone\n".into(),
+            ),
+            // Two days land together; within a file the later line wins, across files the
+            // later file (by name) wins; a key deleted on day 2 is gone.
+            ("data/day1.csv", "id,v,gone\n1,a,false\n2,b,false\n1,c,false\n3,x,false\n".into()),
+            ("data/day2.csv", "id,v,gone\n2,d,false\n3,,true\n4,e,false\n4,f,false\n".into()),
+        ],
+    );
+    let check = |d: &Path| {
+        assert_eq!(
+            crate::query(d, "select id, v from raw.c order by id"),
+            vec![
+                serde_json::json!({"id": 1, "v": "c"}),
+                serde_json::json!({"id": 2, "v": "d"}),
+                serde_json::json!({"id": 4, "v": "f"}),
+            ]
+        );
+    };
+    ok(&weir(d, &["run"]));
+    check(d);
+    // A later file updates a key again, in a merge into the existing table.
+    write(
+        d,
+        &[("data/day3.csv", "id,v,gone\n1,g,false\n1,h,false\n".into())],
+    );
+    ok(&weir(d, &["run"]));
+    assert_eq!(scalar(d, "select v from raw.c where id = 1"), "h");
+    // A full refresh rebuilds the same table from all files, without the flag column.
+    ok(&weir(d, &["run", "--full-refresh"]));
+    assert_eq!(scalar(d, "select v from raw.c where id = 1"), "h");
+    assert_eq!(scalar(d, "select count(*) from raw.c"), 3);
+    let cols = crate::query(d, "select * from raw.c limit 1");
+    assert!(cols[0].get("gone").is_none(), "{cols:?}");
+    assert!(cols[0].get("__weir_seq").is_none(), "{cols:?}");
+}

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use weir_common::Error;
 use weir_config::{FileFormat, SourceConfig};
-use weir_core::{Position, Progress, ReadPlan, Source, SourceEvent};
+use weir_core::{Position, Progress, ReadPlan, Source, SourceEvent, SEQ_COLUMN};
 
 pub use decode::normalize_column_name;
 pub use list::FileEntry;
@@ -51,6 +51,8 @@ pub struct FilesSource {
     root: PathBuf,
     /// Existing target-table schema: types to keep for undeclared columns.
     hints: Option<SchemaRef>,
+    /// Add [`SEQ_COLUMN`] to every batch.
+    sequence: bool,
 }
 
 impl FilesSource {
@@ -62,6 +64,7 @@ impl FilesSource {
             config,
             root: root.to_path_buf(),
             hints: None,
+            sequence: false,
         })
     }
 
@@ -69,6 +72,13 @@ impl FilesSource {
     /// that later runs keep the types earlier runs chose.
     pub fn with_type_hints(mut self, schema: Option<SchemaRef>) -> Self {
         self.hints = schema;
+        self
+    }
+
+    /// Adds [`SEQ_COLUMN`] to every row: the file's place in the load order (files sort by
+    /// name) in the high bits, the line or row number in the low 40.
+    pub fn with_sequence(mut self, on: bool) -> Self {
+        self.sequence = on;
         self
     }
 
@@ -108,7 +118,21 @@ impl Source for FilesSource {
             let sample = read::sample(file, format, &self.config, SAMPLE_ROWS).await?;
             samples.push(sample);
         }
-        let schema = infer::settle_schema(&declared, self.hints.as_deref(), &samples);
+        let mut schema = infer::settle_schema(&declared, self.hints.as_deref(), &samples);
+        if self.sequence {
+            let mut fields: Vec<Field> = schema
+                .fields()
+                .iter()
+                .filter(|f| f.name() != SEQ_COLUMN)
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields.push(Field::new(
+                SEQ_COLUMN,
+                arrow::datatypes::DataType::UInt64,
+                false,
+            ));
+            schema = arrow::datatypes::Schema::new(fields);
+        }
 
         let mut next = loaded.clone();
         for f in &new {
@@ -132,7 +156,19 @@ impl Source for FilesSource {
         progress: Arc<Progress>,
     ) -> Result<(), Error> {
         let all = list::list_files(&self.config.path, &self.root).await?;
-        for key in &plan.units {
+        let data_schema = if self.sequence {
+            let fields: Vec<_> = plan
+                .schema
+                .fields()
+                .iter()
+                .filter(|f| f.name() != SEQ_COLUMN)
+                .cloned()
+                .collect();
+            Arc::new(arrow::datatypes::Schema::new(fields))
+        } else {
+            plan.schema.clone()
+        };
+        for (ordinal, key) in plan.units.iter().enumerate() {
             let Some(file) = all.iter().find(|f| &f.key == key) else {
                 return Err(
                     Error::external(format!("file `{key}` disappeared while loading"))
@@ -144,9 +180,10 @@ impl Source for FilesSource {
                 file,
                 format,
                 &self.config,
-                plan.schema.clone(),
+                data_schema.clone(),
                 out.clone(),
                 progress.clone(),
+                self.sequence.then_some((ordinal as u64) << 40),
             )
             .await?;
         }

@@ -13,7 +13,7 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
 use weir_common::Error;
 use weir_config::{FileFormat, SourceConfig};
-use weir_core::{BadRow, Progress, SourceEvent};
+use weir_core::{BadRow, Progress, SourceEvent, SEQ_COLUMN};
 
 use super::decode::{self, normalize_header, CsvRecords};
 use super::infer::{Sample, SampleType};
@@ -45,11 +45,16 @@ pub async fn read_file(
     schema: SchemaRef,
     out: mpsc::Sender<SourceEvent>,
     progress: Arc<Progress>,
+    seq_base: Option<u64>,
 ) -> Result<(), Error> {
     let file = file.clone();
     let config = config.clone();
     blocking(move || {
-        let mut sink = BatchSink { out, progress };
+        let mut sink = BatchSink {
+            out,
+            progress,
+            seq_base,
+        };
         match format {
             FileFormat::Csv => read_csv(&file, &config, schema, &mut sink),
             FileFormat::Ndjson => read_ndjson(&file, &config, schema, &mut sink),
@@ -71,10 +76,23 @@ async fn blocking<T: Send + 'static>(
 struct BatchSink {
     out: mpsc::Sender<SourceEvent>,
     progress: Arc<Progress>,
+    /// Set when rows carry their input order: `base + line` in [`SEQ_COLUMN`].
+    seq_base: Option<u64>,
 }
 
 impl BatchSink {
-    fn send(&mut self, batch: RecordBatch, bad: Vec<BadRow>, bytes: u64) -> Result<(), Error> {
+    /// Sends good rows (`lines` holds the line of each) and bad ones.
+    fn send(
+        &mut self,
+        batch: RecordBatch,
+        lines: &[u64],
+        bad: Vec<BadRow>,
+        bytes: u64,
+    ) -> Result<(), Error> {
+        let batch = match self.seq_base {
+            Some(base) => with_seq(batch, lines, base)?,
+            None => batch,
+        };
         self.progress
             .add((batch.num_rows() + bad.len()) as u64, bytes);
         let closed = || Error::external("the sink stopped while reading").not_retryable();
@@ -92,6 +110,29 @@ impl BatchSink {
         }
         Ok(())
     }
+}
+
+/// Appends [`SEQ_COLUMN`]: `base + line` of each row.
+fn with_seq(batch: RecordBatch, lines: &[u64], base: u64) -> Result<RecordBatch, Error> {
+    if lines.len() != batch.num_rows() {
+        return Err(Error::internal(format!(
+            "{} lines for {} rows",
+            lines.len(),
+            batch.num_rows()
+        )));
+    }
+    let mut fields: Vec<arrow::datatypes::FieldRef> = batch.schema().fields().to_vec();
+    fields.push(Arc::new(arrow::datatypes::Field::new(
+        SEQ_COLUMN,
+        DataType::UInt64,
+        false,
+    )));
+    let mut cols = batch.columns().to_vec();
+    cols.push(Arc::new(arrow::array::UInt64Array::from_iter_values(
+        lines.iter().map(|l| base + l),
+    )));
+    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols)
+        .map_err(|e| Error::internal(format!("sequence column: {e}")))
 }
 
 /// Rows gathered as text before the bulk cast: one builder per target column, plus each
@@ -158,7 +199,8 @@ impl TextRows {
     }
 
     /// Casts the gathered text to the schema; returns the good rows and all bad rows.
-    fn finish(&mut self) -> Result<(RecordBatch, Vec<BadRow>), Error> {
+    /// Also returns the line of each good row.
+    fn finish(&mut self) -> Result<(RecordBatch, Vec<u64>, Vec<BadRow>), Error> {
         let n = self.len();
         let mut ok = BooleanBufferBuilder::new(n);
         ok.append_n(n, true);
@@ -241,10 +283,19 @@ impl TextRows {
         let good = RecordBatch::try_new(schema, good.columns().to_vec())
             .map_err(|e| Error::internal(format!("assembling batch: {e}")))?;
         bad.sort_by_key(|b| b.line);
+        let good_lines: Vec<u64> = if bad.is_empty() {
+            std::mem::take(&mut self.lines)
+        } else {
+            let failed: std::collections::HashSet<u64> = bad.iter().map(|b| b.line).collect();
+            self.lines
+                .drain(..)
+                .filter(|l| !failed.contains(l))
+                .collect()
+        };
         self.lines.clear();
         self.raw.clear();
         self.raw_ends.clear();
-        Ok((good, bad))
+        Ok((good, good_lines, bad))
     }
 }
 
@@ -532,13 +583,13 @@ fn parse_csv_chunk(
             rows.push_row_meta(line, &rec.raw);
         }
         if rows.len() >= layout.batch_rows || rows.bad.len() >= layout.batch_rows {
-            let (batch, bad) = rows.finish()?;
-            sink.send(batch, bad, rec.bytes - last_bytes)?;
+            let (batch, lines, bad) = rows.finish()?;
+            sink.send(batch, &lines, bad, rec.bytes - last_bytes)?;
             last_bytes = rec.bytes;
         }
     }
-    let (batch, bad) = rows.finish()?;
-    sink.send(batch, bad, rec.bytes - last_bytes)
+    let (batch, lines, bad) = rows.finish()?;
+    sink.send(batch, &lines, bad, rec.bytes - last_bytes)
 }
 
 fn json_text(v: &serde_json::Value) -> Option<String> {
@@ -658,12 +709,12 @@ fn read_ndjson(
         }
         rows.push_row_meta(line_no, &line);
         if rows.len() >= config.batch_rows {
-            let (batch, bad) = rows.finish()?;
-            sink.send(batch, bad, std::mem::take(&mut bytes))?;
+            let (batch, lines, bad) = rows.finish()?;
+            sink.send(batch, &lines, bad, std::mem::take(&mut bytes))?;
         }
     }
-    let (batch, bad) = rows.finish()?;
-    sink.send(batch, bad, bytes)
+    let (batch, lines, bad) = rows.finish()?;
+    sink.send(batch, &lines, bad, bytes)
 }
 
 /// Runs `f` on a Parquet reader builder for a local file or fetched object-store bytes.
@@ -823,6 +874,10 @@ fn read_parquet(file: &FileEntry, schema: SchemaRef, sink: &mut BatchSink) -> Re
         let typed = RecordBatch::try_new(loose, arrays)
             .map_err(|e| Error::internal(format!("batch: {e}")))?;
         let mut bad = Vec::new();
+        let lines: Vec<u64> = (0..n)
+            .filter(|&r| !reasons.contains_key(&r))
+            .map(|r| row_base + r as u64 + 1)
+            .collect();
         let good = if reasons.is_empty() {
             typed
         } else {
@@ -842,7 +897,7 @@ fn read_parquet(file: &FileEntry, schema: SchemaRef, sink: &mut BatchSink) -> Re
         let good = RecordBatch::try_new(schema.clone(), good.columns().to_vec())
             .map_err(|e| Error::internal(format!("batch: {e}")))?;
         row_base += n as u64;
-        sink.send(good, bad, 0)?;
+        sink.send(good, &lines, bad, 0)?;
     }
     Ok(())
 }
@@ -882,6 +937,7 @@ mod tests {
         let mut sink = BatchSink {
             out: tx,
             progress: Arc::new(Progress::default()),
+            seq_base: None,
         };
         read_csv_chunked(&file, &config, schema, &mut sink, chunk_bytes).unwrap();
         drop(sink);
