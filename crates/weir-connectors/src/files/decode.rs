@@ -214,7 +214,7 @@ impl<R: Read> CsvRecords<R> {
                             .filter(|&&b| b == b'\n')
                             .count() as u64;
                         let line = line + leading;
-                        self.line += self.raw.iter().filter(|&&b| b == b'\n').count() as u64;
+                        self.line += memchr::memchr_iter(b'\n', &self.raw).count() as u64;
                         if nend_total == 1
                             && nout_total == 0
                             && self.raw.iter().all(|b| b.is_ascii_whitespace())

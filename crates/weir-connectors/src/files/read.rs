@@ -557,21 +557,31 @@ fn parse_csv_chunk(
                 format!("expected {} fields, found {count}", layout.header.len()),
                 raw,
             );
-        } else if let Some(i) = (0..count).find(|&i| std::str::from_utf8(rec.field(i)).is_err()) {
-            let raw = rec.raw_text();
-            let name = &layout.header[i];
-            rows.reject(line, format!("column `{name}`: invalid UTF-8"), raw);
         } else {
+            // The record's fields lie end to end in one buffer: one UTF-8 check for all of
+            // them, plus a char-boundary check at each field end.
+            let end = if count == 0 { 0 } else { rec.ends[count - 1] };
+            let text = std::str::from_utf8(&rec.fields[..end])
+                .ok()
+                .filter(|t| rec.ends[..count].iter().all(|&e| t.is_char_boundary(e)));
+            let Some(text) = text else {
+                let i = (0..count)
+                    .find(|&i| std::str::from_utf8(rec.field(i)).is_err())
+                    .unwrap_or(0);
+                let raw = rec.raw_text();
+                let name = &layout.header[i];
+                rows.reject(line, format!("column `{name}`: invalid UTF-8"), raw);
+                continue;
+            };
             let mut seen = vec![false; rows.cols.len()];
             for (i, target) in layout.map.iter().enumerate() {
                 let Some(t) = *target else { continue };
-                let v = rec.field(i);
+                let start = if i == 0 { 0 } else { rec.ends[i - 1] };
+                let s = &text[start..rec.ends[i]];
                 seen[t] = true;
-                if layout.nulls.iter().any(|n| n.as_slice() == v) {
+                if layout.nulls.iter().any(|n| n.as_slice() == s.as_bytes()) {
                     rows.cols[t].append_null();
                 } else {
-                    // Checked above.
-                    let s = std::str::from_utf8(v).unwrap_or_default();
                     rows.cols[t].append_value(if rows.trim[t] { s.trim() } else { s });
                 }
             }
@@ -995,5 +1005,25 @@ mod tests {
         assert!(one_bad.iter().any(|(line, reason, raw)| *line == 1000
             && reason.contains("cannot parse `oops`")
             && raw == "997,oops,bad amount"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_quarantined_and_multibyte_text_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.csv");
+        let mut bytes =
+            b"id,amount,note\n1,1.5,caf\xc3\xa9\n2,2.5,caf\xe9\n3,3.5,\xe2\x82\xac\n".to_vec();
+        bytes.extend_from_slice(b"4,4.5,ok\n");
+        std::fs::write(&path, bytes).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("amount", DataType::Float64, true),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        let (rows, bad) = read_all(&path, schema, 1 << 20);
+        assert_eq!(rows, vec!["1|1.5|café", "3|3.5|€", "4|4.5|ok"]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, 3);
+        assert_eq!(bad[0].1, "column `note`: invalid UTF-8");
     }
 }
