@@ -135,7 +135,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let project = weir_config::load_project(&cli.project)?;
             let graph = weir_engine::Graph::build(&project)?;
             for p in &project.pipelines {
-                weir_connectors::source_for(&p.config.source, &project.root, None, false)?;
+                weir_connectors::source_for(&project, &p.config.source, None, false)?;
             }
             eprintln!(
                 "ok: {} pipelines, {} models, {} assets in dependency order",

@@ -82,7 +82,9 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
     let pipe_dir = root.join("pipelines");
     for file in list_files(&pipe_dir, &["yaml", "yml"])? {
         let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
-        let cfg: PipelineConfig = parse_yaml(&shown, &read(&file, &shown)?)?;
+        let text = read(&file, &shown)?;
+        let cfg: PipelineConfig = parse_yaml(&shown, &text)?;
+        validate_source(&cfg, &config, &shown, &text)?;
         let name = cfg.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .unwrap_or_default()
@@ -173,6 +175,134 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         pipelines,
         models,
     })
+}
+
+/// `file:line` of the first `key:` under `source:` in a pipeline file, for messages.
+fn place(file: &Path, text: &str, key: &str) -> String {
+    let mut in_source = false;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if !line.starts_with([' ', '\t']) {
+            in_source = trimmed.starts_with("source:");
+        } else if in_source && trimmed.starts_with(&format!("{key}:")) {
+            return format!("{}:{}", file.display(), i + 1);
+        }
+    }
+    file.display().to_string()
+}
+
+/// Checks that a source's keys fit its `type`, and that a named connection exists.
+fn validate_source(
+    cfg: &PipelineConfig,
+    project: &ProjectConfig,
+    file: &Path,
+    text: &str,
+) -> Result<(), Error> {
+    let src = &cfg.source;
+    let kind = src.kind;
+    let foreign = |key: &str| {
+        Error::user(format!(
+            "key `source.{key}` does not apply to a `{kind}` source ({})",
+            place(file, text, key)
+        ))
+        .with_hint(match kind {
+            SourceKind::Files => "files sources take path, format, compression, csv, schema, incremental, batch_rows",
+            SourceKind::Postgres => "postgres sources take connection, table or query, cursor, lookback, partitions, partition_column, unsupported_types, batch_rows",
+        })
+    };
+    match kind {
+        SourceKind::Files => {
+            let set = [
+                ("connection", src.connection.is_some()),
+                ("table", src.table.is_some()),
+                ("query", src.query.is_some()),
+                ("cursor", src.cursor.is_some()),
+                ("lookback", src.lookback.is_some()),
+                ("partitions", src.partitions.is_some()),
+                ("partition_column", src.partition_column.is_some()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(foreign(key));
+            }
+            if src.path.is_empty() {
+                return Err(Error::user(format!(
+                    "missing key `path` in `source` in {}",
+                    file.display()
+                ))
+                .with_hint("a files source reads `path:` (a file, a directory or a glob)"));
+            }
+        }
+        SourceKind::Postgres => {
+            let set = [
+                ("path", !src.path.is_empty()),
+                ("format", src.format.is_some()),
+                ("schema", !src.schema.is_empty()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(foreign(key));
+            }
+            let Some(name) = &src.connection else {
+                return Err(Error::user(format!(
+                    "missing key `connection` in `source` in {}",
+                    file.display()
+                ))
+                .with_hint("name a connection from `connections:` in weir.yaml"));
+            };
+            if !project.connections.contains_key(name) {
+                let names: Vec<String> = project.connections.keys().cloned().collect();
+                let hint = match crate::yaml::closest(name, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None if names.is_empty() => {
+                        "add it under `connections:` in weir.yaml".to_string()
+                    }
+                    None => format!("connections in weir.yaml: {}", names.join(", ")),
+                };
+                return Err(Error::user(format!(
+                    "unknown connection `{name}` ({})",
+                    place(file, text, "connection")
+                ))
+                .with_hint(hint));
+            }
+            match (&src.table, &src.query) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::user(format!(
+                        "a postgres source reads a `table` or a `query`, not both ({})",
+                        place(file, text, "query")
+                    )))
+                }
+                (None, None) => {
+                    return Err(Error::user(format!(
+                        "missing key `table` or `query` in `source` in {}",
+                        file.display()
+                    ))
+                    .with_hint("e.g. `table: public.orders`"))
+                }
+                _ => {}
+            }
+            if src.lookback.is_some() {
+                if src.cursor.is_none() {
+                    return Err(Error::user(format!(
+                        "`lookback` needs a `cursor` ({})",
+                        place(file, text, "lookback")
+                    )));
+                }
+                if cfg.sink.mode != WriteMode::Merge {
+                    return Err(Error::user(format!(
+                        "`lookback` re-reads rows, so the sink must merge on a key ({})",
+                        place(file, text, "lookback")
+                    ))
+                    .with_hint("set `mode: merge` and `key: [...]` on the sink"));
+                }
+            }
+            if src.partitions == Some(0) {
+                return Err(Error::user(format!(
+                    "`partitions` must be at least 1 ({})",
+                    place(file, text, "partitions")
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks `schema.table` form.

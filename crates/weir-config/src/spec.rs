@@ -24,6 +24,9 @@ pub struct ProjectConfig {
     /// Default retry policy for external failures (I/O, object stores).
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Named connections to databases, used by pipelines (`connection: name`).
+    #[serde(default)]
+    pub connections: BTreeMap<String, ConnectionConfig>,
 }
 
 fn default_lake() -> String {
@@ -138,7 +141,35 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// `files`: a file, a directory, or a glob (`data/orders/*.csv.gz`), relative to the
     /// project, or an object-store URL (`s3://bucket/prefix/*.csv`).
+    #[serde(default)]
     pub path: String,
+    /// `postgres`: the name of a connection in `weir.yaml`.
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// `postgres`: the table to read (`schema.table` or `table`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// `postgres`: a query to read instead of a table.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// `postgres`: read incrementally by this column (e.g. `updated_at` or `id`); the
+    /// highest value loaded is committed with the data.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// `postgres`: re-read this far behind the committed cursor, for rows committed late
+    /// (`10m` for time cursors, a number for numeric ones). Needs a merge sink.
+    #[serde(default)]
+    pub lookback: Option<Lookback>,
+    /// `postgres`: read in this many key ranges at once.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// `postgres`: the integer column the ranges split (default: the primary key).
+    #[serde(default)]
+    pub partition_column: Option<String>,
+    /// `postgres`: `error` (default) on a column type weir does not map, or `text` to read
+    /// such columns as text.
+    #[serde(default)]
+    pub unsupported_types: UnsupportedTypes,
     /// `files`: `csv`, `ndjson` or `parquet`; guessed from the file extension when omitted.
     #[serde(default)]
     pub format: Option<FileFormat>,
@@ -171,6 +202,112 @@ fn default_batch_rows() -> usize {
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Files,
+    Postgres,
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceKind::Files => "files",
+            SourceKind::Postgres => "postgres",
+        })
+    }
+}
+
+/// What to do with a column type weir does not map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnsupportedTypes {
+    #[default]
+    Error,
+    Text,
+}
+
+/// How far behind the committed cursor a read starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookback {
+    /// For time cursors.
+    Duration(Duration),
+    /// For numeric cursors.
+    Amount(i64),
+}
+
+impl<'de> Deserialize<'de> for Lookback {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Amount(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Amount(n) => Ok(Lookback::Amount(n)),
+            Raw::Text(t) => humantime::parse_duration(&t)
+                .map(Lookback::Duration)
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "lookback `{t}`: {e} (write a duration like `10m` or a number)"
+                    ))
+                }),
+        }
+    }
+}
+
+/// A named connection in `weir.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// `postgres`.
+    #[serde(rename = "type")]
+    pub kind: ConnectionKind,
+    /// A URL (`postgresql://user:password@host:5432/db`) instead of the separate keys.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub database: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Write `${env:NAME}`: the value is then redacted from all output.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `disable`, `prefer` (default) or `require`.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// How long to wait for a connection (default 10s).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionKind {
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+mod humantime_serde_opt {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -488,6 +625,7 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
         "vars",
         "models",
         "retry",
+        "connections",
         "models.schema",
         "models.materialized",
         "retry.max_attempts",
@@ -514,6 +652,14 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "source.schema",
         "source.incremental",
         "source.batch_rows",
+        "source.connection",
+        "source.table",
+        "source.query",
+        "source.cursor",
+        "source.lookback",
+        "source.partitions",
+        "source.partition_column",
+        "source.unsupported_types",
         "source.csv.header",
         "source.csv.delimiter",
         "source.csv.quote",

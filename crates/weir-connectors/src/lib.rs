@@ -2,15 +2,15 @@
 //! an implementation. A new connector is one folder plus one line in [`source_for`].
 
 pub mod files;
+pub mod postgres;
 pub mod types;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 
 use weir_common::Error;
-use weir_config::{SourceConfig, SourceKind};
+use weir_config::{Project, SourceConfig, SourceKind};
 use weir_core::Source;
 
 /// The explicit registry: config `type:` to source.
@@ -18,16 +18,28 @@ use weir_core::Source;
 /// declare keep the types earlier loads gave them. With `sequence`, batches carry
 /// [`weir_core::SEQ_COLUMN`], the rows' input order.
 pub fn source_for(
+    project: &Project,
     config: &SourceConfig,
-    project_root: &Path,
     hints: Option<SchemaRef>,
     sequence: bool,
 ) -> Result<Arc<dyn Source>, Error> {
     match config.kind {
         SourceKind::Files => Ok(Arc::new(
-            files::FilesSource::new(config.clone(), project_root)?
+            files::FilesSource::new(config.clone(), &project.root)?
                 .with_type_hints(hints)
                 .with_sequence(sequence),
         )),
+        SourceKind::Postgres => {
+            let name = config.connection.clone().unwrap_or_default();
+            let conn = project.config.connections.get(&name).ok_or_else(|| {
+                Error::user(format!("unknown connection `{name}`"))
+                    .with_hint("add it under `connections:` in weir.yaml")
+            })?;
+            Ok(Arc::new(postgres::PostgresSource::new(
+                config.clone(),
+                &name,
+                conn.clone(),
+            )))
+        }
     }
 }

@@ -43,7 +43,7 @@ pub async fn run_pipeline(
     };
     // A merge keeps the last row of each key, by input order.
     let merge = p.config.sink.mode == weir_config::WriteMode::Merge;
-    let source = weir_connectors::source_for(&p.config.source, &project.root, hints, merge)?;
+    let source = weir_connectors::source_for(project, &p.config.source, hints, merge)?;
 
     // Where the last commit left off.
     let committed = if lake.exists(table) {

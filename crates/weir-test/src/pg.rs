@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// The superuser of test clusters, and its password.
 const USER: &str = "weir";
-const PASSWORD: &str = "weir-test-password";
+const PASSWORD: &str = PgServer::PASSWORD;
 
 /// A running PostgreSQL cluster, stopped and deleted on drop.
 pub struct PgServer {
@@ -21,6 +21,9 @@ pub struct PgServer {
 }
 
 impl PgServer {
+    /// The superuser's password of every test cluster.
+    pub const PASSWORD: &'static str = "weir-test-password";
+
     /// One cluster for the whole test process, started on first use.
     pub fn shared() -> &'static PgServer {
         static SHARED: OnceLock<PgServer> = OnceLock::new();

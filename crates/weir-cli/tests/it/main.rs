@@ -4,6 +4,7 @@ mod crash;
 mod demo;
 mod errors;
 mod loads;
+mod postgres;
 mod progress;
 
 use std::path::Path;
@@ -16,6 +17,8 @@ pub fn weir(project: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("NO_COLOR", "1")
         .env_remove("WEIR_LOG")
+        // Projects with a PostgreSQL connection read its password from here.
+        .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
         .output()
         .expect("weir runs")
 }

@@ -1,0 +1,185 @@
+//! The postgres source against a real PostgreSQL server (weir-test starts one).
+
+use std::path::Path;
+
+use weir_test::PgServer;
+
+use crate::{ok, query, scalar, weir};
+
+fn project(dir: &Path, db: &str, pipelines: &[(&str, &str)]) {
+    let pg = PgServer::shared();
+    std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+    std::fs::write(
+        dir.join("weir.yaml"),
+        format!(
+            "name: t\nconnections:\n  shop:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n",
+            pg.port(),
+            pg.user()
+        ),
+    )
+    .unwrap();
+    for (name, text) in pipelines {
+        std::fs::write(dir.join("pipelines").join(format!("{name}.yaml")), text).unwrap();
+    }
+}
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(dir)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("WEIR_TEST_PG_PASSWORD", PgServer::PASSWORD)
+        .output()
+        .expect("weir runs")
+}
+
+fn run_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&run(dir, &["run", "--format", "json"]))).unwrap()
+}
+
+fn first_asset(s: &serde_json::Value) -> &serde_json::Value {
+    &s["assets"][0]
+}
+
+#[test]
+fn every_mapped_type_lands_in_delta_with_its_value() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("types").unwrap();
+    pg.psql(
+        &db,
+        "create table all_types (
+            id bigint primary key, b boolean, i2 smallint, i4 integer, r real,
+            d double precision, n numeric(12,2), nu numeric, t text, v varchar(20), c char(3),
+            dt date, ts timestamp, tz timestamptz, tm time, iv interval, u uuid,
+            j json, jb jsonb, by bytea, ai integer[], at text[], o oid);
+         insert into all_types values
+           (1, true, 7, 70000, 1.5, 2.25, 12345.67, 0.000000000000000001, 'héllo', 'v', 'ab',
+            '2024-02-29', '2024-01-02 03:04:05.123456', '2024-01-02 03:04:05+02', '13:14:15.5',
+            '1 year 2 mons 3 days 04:05:06', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '{\"a\": 1}', '{\"b\": [1, 2]}', '\\x00ff10', '{1,NULL,3}', '{x,y}', 42),
+           (2, null, null, null, null, null, null, null, null, null, null, null, null, null,
+            null, null, null, null, null, null, null, null, null);",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(
+        d,
+        &db,
+        &[(
+            "all_types",
+            "source:\n  type: postgres\n  connection: shop\n  table: public.all_types\nsink:\n  table: raw.all_types\n",
+        )],
+    );
+    let s = run_json(d);
+    assert_eq!(first_asset(&s)["rows_written"], 2, "{s}");
+    let rows = query(
+        d,
+        "select id, b, i2, i4, r, d, cast(n as varchar) as n, cast(nu as varchar) as nu, t, v, c,
+                cast(dt as varchar) as dt, cast(ts as varchar) as ts, cast(tz as varchar) as tz,
+                tm, iv, u, j, jb, encode(by, 'hex') as by, ai, at, o
+         from raw.all_types order by id",
+    );
+    let expected = serde_json::json!({
+        "id": 1, "b": true, "i2": 7, "i4": 70000, "r": 1.5, "d": 2.25, "n": "12345.67",
+        "nu": "0.000000000000000001", "t": "héllo", "v": "v", "c": "ab ",
+        "dt": "2024-02-29", "ts": "2024-01-02T03:04:05.123456",
+        "tz": "2024-01-02T01:04:05Z", "tm": "13:14:15.500000",
+        "iv": "1 year 2 mons 3 days 04:05:06", "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "j": "{\"a\": 1}", "jb": "{\"b\": [1, 2]}", "by": "00ff10", "ai": [1, null, 3],
+        "at": ["x", "y"], "o": 42
+    });
+    assert_eq!(rows[0], expected);
+    assert_eq!(rows[1]["id"], 2);
+    assert_eq!(rows[1]["n"], serde_json::Value::Null);
+}
+
+#[test]
+fn incremental_cursor_reads_new_and_updated_rows_once() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("incr").unwrap();
+    pg.psql(
+        &db,
+        "create table orders (id bigint primary key, amount numeric(10,2), updated_at timestamptz not null);
+         insert into orders select g, g * 1.5, timestamptz '2024-01-01' + g * interval '1 minute'
+           from generate_series(1, 1000) g;",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(
+        d,
+        &db,
+        &[(
+            "orders",
+            "source:\n  type: postgres\n  connection: shop\n  table: orders\n  cursor: updated_at\n  lookback: 5m\n  partitions: 3\nsink:\n  table: raw.orders\n  mode: merge\n  key: [id]\n",
+        )],
+    );
+    let s = run_json(d);
+    assert_eq!(first_asset(&s)["rows_written"], 1000, "{s}");
+    assert_eq!(scalar(d, "select count(*) from raw.orders"), 1000);
+
+    // Nothing new: the lookback re-reads the last 5 minutes, the merge absorbs them.
+    let s = run_json(d);
+    assert!(first_asset(&s)["rows_read"].as_u64().unwrap() <= 6, "{s}");
+    assert_eq!(scalar(d, "select count(*) from raw.orders"), 1000);
+
+    // An update and two inserts.
+    pg.psql(
+        &db,
+        "update orders set amount = 0, updated_at = timestamptz '2024-02-01' where id = 10;
+         insert into orders values (1001, 1, timestamptz '2024-02-01 00:01'), (1002, 2, timestamptz '2024-02-01 00:02');",
+    )
+    .unwrap();
+    run_json(d);
+    assert_eq!(scalar(d, "select count(*) from raw.orders"), 1002);
+    assert_eq!(
+        scalar(
+            d,
+            "select cast(amount as double) from raw.orders where id = 10"
+        ),
+        0.0
+    );
+    assert_eq!(scalar(d, "select count(distinct id) from raw.orders"), 1002);
+}
+
+#[test]
+fn wrong_password_and_missing_table_fail_at_once_without_leaking_the_password() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("errs").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(
+        d,
+        &db,
+        &[(
+            "nope",
+            "source:\n  type: postgres\n  connection: shop\n  table: public.nope\nsink:\n  table: raw.nope\n",
+        )],
+    );
+    let out = run(d, &["run"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("relation \"public.nope\" does not exist"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(d)
+        .arg("run")
+        .env("WEIR_TEST_PG_PASSWORD", "wrong-secret-xyz")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(err.contains("check the user and password"), "{err}");
+    assert!(!err.contains("wrong-secret-xyz"), "{err}");
+    // A user error is not retried.
+    assert!(!err.contains("attempt"), "{err}");
+    // The lake is untouched by failed runs, and queries need no database.
+    assert!(weir(d, &["tables"]).status.success());
+}

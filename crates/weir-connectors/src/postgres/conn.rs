@@ -1,0 +1,141 @@
+//! Connecting to PostgreSQL from a named connection, with errors sorted into the user's
+//! mistakes (wrong password, unknown database: fail at once) and the network's (refused,
+//! dropped: retried).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+use weir_common::Error;
+use weir_config::{ConnectionConfig, SslMode};
+
+/// The driver config of connection `name`. Passwords are registered as secrets, so they
+/// are redacted from anything weir prints.
+pub fn config(name: &str, c: &ConnectionConfig) -> Result<Config, Error> {
+    let mut cfg = match &c.url {
+        Some(url) => {
+            if let Ok(u) = url::Url::parse(url) {
+                if let Some(pw) = u.password() {
+                    weir_common::register_secret(pw);
+                }
+            }
+            Config::from_str(url).map_err(|e| {
+                Error::user(format!(
+                    "connection `{name}`: invalid url: {}",
+                    weir_common::redact(&e.to_string())
+                ))
+                .with_hint("write postgresql://user:password@host:5432/database")
+            })?
+        }
+        None => Config::new(),
+    };
+    if let Some(h) = &c.host {
+        cfg.host(h);
+    }
+    if let Some(p) = c.port {
+        cfg.port(p);
+    }
+    if let Some(d) = &c.database {
+        cfg.dbname(d);
+    }
+    if let Some(u) = &c.user {
+        cfg.user(u);
+    }
+    if let Some(p) = &c.password {
+        weir_common::register_secret(p);
+        cfg.password(p);
+    }
+    if cfg.get_hosts().is_empty() {
+        cfg.host("localhost");
+    }
+    if cfg.get_user().is_none() {
+        return Err(Error::user(format!("connection `{name}` has no user"))
+            .with_hint("set `user:` or put it in the url"));
+    }
+    cfg.ssl_mode(match c.sslmode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require => tokio_postgres::config::SslMode::Require,
+    });
+    cfg.connect_timeout(c.connect_timeout.unwrap_or(Duration::from_secs(10)));
+    cfg.application_name("weir");
+    Ok(cfg)
+}
+
+/// Opens a client; the connection runs on its own task until the client is dropped.
+pub async fn connect(name: &str, c: &ConnectionConfig) -> Result<Client, Error> {
+    let cfg = config(name, c)?;
+    if c.sslmode == SslMode::Require {
+        return Err(Error::user(format!(
+            "connection `{name}`: sslmode `require` is not supported yet"
+        ))
+        .with_hint("use `sslmode: prefer` or `disable`, or connect through a TLS tunnel"));
+    }
+    let (client, connection) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| classify(name, "connecting", e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %weir_common::redact(&e.to_string()), "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Sorts a driver error into user (no retry) and external (retry) failures.
+pub fn classify(name: &str, doing: &str, e: tokio_postgres::Error) -> Error {
+    let text = weir_common::redact(&e.to_string());
+    let detail = e
+        .as_db_error()
+        .map(|d| weir_common::redact(d.message()))
+        .unwrap_or_else(|| {
+            let mut s = text.clone();
+            let mut src = std::error::Error::source(&e);
+            while let Some(inner) = src {
+                s = format!("{s}: {}", weir_common::redact(&inner.to_string()));
+                src = inner.source();
+            }
+            s
+        });
+    let msg = format!("postgres `{name}`: {doing}: {detail}");
+    match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            Error::user(msg).with_hint("check the user and password of the connection in weir.yaml")
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+            Error::user(msg).with_hint("check `database:` of the connection")
+        }
+        Some(c)
+            if *c == SqlState::UNDEFINED_TABLE
+                || *c == SqlState::UNDEFINED_COLUMN
+                || *c == SqlState::SYNTAX_ERROR
+                || *c == SqlState::INSUFFICIENT_PRIVILEGE
+                || *c == SqlState::UNDEFINED_FUNCTION
+                || *c == SqlState::DATATYPE_MISMATCH =>
+        {
+            Error::user(msg).with_hint("check the table, query and columns named in the pipeline")
+        }
+        // Server shutting down, backend terminated, too many connections, serialization
+        // failures: worth another try.
+        Some(_) => Error::external(msg),
+        None => Error::external(msg),
+    }
+}
+
+/// Quotes an identifier, or a dotted `schema.table`, for SQL.
+pub fn quote_ident(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Quotes a string literal for SQL.
+pub fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
