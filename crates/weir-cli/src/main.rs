@@ -135,7 +135,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let project = weir_config::load_project(&cli.project)?;
             let graph = weir_engine::Graph::build(&project)?;
             for p in &project.pipelines {
-                weir_connectors::source_for(&project, &p.config.source, None, false)?;
+                if p.config.source.kind != weir_config::SourceKind::Lake {
+                    weir_connectors::source_for(&project, &p.config.source, None, false)?;
+                }
             }
             eprintln!(
                 "ok: {} pipelines, {} models, {} assets in dependency order",

@@ -85,6 +85,7 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         let text = read(&file, &shown)?;
         let cfg: PipelineConfig = parse_yaml(&shown, &text)?;
         validate_source(&cfg, &config, &shown, &text)?;
+        validate_sink(&cfg, &config, &shown)?;
         let name = cfg.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .unwrap_or_default()
@@ -208,6 +209,7 @@ fn validate_source(
         .with_hint(match kind {
             SourceKind::Files => "files sources take path, format, compression, csv, schema, incremental, batch_rows",
             SourceKind::Postgres => "postgres sources take connection, table or query, cursor, lookback, partitions, partition_column, unsupported_types, batch_rows",
+            SourceKind::Lake => "lake sources take table (`schema.table` of this project's lake)",
         })
     };
     match kind {
@@ -230,6 +232,32 @@ fn validate_source(
                     file.display()
                 ))
                 .with_hint("a files source reads `path:` (a file, a directory or a glob)"));
+            }
+        }
+        SourceKind::Lake => {
+            let set = [
+                ("path", !src.path.is_empty()),
+                ("format", src.format.is_some()),
+                ("schema", !src.schema.is_empty()),
+                ("connection", src.connection.is_some()),
+                ("query", src.query.is_some()),
+                ("cursor", src.cursor.is_some()),
+                ("lookback", src.lookback.is_some()),
+                ("partitions", src.partitions.is_some()),
+                ("partition_column", src.partition_column.is_some()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(foreign(key));
+            }
+            match &src.table {
+                Some(t) => validate_table_name(t, file)?,
+                None => {
+                    return Err(Error::user(format!(
+                        "missing key `table` in `source` in {}",
+                        file.display()
+                    ))
+                    .with_hint("name the lake table to read, e.g. `table: marts.daily_revenue`"))
+                }
             }
         }
         SourceKind::Postgres => {
@@ -294,6 +322,13 @@ fn validate_source(
                     .with_hint("set `mode: merge` and `key: [...]` on the sink"));
                 }
             }
+            if src.cursor.is_none() && cfg.sink.mode == WriteMode::Append {
+                return Err(Error::user(format!(
+                    "a postgres source without `cursor` reads the whole table every run, so appending would duplicate it ({})",
+                    file.display()
+                ))
+                .with_hint("set the sink's `mode: overwrite` or `merge`, or read incrementally with `cursor:`"));
+            }
             if src.partitions == Some(0) {
                 return Err(Error::user(format!(
                     "`partitions` must be at least 1 ({})",
@@ -301,6 +336,52 @@ fn validate_source(
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks a sink's connection and the modes its type supports.
+fn validate_sink(cfg: &PipelineConfig, project: &ProjectConfig, file: &Path) -> Result<(), Error> {
+    let sink = &cfg.sink;
+    match sink.kind {
+        SinkKind::Delta => {
+            if sink.connection.is_some() {
+                return Err(Error::user(format!(
+                    "key `sink.connection` applies to `type: postgres` sinks ({})",
+                    file.display()
+                ))
+                .with_hint("add `type: postgres` to the sink, or remove `connection`"));
+            }
+        }
+        SinkKind::Postgres => {
+            let Some(name) = &sink.connection else {
+                return Err(Error::user(format!(
+                    "missing key `connection` in `sink` in {}",
+                    file.display()
+                ))
+                .with_hint("name a connection from `connections:` in weir.yaml"));
+            };
+            if !project.connections.contains_key(name) {
+                return Err(Error::user(format!(
+                    "unknown connection `{name}` in the sink of {}",
+                    file.display()
+                ))
+                .with_hint("add it under `connections:` in weir.yaml"));
+            }
+            if sink.mode == WriteMode::ReplacePartitions || !sink.partition_by.is_empty() {
+                return Err(Error::user(format!(
+                    "a postgres sink has no partitions ({})",
+                    file.display()
+                ))
+                .with_hint("use mode append, overwrite or merge, without partition_by"));
+            }
+        }
+    }
+    if sink.mode == WriteMode::Merge && sink.key.is_empty() {
+        return Err(
+            Error::user(format!("`mode: merge` needs `key` ({})", file.display()))
+                .with_hint("name the column(s) that identify a row, e.g. `key: [id]`"),
+        );
     }
     Ok(())
 }

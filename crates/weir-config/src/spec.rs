@@ -203,6 +203,8 @@ fn default_batch_rows() -> usize {
 pub enum SourceKind {
     Files,
     Postgres,
+    /// A table of this project's lake (to load it into a database, for instance).
+    Lake,
 }
 
 impl fmt::Display for SourceKind {
@@ -210,6 +212,7 @@ impl fmt::Display for SourceKind {
         f.write_str(match self {
             SourceKind::Files => "files",
             SourceKind::Postgres => "postgres",
+            SourceKind::Lake => "lake",
         })
     }
 }
@@ -396,6 +399,12 @@ pub struct ColumnSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
+    /// `delta` (default: a table in the lake) or `postgres`.
+    #[serde(rename = "type", default)]
+    pub kind: SinkKind,
+    /// `postgres`: the name of a connection in `weir.yaml`.
+    #[serde(default)]
+    pub connection: Option<String>,
     /// Target table as `schema.table`, e.g. `raw.orders`.
     pub table: String,
     /// `append`, `overwrite`, `merge` (upsert on `key`) or `replace_partitions`.
@@ -413,6 +422,14 @@ pub struct SinkConfig {
     /// `add_columns` (new input columns are added to the table) or `strict` (fail instead).
     #[serde(default)]
     pub schema_evolution: SchemaEvolution,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    #[default]
+    Delta,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -664,6 +681,8 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "source.csv.delimiter",
         "source.csv.quote",
         "source.csv.null_values",
+        "sink.type",
+        "sink.connection",
         "sink.table",
         "sink.mode",
         "sink.key",

@@ -29,6 +29,9 @@ pub fn source_for(
                 .with_type_hints(hints)
                 .with_sequence(sequence),
         )),
+        SourceKind::Lake => Err(Error::internal(
+            "lake sources are read by the orchestrator, not a connector",
+        )),
         SourceKind::Postgres => {
             let name = config.connection.clone().unwrap_or_default();
             let conn = project.config.connections.get(&name).ok_or_else(|| {

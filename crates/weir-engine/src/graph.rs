@@ -123,6 +123,14 @@ impl Graph {
                     }
                 }
             }
+            if let AssetKind::Pipeline(p) = &assets[i].kind {
+                let src = &project.pipelines[*p].config.source;
+                if src.kind == weir_config::SourceKind::Lake {
+                    if let Some(j) = src.table.as_ref().and_then(|t| by_table.get(t)) {
+                        deps.insert(*j);
+                    }
+                }
+            }
             deps.remove(&i);
             assets[i].deps = deps.into_iter().collect();
             if let AssetKind::Model(m) = &assets[i].kind {

@@ -68,6 +68,7 @@ fn widens(from: &DataType, to: &DataType) -> bool {
             | (Int8 | Int16 | Int32 | Int64 | Float32, Float64)
             | (Date32, Timestamp(_, _))
             | (Utf8View | LargeUtf8, Utf8)
+            | (BinaryView | LargeBinary, Binary)
             | (Null, _)
             | (Timestamp(_, _), Timestamp(_, _))
     ) || matches!((from, to), (Decimal128(p1, s1), Decimal128(p2, s2)) if *s1 <= *s2 && (*p1 as i16 - *s1 as i16) <= (*p2 as i16 - *s2 as i16))

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::SchemaRef;
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
@@ -12,8 +13,10 @@ use datafusion::error::DataFusionError;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{col, lit, Expr, ExprFunctionExt};
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
+use futures::StreamExt;
 use weir_common::Error;
-use weir_config::{BadRowLimit, Pipeline, Project};
+use weir_config::{BadRowLimit, Pipeline, Project, SinkKind};
+use weir_connectors::postgres::sink::{PgSink, PgWrite};
 use weir_core::{BadRow, Position, Progress, SourceEvent, SEQ_COLUMN};
 use weir_engine::session::lake_session;
 use weir_engine::stream::{channel_table, BatchResult};
@@ -36,7 +39,28 @@ pub async fn run_pipeline(
 ) -> Result<AssetResult, Error> {
     let table = &p.config.sink.table;
     let app = app_id(&p.name);
-    let hints = if full_refresh {
+    let pg_sink = match p.config.sink.kind {
+        SinkKind::Delta => None,
+        SinkKind::Postgres => {
+            let name = p.config.sink.connection.clone().unwrap_or_default();
+            let conn = project
+                .config
+                .connections
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::user(format!(
+                        "unknown connection `{name}` in the sink of `{}`",
+                        p.name
+                    ))
+                })?;
+            Some(PgSink::new(&name, conn, table))
+        }
+    };
+    if p.config.source.kind == weir_config::SourceKind::Lake {
+        return run_lake_source(lake, p, pg_sink.as_ref(), run_id, full_refresh).await;
+    }
+    let hints = if full_refresh || pg_sink.is_some() {
         None
     } else {
         lake.schema(table).await?
@@ -45,34 +69,30 @@ pub async fn run_pipeline(
     let merge = p.config.sink.mode == weir_config::WriteMode::Merge;
     let source = weir_connectors::source_for(project, &p.config.source, hints, merge)?;
 
-    // Where the last commit left off.
-    let committed = if lake.exists(table) {
-        let t = lake.open(table).await?;
-        lake.txn_version(&t, &app).await?.unwrap_or(0)
-    } else {
-        0
-    };
-    let position = if committed > 0 && !full_refresh {
-        Some(Position(lake.read_manifest(table, &app, committed)?))
-    } else {
-        None
-    };
+    let (committed, position) = committed(lake, pg_sink.as_ref(), table, &app).await?;
+    let position = if full_refresh { None } else { position };
     let plan = source.plan(position.as_ref()).await?;
     let mut result = AssetResult::new(&p.name, table);
     result.units = plan.units.len();
-    if plan.units.is_empty() && lake.exists(table) && !full_refresh {
+    let loaded_before = match &pg_sink {
+        Some(_) => committed > 0,
+        None => lake.exists(table),
+    };
+    if plan.units.is_empty() && loaded_before && !full_refresh {
         result.note = Some("up to date: no new input".into());
         return Ok(result);
     }
 
     let n = committed + 1;
-    lake.write_manifest(table, &app, n, &plan.next.0)?;
+    if pg_sink.is_none() {
+        lake.write_manifest(table, &app, n, &plan.next.0)?;
+    }
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
     metadata.insert("weir.files".to_string(), serde_json::json!(plan.units));
     let opts = WriteOptions {
-        txn: Some((app.clone(), n as i64)),
+        txn: Some((app.clone(), n)),
         metadata,
     };
 
@@ -106,7 +126,13 @@ pub async fn run_pipeline(
         batches_tx,
     ));
 
-    let write = write_incoming(lake, p, &ctx, incoming, full_refresh, &opts);
+    let write = async {
+        let df = incoming_frame(p, &ctx, incoming, full_refresh).await?;
+        match &pg_sink {
+            Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
+            None => write_delta(lake, p, &ctx, df, full_refresh, &opts).await,
+        }
+    };
     tokio::pin!(write);
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let written = loop {
@@ -131,6 +157,99 @@ pub async fn run_pipeline(
     result.rows_read = fed.good + fed.bad;
     result.rows_quarantined = fed.bad;
     result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    result.rows_written = m.rows_inserted + m.rows_updated;
+    result.rows_deleted = m.rows_deleted;
+    result.version = Some(m.version);
+    if m.skipped {
+        result.note = Some("already committed by an earlier attempt".into());
+    }
+    Ok(result)
+}
+
+/// Where the last commit left off: a Delta table's txn and position manifest, or the
+/// pipeline's row in the PostgreSQL target's `weir.positions`.
+async fn committed(
+    lake: &Lake,
+    pg_sink: Option<&PgSink>,
+    table: &str,
+    app: &str,
+) -> Result<(i64, Option<Position>), Error> {
+    match pg_sink {
+        Some(sink) => {
+            let (n, pos) = sink.committed(app).await?;
+            Ok((n, pos.map(Position)))
+        }
+        None => {
+            let committed = if lake.exists(table) {
+                let t = lake.open(table).await?;
+                lake.txn_version(&t, app).await?.unwrap_or(0)
+            } else {
+                0
+            };
+            let position = if committed > 0 {
+                Some(Position(lake.read_manifest(table, app, committed)?))
+            } else {
+                None
+            };
+            Ok((committed, position))
+        }
+    }
+}
+
+/// A pipeline reading a table of the lake (to load it into PostgreSQL, say). The position
+/// is the table version read; an unchanged table is not loaded again.
+async fn run_lake_source(
+    lake: &Lake,
+    p: &Pipeline,
+    pg_sink: Option<&PgSink>,
+    run_id: &str,
+    full_refresh: bool,
+) -> Result<AssetResult, Error> {
+    let table = &p.config.sink.table;
+    let app = app_id(&p.name);
+    let src = p.config.source.table.clone().unwrap_or_default();
+    let source_table = lake.open_existing(&src).await.map_err(|e| {
+        e.with_hint(format!(
+            "run the pipeline or model that writes `{src}` first (`weir run +{}`)",
+            p.name
+        ))
+    })?;
+    let version = source_table.version().unwrap_or(0);
+    let (done, position) = committed(lake, pg_sink, table, &app).await?;
+    let mut result = AssetResult::new(&p.name, table);
+    result.units = 1;
+    let read_before = position
+        .as_ref()
+        .and_then(|p| p.0.get("version"))
+        .and_then(|v| v.as_u64());
+    if !full_refresh && read_before == Some(version) {
+        result.units = 0;
+        result.note = Some(format!("up to date: `{src}` is still at version {version}"));
+        return Ok(result);
+    }
+    let n = done + 1;
+    let next = serde_json::json!({ "version": version, "table": src });
+    let ctx = lake_session(lake).await?;
+    let provider = ctx
+        .table_provider(src.as_str())
+        .await
+        .map_err(|e| Error::internal(format!("reading `{src}`: {e}")))?;
+    let df = incoming_frame(p, &ctx, provider, full_refresh).await?;
+    let m = match pg_sink {
+        Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &next).await?,
+        None => {
+            lake.write_manifest(table, &app, n, &next)?;
+            let mut metadata = std::collections::HashMap::new();
+            metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
+            metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
+            let opts = WriteOptions {
+                txn: Some((app.clone(), n)),
+                metadata,
+            };
+            write_delta(lake, p, &ctx, df, full_refresh, &opts).await?
+        }
+    };
+    result.rows_read = m.rows_inserted + m.rows_updated;
     result.rows_written = m.rows_inserted + m.rows_updated;
     result.rows_deleted = m.rows_deleted;
     result.version = Some(m.version);
@@ -265,21 +384,15 @@ fn too_many_bad_rows(
     .with_hint("fix the input files or raise `max_bad_rows`; the rejected rows are listed above")
 }
 
-/// Writes the incoming rows, through the transform if there is one, into the sink table.
-async fn write_incoming(
-    lake: &Lake,
+/// The incoming rows after the transform: the last row per key for merges, deleted keys
+/// dropped on a full refresh of a merge pipeline.
+async fn incoming_frame(
     p: &Pipeline,
     ctx: &SessionContext,
     incoming: Arc<dyn TableProvider>,
     full_refresh: bool,
-    opts: &WriteOptions,
-) -> Result<WriteMetrics, Error> {
+) -> Result<DataFrame, Error> {
     let sink = &p.config.sink;
-    let mode = if full_refresh {
-        weir_config::WriteMode::Overwrite
-    } else {
-        sink.mode
-    };
     let df = match &p.config.transform {
         Some(sql) => {
             ctx.register_table("source", incoming)
@@ -309,12 +422,72 @@ async fn write_incoming(
     };
     // A full refresh of a merge pipeline rebuilds what merging would have left: no rows of
     // deleted keys, no flag column.
-    let df = match (&sink.delete_flag, full_refresh, sink.mode) {
+    Ok(match (&sink.delete_flag, full_refresh, sink.mode) {
         (Some(flag), true, weir_config::WriteMode::Merge) => df
             .filter(col(flag.as_str()).is_not_true())
             .and_then(|d| d.drop_columns(&[flag.as_str()]))
             .map_err(|e| Error::user(format!("delete_flag `{flag}` of `{}`: {e}", p.name)))?,
         _ => df,
+    })
+}
+
+/// Loads the rows into the PostgreSQL target, with the position, in one transaction.
+async fn write_postgres(
+    sink: &PgSink,
+    p: &Pipeline,
+    df: DataFrame,
+    full_refresh: bool,
+    app: &str,
+    n: i64,
+    position: &serde_json::Value,
+) -> Result<WriteMetrics, Error> {
+    let cfg = &p.config.sink;
+    let write = PgWrite {
+        mode: if full_refresh {
+            weir_config::WriteMode::Overwrite
+        } else {
+            cfg.mode
+        },
+        key: cfg.key.clone(),
+        delete_flag: if full_refresh {
+            None
+        } else {
+            cfg.delete_flag.clone()
+        },
+        evolution: cfg.schema_evolution,
+    };
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let stream = df
+        .execute_stream()
+        .await
+        .map_err(|e| Error::user(format!("pipeline `{}`: {e}", p.name)))?;
+    let rows = stream
+        .map(|b| b.map_err(|e| Error::external(format!("reading rows to load: {e}"))))
+        .boxed();
+    let m = sink.write(schema, rows, &write, app, n, position).await?;
+    Ok(WriteMetrics {
+        rows_inserted: m.inserted,
+        rows_updated: m.updated,
+        rows_deleted: m.deleted,
+        version: n as u64,
+        skipped: m.skipped,
+    })
+}
+
+/// Writes the rows into the sink's Delta table.
+async fn write_delta(
+    lake: &Lake,
+    p: &Pipeline,
+    ctx: &SessionContext,
+    df: DataFrame,
+    full_refresh: bool,
+    opts: &WriteOptions,
+) -> Result<WriteMetrics, Error> {
+    let sink = &p.config.sink;
+    let mode = if full_refresh {
+        weir_config::WriteMode::Overwrite
+    } else {
+        sink.mode
     };
     // Merge and replace_partitions read their input more than once (key checks, partition
     // values, the join): stage it to local Parquet first, which keeps memory bounded.

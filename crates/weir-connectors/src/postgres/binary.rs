@@ -371,7 +371,7 @@ fn utf8(v: &[u8]) -> Result<&str, String> {
 }
 
 /// A binary numeric as an integer scaled by 10^scale, exactly, within `precision` digits.
-fn numeric(v: &[u8], precision: u8, scale: i8) -> Result<i128, String> {
+pub(super) fn numeric(v: &[u8], precision: u8, scale: i8) -> Result<i128, String> {
     if v.len() < 8 {
         return Err("truncated numeric".into());
     }

@@ -12,6 +12,8 @@
 
 mod binary;
 pub mod conn;
+pub mod encode;
+pub mod sink;
 pub mod types;
 
 use std::sync::Arc;
@@ -42,6 +44,8 @@ struct Column {
     name: String,
     kind: Kind,
     select: String,
+    /// The source column's type as PostgreSQL spells it.
+    pg_type: String,
 }
 
 pub struct PostgresSource {
@@ -109,16 +113,28 @@ impl PostgresSource {
                     .unwrap_or(false),
                 _ => false,
             };
+            // The exact type name (varchar(20), numeric without a modifier...), recorded
+            // with the field so a PostgreSQL sink can recreate the column as it was.
+            let pg_type: String = client
+                .query_one(
+                    "select format_type($1, nullif($2, -1))",
+                    &[&c.type_().oid(), &c.type_modifier()],
+                )
+                .await
+                .map_err(self.err("describing the source"))?
+                .get(0);
             let column = match Kind::of(c.type_().oid(), c.type_modifier()) {
                 Some(kind) => Column {
                     name,
                     kind,
                     select: quoted,
+                    pg_type,
                 },
                 None if self.config.unsupported_types == UnsupportedTypes::Text => Column {
                     name,
                     kind: Kind::Text,
                     select: format!("{quoted}::text"),
+                    pg_type,
                 },
                 None => {
                     return Err(Error::user(format!(
@@ -302,7 +318,7 @@ impl Source for PostgresSource {
         let columns = self.describe(&client).await?;
         let fields: Vec<_> = columns
             .iter()
-            .map(|(c, not_null)| c.kind.field(&c.name, !not_null))
+            .map(|(c, not_null)| c.kind.field(&c.name, !not_null, &c.pg_type))
             .collect();
         let schema: SchemaRef = Arc::new(Schema::new(fields));
 

@@ -156,10 +156,12 @@ impl Kind {
         }
     }
 
-    /// The Arrow field for a column of this kind.
-    pub fn field(&self, name: &str, nullable: bool) -> Field {
-        Field::new(name, self.arrow_type(), nullable)
-            .with_metadata(HashMap::from([(PG_TYPE_KEY.to_string(), self.pg_name())]))
+    /// The Arrow field for a column of this kind, recording the source's type name.
+    pub fn field(&self, name: &str, nullable: bool, pg_type: &str) -> Field {
+        Field::new(name, self.arrow_type(), nullable).with_metadata(HashMap::from([(
+            PG_TYPE_KEY.to_string(),
+            pg_type.to_string(),
+        )]))
     }
 }
 
