@@ -70,12 +70,23 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Check the connections in weir.yaml.
+    Connections {
+        #[command(subcommand)]
+        command: ConnectionsCommand,
+    },
     /// Write the retail demo project into DIR (default `weir-demo`) and run it.
     Demo {
         dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum ConnectionsCommand {
+    /// Connect with each connection (or only NAME) and report the server and latency.
+    Test { name: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +177,50 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let batches = df.collect().await.map_err(|e| query_error(&lake, e))?;
             output::print_batches(&batches, format == Format::Csv, format == Format::Json)?;
             Ok(0)
+        }
+        Command::Connections {
+            command: ConnectionsCommand::Test { name },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let conns = &project.config.connections;
+            if let Some(n) = &name {
+                if !conns.contains_key(n) {
+                    let names: Vec<String> = conns.keys().cloned().collect();
+                    return Err(
+                        weir_common::Error::user(format!("unknown connection `{n}`")).with_hint(
+                            match weir_config::closest(n, &names) {
+                                Some(best) => format!("did you mean `{best}`?"),
+                                None => format!("connections in weir.yaml: {}", names.join(", ")),
+                            },
+                        ),
+                    );
+                }
+            }
+            if conns.is_empty() {
+                eprintln!("no connections in weir.yaml");
+                return Ok(0);
+            }
+            let mut failed = 0;
+            for (n, c) in conns {
+                if name.as_ref().is_some_and(|want| want != n) {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                match weir_connectors::postgres::conn::check(n, c).await {
+                    Ok(server) => eprintln!(
+                        "ok      {n}: {server} ({} ms)",
+                        started.elapsed().as_millis()
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!(
+                            "FAILED  {n}: {}",
+                            e.render().trim_end().replace('\n', "\n        ")
+                        );
+                    }
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
         }
         Command::Tables { format } => {
             let project = weir_config::load_project(&cli.project)?;

@@ -283,3 +283,103 @@ fn round_trip_postgres_delta_postgres_and_idempotent_upserts() {
         "1"
     );
 }
+
+#[test]
+fn connections_test_reports_each_connection() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("conn").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(d, &db, &[]);
+    let out = run(d, &["connections", "test"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("ok      shop: PostgreSQL 15")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("database {db} as weir")), "{err}");
+
+    // A second connection to a port nobody listens on fails, and the command says so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = std::fs::read_to_string(d.join("weir.yaml")).unwrap();
+    std::fs::write(
+        d.join("weir.yaml"),
+        format!("{yaml}  down:\n    type: postgres\n    url: postgresql://weir:hunter2-secret@127.0.0.1:{closed}/x\n    connect_timeout: 2s\n"),
+    )
+    .unwrap();
+    let out = run(d, &["connections", "test"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("FAILED  down: error: postgres `down`: connecting:"),
+        "{err}"
+    );
+    assert!(err.contains("ok      shop"), "{err}");
+    assert!(!err.contains("hunter2-secret"), "{err}");
+    let out = run(d, &["connections", "test", "shp"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("did you mean `shop`?"), "{err}");
+}
+
+#[test]
+fn a_connection_killed_mid_extract_is_retried_and_the_result_is_exact() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("kill").unwrap();
+    pg.psql(
+        &db,
+        "create table events (id bigint primary key, payload text not null);
+         insert into events select g, repeat(md5(g::text), 4) from generate_series(1, 1500000) g;",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(
+        d,
+        &db,
+        &[(
+            "events",
+            "source:\n  type: postgres\n  connection: shop\n  table: events\n  partitions: 2\nsink:\n  table: raw.events\n  mode: overwrite\nretry:\n  max_attempts: 3\n  initial_backoff: 200ms\n",
+        )],
+    );
+    // Terminate weir's first COPY backend as soon as it is streaming.
+    let killer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let pg = PgServer::shared();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                let killed = pg
+                    .psql(
+                        &db,
+                        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                         where application_name = 'weir' and query ilike 'copy (select%' and state = 'active'",
+                    )
+                    .unwrap_or_default();
+                if killed.trim() != "0" && !killed.trim().is_empty() {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            false
+        })
+    };
+    let s = run_json(d);
+    assert!(killer.join().unwrap(), "no COPY was running to kill");
+    let a = first_asset(&s);
+    assert_eq!(a["attempts"], 2, "{s}");
+    assert_eq!(a["rows_written"], 1_500_000, "{s}");
+    assert_eq!(scalar(d, "select count(*) from raw.events"), 1_500_000);
+    assert_eq!(
+        scalar(d, "select count(distinct id) from raw.events"),
+        1_500_000
+    );
+    assert_eq!(
+        scalar(d, "select sum(id) from raw.events"),
+        1_500_000i64 * 1_500_001 / 2
+    );
+}

@@ -139,3 +139,17 @@ pub fn quote_ident(name: &str) -> String {
 pub fn quote_literal(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
 }
+
+/// Connects and returns the server's version line, for `weir connections test`.
+pub async fn check(name: &str, c: &ConnectionConfig) -> Result<String, Error> {
+    let client = connect(name, c).await?;
+    let row = client
+        .query_one(
+            "select current_setting('server_version'), current_database(), current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(name, "querying", e))?;
+    let (version, db, user): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    Ok(format!("PostgreSQL {version}, database {db} as {user}"))
+}
