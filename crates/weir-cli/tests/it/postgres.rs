@@ -294,10 +294,7 @@ fn connections_test_reports_each_connection() {
     let out = run(d, &["connections", "test"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains(&format!("ok      shop: PostgreSQL 15")),
-        "{err}"
-    );
+    assert!(err.contains("ok      shop: PostgreSQL 15"), "{err}");
     assert!(err.contains(&format!("database {db} as weir")), "{err}");
 
     // A second connection to a port nobody listens on fails, and the command says so.
