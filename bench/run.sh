@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Builds weir (release) and runs the benchmarks. Not part of the test suite.
+# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|all] [args...]`.
+# Not part of the test suite; numbers go to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir-target}"
-python3 -c "import duckdb, polars, deltalake, pyarrow" 2>/dev/null || python3 -m pip install --quiet duckdb polars deltalake pyarrow
+which="${1:-all}"; shift || true
+python3 -c "import duckdb, polars, deltalake, pyarrow, connectorx" 2>/dev/null ||
+  python3 -m pip install --quiet duckdb polars deltalake pyarrow connectorx
 cargo build --release -p weir-cli
-python3 bench/ingest_csv.py --weir "$CARGO_TARGET_DIR/release/weir" "$@"
+weir="$CARGO_TARGET_DIR/release/weir"
+if [ "$which" = csv ] || [ "$which" = all ]; then python3 bench/ingest_csv.py --weir "$weir" "$@"; fi
+if [ "$which" = pg ] || [ "$which" = all ]; then python3 bench/pg.py --weir "$weir" "$@"; fi
