@@ -69,6 +69,26 @@ const LAST: [&str; 5] = ["Smith", "Okafor", "Müller", "Tanaka", "Rossi"];
 const COUNTRIES: [&str; 5] = ["US", "DE", "JP", "IT", "NG"];
 const CATEGORIES: [&str; 4] = ["books", "garden", "kitchen", "toys"];
 
+/// Adds the optional PostgreSQL path to the demo in `dir`: a `warehouse` connection and a
+/// pipeline publishing `marts.daily_revenue` into `analytics.daily_revenue` there. The URL
+/// is kept out of the project: weir.yaml reads it from `WEIR_DEMO_PG_URL`.
+pub fn add_postgres(dir: &Path) -> Result<(), Error> {
+    let path = dir.join("weir.yaml");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if !text.contains("\nconnections:") {
+        let text = format!(
+            "{text}connections:\n  warehouse:\n    type: postgres\n    url: ${{env:WEIR_DEMO_PG_URL}}\n"
+        );
+        write(dir, "weir.yaml", text.as_bytes())?;
+    }
+    write(
+        dir,
+        "pipelines/publish_daily_revenue.yaml",
+        b"description: Publish daily revenue to the PostgreSQL warehouse (weir demo --postgres).\nsource:\n  type: lake\n  table: marts.daily_revenue\nsink:\n  type: postgres\n  connection: warehouse\n  table: analytics.daily_revenue\n  mode: overwrite\n",
+    )
+}
+
 /// Writes the demo project into `dir` unless it already has one. Returns whether it wrote.
 pub fn write_demo(dir: &Path) -> Result<bool, Error> {
     if dir.join("weir.yaml").exists() {

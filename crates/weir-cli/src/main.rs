@@ -78,6 +78,10 @@ enum Command {
     /// Write the retail demo project into DIR (default `weir-demo`) and run it.
     Demo {
         dir: Option<PathBuf>,
+        /// Also publish the daily revenue mart to this PostgreSQL database
+        /// (`postgresql://user:password@host/db`).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -246,9 +250,22 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             output::print_history(&history, format == Format::Json);
             Ok(0)
         }
-        Command::Demo { dir, format } => {
+        Command::Demo {
+            dir,
+            format,
+            postgres,
+        } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("weir-demo"));
             let created = demo::write_demo(&dir)?;
+            if let Some(url) = &postgres {
+                if let Ok(u) = url::Url::parse(url) {
+                    if let Some(pw) = u.password() {
+                        weir_common::register_secret(pw);
+                    }
+                }
+                std::env::set_var("WEIR_DEMO_PG_URL", url);
+                demo::add_postgres(&dir)?;
+            }
             if created {
                 eprintln!("wrote the retail demo project to {}", dir.display());
             } else {

@@ -636,6 +636,7 @@ mod tests {
 }
 
 impl crate::yaml::ConfigKeys for ProjectConfig {
+    const DEFERRED_ENV: Option<&'static str> = Some("connections");
     const KEYS: &'static [&'static str] = &[
         "name",
         "lake",

@@ -9,12 +9,16 @@ use weir_common::Error;
 /// so that a key written in the wrong section can be pointed to its right place.
 pub trait ConfigKeys {
     const KEYS: &'static [&'static str];
+    /// A top-level section whose `${env:NAME}` values may be unset until used: a missing
+    /// variable there stays as written, and whoever uses the value reports it (so that
+    /// `weir query` needs no database password, for instance).
+    const DEFERRED_ENV: Option<&'static str> = None;
 }
 
 /// Parses `text` (the contents of `file`) into `T`, turning serde errors into messages that
 /// name the file, line, column and offending key, with the closest valid key as a hint.
 pub fn parse_yaml<T: DeserializeOwned + ConfigKeys>(file: &Path, text: &str) -> Result<T, Error> {
-    let text = interpolate_env(file, text)?;
+    let text = interpolate_env(file, text, T::DEFERRED_ENV)?;
     serde_yaml_ng::from_str(&text).map_err(|err| yaml_error(file, &err, T::KEYS))
 }
 
@@ -118,13 +122,18 @@ pub fn closest<'a>(found: &str, choices: &'a [String]) -> Option<&'a str> {
 }
 
 /// Replaces `${env:NAME}` with the variable's value and registers the value as a secret.
-/// A missing variable is an error naming file and line.
-pub fn interpolate_env(file: &Path, text: &str) -> Result<String, Error> {
+/// A missing variable is an error naming file and line, except inside the top-level
+/// section `deferred`, where it is left as written.
+pub fn interpolate_env(file: &Path, text: &str, deferred: Option<&str>) -> Result<String, Error> {
     if !text.contains("${env:") {
         return Ok(text.to_string());
     }
     let mut out = String::with_capacity(text.len());
+    let mut in_deferred = false;
     for (n, line) in text.split_inclusive('\n').enumerate() {
+        if !line.starts_with([' ', '\t', '#', '\n', '\r']) {
+            in_deferred = deferred.is_some_and(|d| line.starts_with(&format!("{d}:")));
+        }
         let mut rest = line;
         while let Some(start) = rest.find("${env:") {
             out.push_str(&rest[..start]);
@@ -142,6 +151,9 @@ pub fn interpolate_env(file: &Path, text: &str) -> Result<String, Error> {
                 Ok(value) => {
                     weir_common::register_secret(&value);
                     out.push_str(&value);
+                }
+                Err(_) if in_deferred => {
+                    out.push_str(&rest[start..start + 6 + end + 1]);
                 }
                 Err(_) => {
                     return Err(Error::user(format!(
@@ -181,6 +193,7 @@ mod tests {
         let out = interpolate_env(
             Path::new("weir.yaml"),
             "password: ${env:WEIR_TEST_SECRET_XYZ}\n",
+            None,
         )
         .unwrap();
         assert_eq!(out, "password: s3cr3t-value\n");
@@ -188,9 +201,21 @@ mod tests {
         let err = interpolate_env(
             Path::new("weir.yaml"),
             "a: 1\nb: ${env:WEIR_SURELY_UNSET_VAR}\n",
+            Some("connections"),
         )
         .unwrap_err();
         assert!(err.message.contains("weir.yaml:2"), "{}", err.message);
+        // Inside the deferred section an unset variable stays for its user to report.
+        let out = interpolate_env(
+            Path::new("weir.yaml"),
+            "connections:\n  db:\n    password: ${env:WEIR_SURELY_UNSET_VAR}\nlake: x\n",
+            Some("connections"),
+        )
+        .unwrap();
+        assert!(
+            out.contains("password: ${env:WEIR_SURELY_UNSET_VAR}\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -380,3 +380,51 @@ fn a_connection_killed_mid_extract_is_retried_and_the_result_is_exact() {
         1_500_000i64 * 1_500_001 / 2
     );
 }
+
+#[test]
+fn the_demo_publishes_its_revenue_mart_to_postgres() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("demo").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("demo")
+        .arg(&d)
+        .args(["--postgres", &pg.url(&db), "--format", "json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains(PgServer::PASSWORD),
+        "the password leaked: {text}"
+    );
+    let marts = scalar(&d, "select count(*) from marts.daily_revenue");
+    assert_eq!(
+        pg.psql(&db, "select count(*) from analytics.daily_revenue")
+            .unwrap(),
+        marts.to_string()
+    );
+    let lake_sum = scalar(
+        &d,
+        "select cast(sum(revenue) as double) from marts.daily_revenue",
+    )
+    .as_f64()
+    .unwrap();
+    let pg_sum: f64 = pg
+        .psql(
+            &db,
+            "select sum(revenue)::float8 from analytics.daily_revenue",
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        lake_sum > 0.0 && (lake_sum - pg_sum).abs() < 1e-6,
+        "{lake_sum} vs {pg_sum}"
+    );
+}

@@ -13,6 +13,19 @@ use weir_config::{ConnectionConfig, SslMode};
 /// The driver config of connection `name`. Passwords are registered as secrets, so they
 /// are redacted from anything weir prints.
 pub fn config(name: &str, c: &ConnectionConfig) -> Result<Config, Error> {
+    // Values whose environment variable was unset when the project loaded.
+    for v in [&c.url, &c.host, &c.database, &c.user, &c.password]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(start) = v.find("${env:") {
+            let var = v[start + 6..].split('}').next().unwrap_or_default().trim();
+            return Err(Error::user(format!(
+                "environment variable `{var}` is not set (used by connection `{name}` in weir.yaml)"
+            ))
+            .with_hint(format!("export {var}=... before running weir")));
+        }
+    }
     let mut cfg = match &c.url {
         Some(url) => {
             if let Ok(u) = url::Url::parse(url) {
