@@ -212,20 +212,36 @@ fn validate_source(
             SourceKind::Lake => "lake sources take table (`schema.table` of this project's lake)",
         })
     };
+    let set = [
+        ("path", !src.path.is_empty()),
+        ("format", src.format.is_some()),
+        ("schema", !src.schema.is_empty()),
+        ("connection", src.connection.is_some()),
+        ("table", src.table.is_some()),
+        ("query", src.query.is_some()),
+        ("cursor", src.cursor.is_some()),
+        ("lookback", src.lookback.is_some()),
+        ("partitions", src.partitions.is_some()),
+        ("partition_column", src.partition_column.is_some()),
+    ];
+    let allowed: &[&str] = match kind {
+        SourceKind::Files => &["path", "format", "schema"],
+        SourceKind::Lake => &["table"],
+        SourceKind::Postgres => &[
+            "connection",
+            "table",
+            "query",
+            "cursor",
+            "lookback",
+            "partitions",
+            "partition_column",
+        ],
+    };
+    if let Some((key, _)) = set.iter().find(|(k, on)| *on && !allowed.contains(k)) {
+        return Err(foreign(key));
+    }
     match kind {
         SourceKind::Files => {
-            let set = [
-                ("connection", src.connection.is_some()),
-                ("table", src.table.is_some()),
-                ("query", src.query.is_some()),
-                ("cursor", src.cursor.is_some()),
-                ("lookback", src.lookback.is_some()),
-                ("partitions", src.partitions.is_some()),
-                ("partition_column", src.partition_column.is_some()),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
-                return Err(foreign(key));
-            }
             if src.path.is_empty() {
                 return Err(Error::user(format!(
                     "missing key `path` in `source` in {}",
@@ -234,41 +250,17 @@ fn validate_source(
                 .with_hint("a files source reads `path:` (a file, a directory or a glob)"));
             }
         }
-        SourceKind::Lake => {
-            let set = [
-                ("path", !src.path.is_empty()),
-                ("format", src.format.is_some()),
-                ("schema", !src.schema.is_empty()),
-                ("connection", src.connection.is_some()),
-                ("query", src.query.is_some()),
-                ("cursor", src.cursor.is_some()),
-                ("lookback", src.lookback.is_some()),
-                ("partitions", src.partitions.is_some()),
-                ("partition_column", src.partition_column.is_some()),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
-                return Err(foreign(key));
+        SourceKind::Lake => match &src.table {
+            Some(t) => validate_table_name(t, file)?,
+            None => {
+                return Err(Error::user(format!(
+                    "missing key `table` in `source` in {}",
+                    file.display()
+                ))
+                .with_hint("name the lake table to read, e.g. `table: marts.daily_revenue`"))
             }
-            match &src.table {
-                Some(t) => validate_table_name(t, file)?,
-                None => {
-                    return Err(Error::user(format!(
-                        "missing key `table` in `source` in {}",
-                        file.display()
-                    ))
-                    .with_hint("name the lake table to read, e.g. `table: marts.daily_revenue`"))
-                }
-            }
-        }
+        },
         SourceKind::Postgres => {
-            let set = [
-                ("path", !src.path.is_empty()),
-                ("format", src.format.is_some()),
-                ("schema", !src.schema.is_empty()),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
-                return Err(foreign(key));
-            }
             let Some(name) = &src.connection else {
                 return Err(Error::user(format!(
                     "missing key `connection` in `source` in {}",

@@ -157,12 +157,7 @@ pub async fn run_pipeline(
     result.rows_read = fed.good + fed.bad;
     result.rows_quarantined = fed.bad;
     result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
-    result.rows_written = m.rows_inserted + m.rows_updated;
-    result.rows_deleted = m.rows_deleted;
-    result.version = Some(m.version);
-    if m.skipped {
-        result.note = Some("already committed by an earlier attempt".into());
-    }
+    result.record(&m);
     Ok(result)
 }
 
@@ -250,12 +245,7 @@ async fn run_lake_source(
         }
     };
     result.rows_read = m.rows_inserted + m.rows_updated;
-    result.rows_written = m.rows_inserted + m.rows_updated;
-    result.rows_deleted = m.rows_deleted;
-    result.version = Some(m.version);
-    if m.skipped {
-        result.note = Some("already committed by an earlier attempt".into());
-    }
+    result.record(&m);
     Ok(result)
 }
 

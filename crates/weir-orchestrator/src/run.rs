@@ -55,6 +55,16 @@ pub struct AssetResult {
 }
 
 impl AssetResult {
+    /// Takes in what a write did.
+    pub fn record(&mut self, m: &weir_lake::WriteMetrics) {
+        self.rows_written = m.rows_inserted + m.rows_updated;
+        self.rows_deleted = m.rows_deleted;
+        self.version = Some(m.version);
+        if m.skipped {
+            self.note = Some("already committed by an earlier attempt".into());
+        }
+    }
+
     pub fn new(name: &str, table: &str) -> Self {
         Self {
             name: name.to_string(),
