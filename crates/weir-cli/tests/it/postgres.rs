@@ -428,3 +428,40 @@ fn the_demo_publishes_its_revenue_mart_to_postgres() {
         "{lake_sum} vs {pg_sum}"
     );
 }
+
+#[test]
+fn an_unmapped_type_is_an_error_naming_the_column_or_text_when_asked() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("unmapped").unwrap();
+    pg.psql(
+        &db,
+        "create table shapes (id int primary key, p point, r int4range);
+         insert into shapes values (1, point(1, 2), int4range(1, 5));",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pipe = "source:\n  type: postgres\n  connection: shop\n  table: shapes\nsink:\n  table: raw.shapes\n  mode: overwrite\n";
+    project(d, &db, &[("shapes", pipe)]);
+    let out = run(d, &["run"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "column `p` of postgres:shop/shapes has type `point`, which weir does not map"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("unsupported_types: text"), "{err}");
+
+    let pipe = pipe.replace(
+        "  table: shapes\n",
+        "  table: shapes\n  unsupported_types: text\n",
+    );
+    project(d, &db, &[("shapes", &pipe)]);
+    ok(&run(d, &["run"]));
+    assert_eq!(
+        query(d, "select p, r from raw.shapes"),
+        vec![serde_json::json!({"p": "(1,2)", "r": "[1,5)"})]
+    );
+}
