@@ -83,6 +83,10 @@ impl PgServer {
             server.dir.path().display()
         );
         append(&data.join("postgresql.conf"), &conf)?;
+        // TLS with a throwaway self-signed certificate, when openssl is there.
+        if server.make_certificate(&data) {
+            append(&data.join("postgresql.conf"), "ssl = on\n")?;
+        }
         append(
             &data.join("pg_hba.conf"),
             "host replication all 127.0.0.1/32 scram-sha-256\n",
@@ -111,6 +115,47 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(server)
+    }
+
+    /// Whether the server accepts TLS.
+    pub fn has_tls(&self) -> bool {
+        self.dir.path().join("data/server.crt").exists()
+    }
+
+    fn make_certificate(&self, data: &Path) -> bool {
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+            ])
+            .arg(data.join("server.key"))
+            .arg("-out")
+            .arg(data.join("server.crt"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !made {
+            return false;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        );
+        match &self.run_as {
+            Some(user) => chown_tree(data, user).is_ok(),
+            None => true,
+        }
     }
 
     pub fn port(&self) -> u16 {

@@ -465,3 +465,49 @@ fn an_unmapped_type_is_an_error_naming_the_column_or_text_when_asked() {
         vec![serde_json::json!({"p": "(1,2)", "r": "[1,5)"})]
     );
 }
+
+#[test]
+fn sslmode_require_encrypts_the_session() {
+    let pg = PgServer::shared();
+    if !pg.has_tls() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have openssl for the TLS test"
+        );
+        eprintln!("skipping: no openssl to make a server certificate");
+        return;
+    }
+    let db = pg.fresh_database("tls").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    project(
+        d,
+        &db,
+        &[(
+            "session",
+            "source:\n  type: postgres\n  connection: shop\n  query: select ssl, version as tls_version from pg_stat_ssl where pid = pg_backend_pid()\nsink:\n  table: raw.session\n  mode: overwrite\n",
+        )],
+    );
+    let yaml = std::fs::read_to_string(d.join("weir.yaml")).unwrap();
+    std::fs::write(
+        d.join("weir.yaml"),
+        yaml.replace("sslmode: disable", "sslmode: require"),
+    )
+    .unwrap();
+    ok(&run(d, &["run"]));
+    let rows = query(d, "select ssl, tls_version from raw.session");
+    assert_eq!(rows[0]["ssl"], true, "{rows:?}");
+    assert!(
+        rows[0]["tls_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("TLSv1."),
+        "{rows:?}"
+    );
+    let out = run(d, &["connections", "test"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

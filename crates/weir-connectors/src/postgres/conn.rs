@@ -3,6 +3,7 @@
 //! dropped: retried).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
@@ -79,22 +80,96 @@ pub fn config(name: &str, c: &ConnectionConfig) -> Result<Config, Error> {
 /// Opens a client; the connection runs on its own task until the client is dropped.
 pub async fn connect(name: &str, c: &ConnectionConfig) -> Result<Client, Error> {
     let cfg = config(name, c)?;
-    if c.sslmode == SslMode::Require {
-        return Err(Error::user(format!(
-            "connection `{name}`: sslmode `require` is not supported yet"
-        ))
-        .with_hint("use `sslmode: prefer` or `disable`, or connect through a TLS tunnel"));
-    }
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| classify(name, "connecting", e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %weir_common::redact(&e.to_string()), "postgres connection ended");
-        }
-    });
+    let client = if c.sslmode == SslMode::Disable {
+        let (client, connection) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|e| classify(name, "connecting", e))?;
+        tokio::spawn(watch(connection));
+        client
+    } else {
+        let (client, connection) = cfg
+            .connect(tls())
+            .await
+            .map_err(|e| classify(name, "connecting", e))?;
+        tokio::spawn(watch(connection));
+        client
+    };
     Ok(client)
+}
+
+async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %weir_common::redact(&e.to_string()), "postgres connection ended");
+    }
+}
+
+/// TLS as libpq's `prefer` and `require` do it: the session is encrypted, the server's
+/// certificate is not verified (that is what `verify-full` is for).
+fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Accepts any server certificate, checking only that its signatures are well formed.
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Sorts a driver error into user (no retry) and external (retry) failures.
