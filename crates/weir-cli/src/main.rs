@@ -54,6 +54,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Run the declared data quality checks over the published tables.
+    Test {
+        /// Which assets' checks: as for `run`.
+        selector: Vec<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Run SQL over the lake's tables (`schema.table`) and print the result.
     Query {
         sql: String,
@@ -223,6 +230,24 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                         );
                     }
                 }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Command::Test { selector, format } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let sel = (!selector.is_empty()).then(|| selector.join(" "));
+            let results = weir_orchestrator::test(&project, sel.as_deref()).await?;
+            let failed = results
+                .iter()
+                .filter(|r| r.status == weir_engine::checks::CheckStatus::Fail)
+                .count();
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&results).unwrap_or_default()
+                );
+            } else {
+                eprint!("{}", output::check_report(&results));
             }
             Ok(if failed > 0 { 1 } else { 0 })
         }

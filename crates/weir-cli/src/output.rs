@@ -47,6 +47,57 @@ pub fn progress_line(name: &str, rows: u64, bytes: u64, secs: f64) -> String {
     )
 }
 
+/// The `weir test` report: one line per check, then failing rows of failed checks.
+pub fn check_report(results: &[weir_engine::checks::CheckResult]) -> String {
+    use weir_engine::checks::CheckStatus;
+    if results.is_empty() {
+        return "no checks declared for the selected assets\n".into();
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.asset.clone(),
+                r.name.clone(),
+                match r.status {
+                    CheckStatus::Pass => "pass".into(),
+                    CheckStatus::Warn => "WARN".into(),
+                    CheckStatus::Fail => "FAIL".into(),
+                },
+                thousands(r.failing),
+                r.message.clone(),
+            ]
+        })
+        .collect();
+    let mut out = text_table(&["asset", "check", "status", "failing", "detail"], &rows);
+    for r in results.iter().filter(|r| r.status != CheckStatus::Pass) {
+        if r.sample.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n{} / {}: failing rows (up to {}):\n",
+            r.asset,
+            r.name,
+            r.sample.len()
+        ));
+        for row in &r.sample {
+            out.push_str(&format!("  {row}\n"));
+        }
+    }
+    let (pass, warn, fail) = results
+        .iter()
+        .fold((0, 0, 0), |(p, w, f), r| match r.status {
+            CheckStatus::Pass => (p + 1, w, f),
+            CheckStatus::Warn => (p, w + 1, f),
+            CheckStatus::Fail => (p, w, f + 1),
+        });
+    out.push_str(&format!(
+        "\n{} checks: {pass} passed, {warn} warned, {fail} failed\n",
+        results.len()
+    ));
+    out
+}
+
 pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {

@@ -8,10 +8,12 @@
 //! `${env:VAR}` is substituted in the raw text before parsing; every substituted value is
 //! registered as a secret so it is redacted from everything weir prints.
 
+mod checks;
 mod load;
 mod spec;
 mod yaml;
 
+pub use checks::{CheckKind, CheckSpec, Severity};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use spec::*;
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

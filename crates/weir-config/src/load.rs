@@ -86,6 +86,9 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         let cfg: PipelineConfig = parse_yaml(&shown, &text)?;
         validate_source(&cfg, &config, &shown, &text)?;
         validate_sink(&cfg, &config, &shown)?;
+        for c in &cfg.checks {
+            c.validate(&shown.display().to_string())?;
+        }
         let name = cfg.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .unwrap_or_default()
@@ -107,6 +110,9 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
         let parsed: ModelPropertiesFile = parse_yaml(&shown, &read(&file, &shown)?)?;
         for p in parsed.models {
+            for c in &p.checks {
+                c.validate(&p.name)?;
+            }
             if let Some((other, _)) = props.get(&p.name) {
                 return Err(Error::user(format!(
                     "model `{}` has properties in both {} and {}",

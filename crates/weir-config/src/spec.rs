@@ -130,6 +130,9 @@ pub struct PipelineConfig {
     /// Retry policy for this pipeline; defaults to the project's.
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// Data quality checks on the loaded table (`weir test`).
+    #[serde(default)]
+    pub checks: Vec<crate::checks::CheckSpec>,
 }
 
 /// A source. `type` selects the connector; the other keys are that connector's options.
@@ -554,6 +557,9 @@ pub struct ModelProperties {
     /// Schema (overrides the folder and the project default).
     #[serde(default)]
     pub schema: Option<String>,
+    /// Data quality checks on the model's table (`weir test`).
+    #[serde(default)]
+    pub checks: Vec<crate::checks::CheckSpec>,
 }
 
 impl ModelProperties {
@@ -662,6 +668,7 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "sink",
         "max_bad_rows",
         "retry",
+        "checks",
         "source.type",
         "source.path",
         "source.format",

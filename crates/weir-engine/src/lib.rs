@@ -1,6 +1,7 @@
 //! SQL over the lake: model templating and the asset graph, and DataFusion sessions in
 //! which every lake table is a table (`schema.table`) and every view model a view.
 
+pub mod checks;
 pub mod graph;
 pub mod model;
 pub mod session;

@@ -11,6 +11,8 @@
 
 mod pipeline;
 mod run;
+mod test;
 
 pub use pipeline::app_id;
 pub use run::{project_session, run, AssetResult, AssetStatus, ProgressFn, RunOptions, RunSummary};
+pub use test::test;

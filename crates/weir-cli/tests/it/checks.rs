@@ -1,0 +1,187 @@
+//! `weir test`: each check on passing and failing data, tolerance edges, nulls, an empty table.
+
+use std::path::Path;
+
+use crate::weir;
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+}
+
+const ORDERS_PIPELINE: &str = "source:\n  type: files\n  path: data/orders.csv\nsink:\n  table: raw.orders\n  mode: overwrite\nchecks:\n";
+
+const CHECKS: &str = "  - { check: not_null, column: customer_id }
+  - { check: not_null, column: customer_id, name: nn_tolerated, tolerance: 1 }
+  - { check: not_null, column: email, name: email_share, tolerance: 25% }
+  - { check: unique, column: id }
+  - { check: unique, columns: [id, status] }
+  - { check: accepted_values, column: status, values: [new, paid, shipped] }
+  - { check: range, column: amount, min: 0 }
+  - { check: range, column: amount, min: 10, max: 40, name: range_incl }
+  - { check: range, column: amount, min: 10, max: 40, inclusive: false, name: range_excl }
+  - { check: pattern, column: email, regex: '[^@ ]+@[^@ ]+', severity: warn }
+  - { check: relationships, column: customer_id, to: raw.customers, field: customer_id }
+  - { check: row_count, min: 1, max: 10 }
+  - { check: row_count, min: 6, name: too_few }
+  - { check: expression, sql: \"amount >= 0 or status = 'bogus'\" }
+  - { check: sql, sql: 'select * from {{ this }} where amount > 35', name: big_amounts }
+";
+
+fn results(out: &std::process::Output) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn by_name<'a>(rs: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rs.iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {rs:?}"))
+}
+
+#[test]
+fn each_check_passes_and_fails_where_it_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            ("pipelines/orders.yaml", &format!("{ORDERS_PIPELINE}{CHECKS}")),
+            (
+                "pipelines/customers.yaml",
+                "source:\n  type: files\n  path: data/customers.csv\nsink:\n  table: raw.customers\n  mode: overwrite\n",
+            ),
+            (
+                "data/orders.csv",
+                "id,customer_id,status,amount,email\n1,1,new,10,a@x.com\n2,2,paid,20,b@x.com\n3,9,bogus,-5,not-an-email\n4,,paid,30,\n4,2,shipped,40,c@x.com\n",
+            ),
+            ("data/customers.csv", "customer_id,name\n1,Ada\n2,Ben\n"),
+        ],
+    );
+    crate::ok(&weir(d, &["run"]));
+    let out = weir(d, &["test", "--format", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rs = results(&out);
+    let expect = [
+        ("not_null_customer_id", "fail", 1),
+        ("nn_tolerated", "pass", 1),
+        ("email_share", "pass", 1),
+        ("unique_id", "fail", 1),
+        ("unique_id_status", "pass", 0),
+        ("accepted_values_status", "fail", 1),
+        ("range_amount", "fail", 1),
+        ("range_incl", "fail", 1),
+        ("range_excl", "fail", 3),
+        ("pattern_email", "warn", 1),
+        ("relationships_customer_id", "fail", 1),
+        ("row_count", "pass", 0),
+        ("too_few", "fail", 1),
+        ("expression", "pass", 0),
+        ("big_amounts", "fail", 1),
+    ];
+    assert_eq!(rs.len(), expect.len(), "{rs:?}");
+    for (name, status, failing) in expect {
+        let r = by_name(&rs, name);
+        assert_eq!(
+            (
+                r["status"].as_str().unwrap(),
+                r["failing"].as_u64().unwrap()
+            ),
+            (status, failing),
+            "{name}: {r}"
+        );
+    }
+    // Failing rows are shown.
+    let rel = by_name(&rs, "relationships_customer_id");
+    assert_eq!(rel["sample"][0]["customer_id"], 9, "{rel}");
+    assert_eq!(by_name(&rs, "unique_id")["sample"][0]["rows"], 2);
+
+    // The readable report names the checks and shows failing rows.
+    let out = weir(d, &["test", "orders"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("relationships_customer_id  FAIL"), "{text}");
+    assert!(
+        text.contains("orders / accepted_values_status: failing rows"),
+        "{text}"
+    );
+    assert!(text.contains("\"status\":\"bogus\""), "{text}");
+    assert!(
+        text.contains("15 checks: 5 passed, 1 warned, 9 failed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn checks_on_an_empty_table_and_a_clean_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                &format!("{ORDERS_PIPELINE}  - {{ check: not_null, column: id }}\n  - {{ check: unique, column: id }}\n  - {{ check: row_count, min: 1 }}\n  - {{ check: accepted_values, column: status, values: [new] }}\n"),
+            ),
+            ("data/orders.csv", "id,status\n"),
+        ],
+    );
+    crate::ok(&weir(d, &["run"]));
+    let out = weir(d, &["test", "--format", "json"]);
+    let rs = results(&out);
+    assert_eq!(by_name(&rs, "not_null_id")["status"], "pass");
+    assert_eq!(by_name(&rs, "unique_id")["status"], "pass");
+    assert_eq!(by_name(&rs, "accepted_values_status")["status"], "pass");
+    assert_eq!(by_name(&rs, "row_count")["status"], "fail");
+    assert_eq!(out.status.code(), Some(1));
+
+    // Data that passes everything: exit 0.
+    write(d, &[("data/orders.csv", "id,status\n1,new\n2,new\n")]);
+    crate::ok(&weir(d, &["run", "--full-refresh"]));
+    let out = weir(d, &["test"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 checks: 4 passed, 0 warned, 0 failed"));
+}
+
+#[test]
+fn a_check_missing_its_keys_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                &format!("{ORDERS_PIPELINE}  - {{ check: accepted_values, column: status }}\n"),
+            ),
+            ("data/orders.csv", "id,status\n"),
+        ],
+    );
+    let out = weir(d, &["validate"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("check `accepted_values_status` of `pipelines/orders.yaml`: needs `values`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,176 @@
+//! Data quality checks as declared in YAML, on a pipeline's output or a model:
+//!
+//! ```yaml
+//! checks:
+//!   - { check: not_null, column: email }
+//!   - { check: unique, columns: [order_id, line] }
+//!   - { check: accepted_values, column: status, values: [new, paid, shipped] }
+//!   - { check: range, column: amount, min: 0, max: 10000 }
+//!   - { check: pattern, column: email, regex: '^[^@ ]+@[^@ ]+$', severity: warn }
+//!   - { check: relationships, column: customer_id, to: raw.customers, field: customer_id }
+//!   - { check: row_count, min: 1 }
+//!   - { check: expression, sql: "shipped_at is null or shipped_at >= ordered_at" }
+//!   - { check: sql, sql: "select * from {{ this }} where amount < 0" }
+//! ```
+
+use std::fmt;
+
+use serde::Deserialize;
+use weir_common::Error;
+
+use crate::spec::BadRowLimit;
+
+/// The kinds of check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    NotNull,
+    Unique,
+    AcceptedValues,
+    Range,
+    Pattern,
+    Relationships,
+    RowCount,
+    Expression,
+    Sql,
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckKind::NotNull => "not_null",
+            CheckKind::Unique => "unique",
+            CheckKind::AcceptedValues => "accepted_values",
+            CheckKind::Range => "range",
+            CheckKind::Pattern => "pattern",
+            CheckKind::Relationships => "relationships",
+            CheckKind::RowCount => "row_count",
+            CheckKind::Expression => "expression",
+            CheckKind::Sql => "sql",
+        })
+    }
+}
+
+/// `error` (blocks publishing, fails the run) or `warn` (reported only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warn,
+}
+
+/// One declared check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    /// What is checked.
+    pub check: CheckKind,
+    /// A name for reports and quarantine (default: `<check>_<column>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub severity: Severity,
+    /// Failing rows tolerated before the check fails: a count or a share (`"1%"`).
+    #[serde(default)]
+    pub tolerance: Option<BadRowLimit>,
+    /// The column of a column check.
+    #[serde(default)]
+    pub column: Option<String>,
+    /// `unique`: the columns that together must be unique.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// `accepted_values`: the allowed values.
+    #[serde(default)]
+    pub values: Vec<serde_json::Value>,
+    /// `range`, `row_count`: bounds.
+    #[serde(default)]
+    pub min: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max: Option<serde_json::Value>,
+    /// `range`: whether the bounds themselves are allowed (default true).
+    #[serde(default = "yes")]
+    pub inclusive: bool,
+    /// `pattern`: a regular expression the whole value must match.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `relationships`: the table (`schema.table`) and column every value must exist in.
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub field: Option<String>,
+    /// `expression`: a SQL boolean that must hold for every row; `sql`: a query returning
+    /// the failing rows (`{{ this }}` is the checked table).
+    #[serde(default)]
+    pub sql: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CheckSpec {
+    /// The check's name in reports.
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let cols = if !self.columns.is_empty() {
+            self.columns.join("_")
+        } else {
+            self.column.clone().unwrap_or_default()
+        };
+        if cols.is_empty() {
+            self.check.to_string()
+        } else {
+            format!("{}_{cols}", self.check)
+        }
+    }
+
+    /// The columns this check reads on the checked table.
+    pub fn target_columns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.column.iter().cloned().collect();
+        out.extend(self.columns.iter().cloned());
+        out
+    }
+
+    /// Checks that the keys a kind needs are there; `owner` names the pipeline or model.
+    pub fn validate(&self, owner: &str) -> Result<(), Error> {
+        let fail = |msg: &str| {
+            Err(Error::user(format!(
+                "check `{}` of `{owner}`: {msg}",
+                self.display_name()
+            )))
+        };
+        let needs_column = matches!(
+            self.check,
+            CheckKind::NotNull
+                | CheckKind::AcceptedValues
+                | CheckKind::Range
+                | CheckKind::Pattern
+                | CheckKind::Relationships
+        );
+        if needs_column && self.column.is_none() {
+            return fail("needs `column`");
+        }
+        match self.check {
+            CheckKind::Unique if self.column.is_none() && self.columns.is_empty() => {
+                fail("needs `column` or `columns`")
+            }
+            CheckKind::AcceptedValues if self.values.is_empty() => fail("needs `values`"),
+            CheckKind::Range | CheckKind::RowCount if self.min.is_none() && self.max.is_none() => {
+                fail("needs `min`, `max` or both")
+            }
+            CheckKind::Pattern => match &self.regex {
+                None => fail("needs `regex`"),
+                Some(r) if r.contains('\'') => fail("`regex` cannot contain a single quote"),
+                _ => Ok(()),
+            },
+            CheckKind::Relationships if self.to.is_none() || self.field.is_none() => {
+                fail("needs `to` (a table) and `field` (its column)")
+            }
+            CheckKind::Expression | CheckKind::Sql if self.sql.is_none() => fail("needs `sql`"),
+            _ => Ok(()),
+        }
+    }
+}
