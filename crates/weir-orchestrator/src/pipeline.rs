@@ -128,10 +128,13 @@ pub async fn run_pipeline(
 
     let write = async {
         let df = incoming_frame(p, &ctx, incoming, full_refresh).await?;
-        match &pg_sink {
+        let audited = crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df).await?;
+        let df = audited.df.clone();
+        let m = match &pg_sink {
             Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
             None => write_delta(lake, p, &ctx, df, full_refresh, &opts).await,
-        }
+        }?;
+        Ok::<_, Error>((m, audited.results.clone()))
     };
     tokio::pin!(write);
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
@@ -152,7 +155,10 @@ pub async fn run_pipeline(
         // write only saw the stream end in error.
         (_, Err(e)) => return Err(e),
         (Err(e), _) => return Err(e),
-        (Ok(m), Ok(fed)) => (m, fed),
+        (Ok((m, checks)), Ok(fed)) => {
+            result.checks = checks;
+            (m, fed)
+        }
     };
     result.rows_read = fed.good + fed.bad;
     result.rows_quarantined = fed.bad;
@@ -230,6 +236,9 @@ async fn run_lake_source(
         .await
         .map_err(|e| Error::internal(format!("reading `{src}`: {e}")))?;
     let df = incoming_frame(p, &ctx, provider, full_refresh).await?;
+    let audited = crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df).await?;
+    let df = audited.df.clone();
+    result.checks = audited.results.clone();
     let m = match pg_sink {
         Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &next).await?,
         None => {

@@ -52,6 +52,9 @@ pub struct AssetResult {
     pub error: Option<String>,
     pub error_domain: Option<String>,
     pub note: Option<String>,
+    /// Checks run on the new data before it was published.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<weir_engine::checks::CheckResult>,
 }
 
 impl AssetResult {
@@ -83,6 +86,7 @@ impl AssetResult {
             error: None,
             error_domain: None,
             note: None,
+            checks: Vec::new(),
         }
     }
 }
@@ -299,6 +303,16 @@ async fn run_model(
         partition_by: cfg.partition_by.clone(),
         ..Default::default()
     };
+    let checks = project
+        .models
+        .iter()
+        .find(|m| m.name == compiled.name)
+        .and_then(|m| m.properties.as_ref())
+        .map(|p| p.checks.clone())
+        .unwrap_or_default();
+    let audited = crate::gate::audit(&ctx, &asset.name, &asset.table, &checks, df).await?;
+    let df = audited.df.clone();
+    result.checks = audited.results.clone();
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.model".to_string(), serde_json::json!(compiled.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));

@@ -55,7 +55,7 @@ fn each_check_passes_and_fails_where_it_should() {
         d,
         &[
             ("weir.yaml", "name: t\n"),
-            ("pipelines/orders.yaml", &format!("{ORDERS_PIPELINE}{CHECKS}")),
+            ("pipelines/orders.yaml", ORDERS_PIPELINE.trim_end_matches("checks:\n")),
             (
                 "pipelines/customers.yaml",
                 "source:\n  type: files\n  path: data/customers.csv\nsink:\n  table: raw.customers\n  mode: overwrite\n",
@@ -67,7 +67,15 @@ fn each_check_passes_and_fails_where_it_should() {
             ("data/customers.csv", "customer_id,name\n1,Ada\n2,Ben\n"),
         ],
     );
+    // Load without checks (a gate would refuse this data), then declare them and test.
     crate::ok(&weir(d, &["run"]));
+    write(
+        d,
+        &[(
+            "pipelines/orders.yaml",
+            &format!("{ORDERS_PIPELINE}{CHECKS}"),
+        )],
+    );
     let out = weir(d, &["test", "--format", "json"]);
     assert_eq!(
         out.status.code(),
@@ -135,12 +143,14 @@ fn checks_on_an_empty_table_and_a_clean_one() {
             ("weir.yaml", "name: t\n"),
             (
                 "pipelines/orders.yaml",
-                &format!("{ORDERS_PIPELINE}  - {{ check: not_null, column: id }}\n  - {{ check: unique, column: id }}\n  - {{ check: row_count, min: 1 }}\n  - {{ check: accepted_values, column: status, values: [new] }}\n"),
+                ORDERS_PIPELINE.trim_end_matches("checks:\n"),
             ),
             ("data/orders.csv", "id,status\n"),
         ],
     );
     crate::ok(&weir(d, &["run"]));
+    let checks = format!("{ORDERS_PIPELINE}  - {{ check: not_null, column: id }}\n  - {{ check: unique, column: id }}\n  - {{ check: row_count, min: 1 }}\n  - {{ check: accepted_values, column: status, values: [new] }}\n");
+    write(d, &[("pipelines/orders.yaml", &checks)]);
     let out = weir(d, &["test", "--format", "json"]);
     let rs = results(&out);
     assert_eq!(by_name(&rs, "not_null_id")["status"], "pass");
@@ -184,4 +194,68 @@ fn a_check_missing_its_keys_is_a_config_error() {
         err.contains("check `accepted_values_status` of `pipelines/orders.yaml`: needs `values`"),
         "{err}"
     );
+}
+
+#[test]
+fn a_failing_error_check_blocks_publishing_and_skips_downstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.orders\nchecks:\n  - { check: accepted_values, column: status, values: [new, paid] }\n  - { check: not_null, column: note, severity: warn }\n",
+            ),
+            ("models/marts/order_count.sql", "select count(*) as n from {{ source('raw', 'orders') }}"),
+            ("data/1.csv", "id,status,note\n1,new,x\n2,paid,\n"),
+        ],
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&crate::ok(&weir(d, &["run", "--format", "json"]))).unwrap();
+    let orders = &s["assets"][0];
+    assert_eq!(orders["checks"][1]["status"], "warn", "{s}");
+    let history_before = String::from_utf8_lossy(
+        &weir(d, &["table", "history", "raw.orders", "--format", "json"]).stdout,
+    )
+    .into_owned();
+
+    write(d, &[("data/2.csv", "id,status,note\n3,lost,y\n4,new,z\n")]);
+    let out = weir(d, &["run", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by = |n: &str| {
+        s["assets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let err = by("orders")["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("1 check(s) failed on the new data; nothing was published to `raw.orders`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("accepted_values_status: 1 of 2 rows fail"),
+        "{err}"
+    );
+    assert!(err.contains("\"status\":\"lost\""), "{err}");
+    assert_eq!(by("order_count")["status"], "skipped", "{s}");
+    // The table did not move.
+    let history_after = String::from_utf8_lossy(
+        &weir(d, &["table", "history", "raw.orders", "--format", "json"]).stdout,
+    )
+    .into_owned();
+    assert_eq!(history_before, history_after);
+    assert_eq!(crate::scalar(d, "select count(*) from raw.orders"), 2);
+    assert_eq!(crate::scalar(d, "select n from marts.order_count"), 2);
+
+    // Fixed data loads, and the rerun picks up the file that failed.
+    write(d, &[("data/2.csv", "id,status,note\n3,paid,y\n4,new,z\n")]);
+    crate::ok(&weir(d, &["run"]));
+    assert_eq!(crate::scalar(d, "select n from marts.order_count"), 4);
 }
