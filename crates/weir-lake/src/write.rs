@@ -27,6 +27,9 @@ pub struct WriteSpec {
     pub delete_flag: Option<String>,
     pub partition_by: Vec<String>,
     pub evolution: SchemaEvolution,
+    /// With `Overwrite`: replace only the rows matching this SQL predicate (the rest of
+    /// the table stays), in one commit. New columns are added.
+    pub replace_where: Option<String>,
 }
 
 /// Commit-level options: the idempotency token and metadata recorded in the commit.
@@ -138,6 +141,20 @@ fn df_err(context: &str) -> impl Fn(datafusion::error::DataFusionError) -> Error
 }
 
 impl Lake {
+    /// Deletes the rows of table `name` matching the SQL `predicate`, if it has any.
+    pub async fn delete_where(&self, name: &str, predicate: &str) -> Result<(), Error> {
+        if !self.exists(name) {
+            return Ok(());
+        }
+        let table = self.open(name).await?;
+        table
+            .delete()
+            .with_predicate(predicate.to_string())
+            .await
+            .map_err(|e| delta_error(format!("deleting from `{name}`"), e))?;
+        Ok(())
+    }
+
     /// Writes `df` into table `name` according to `spec`, once per txn version.
     pub async fn write(
         &self,
@@ -227,7 +244,7 @@ impl Lake {
         };
 
         let (df, add_columns) = match (&table_schema, spec.mode) {
-            (Some(ts), m) if m != WriteMode::Overwrite => {
+            (Some(ts), m) if m != WriteMode::Overwrite || spec.replace_where.is_some() => {
                 cast_to_table(df, ts, name, spec.evolution)?
             }
             _ => (df, false),
@@ -251,6 +268,14 @@ impl Lake {
         match spec.mode {
             WriteMode::Append | WriteMode::Merge => {
                 builder = builder.with_save_mode(SaveMode::Append);
+                if add_columns {
+                    builder = builder.with_schema_mode(SchemaMode::Merge);
+                }
+            }
+            WriteMode::Overwrite if existing && spec.replace_where.is_some() => {
+                builder = builder
+                    .with_save_mode(SaveMode::Overwrite)
+                    .with_replace_where(spec.replace_where.clone().unwrap_or_default());
                 if add_columns {
                     builder = builder.with_schema_mode(SchemaMode::Merge);
                 }

@@ -326,25 +326,57 @@ async fn feed(
             return veto(&out, too_many_bad_rows(&f, &bad, total, limit, true)).await;
         }
     }
-    if !bad.is_empty() {
-        let q = quarantine_batch(&bad, &f.pipeline, &f.run_id)?;
-        let ctx = weir_lake::new_session();
-        let written = match ctx.read_batch(q) {
-            Ok(df) => {
-                f.lake
-                    .write(&f.quarantine, &ctx, df, &WriteSpec::default(), &f.opts)
-                    .await
-            }
-            Err(e) => Err(Error::internal(format!("quarantine frame: {e}"))),
-        };
-        if let Err(e) = written {
-            return veto(&out, e).await;
-        }
+    if let Err(e) = quarantine(&f, &bad).await {
+        return veto(&out, e).await;
     }
     Ok(Fed {
         good,
         bad: bad.len() as u64,
     })
+}
+
+/// Commits this load's bad rows to the quarantine table, replacing those of an earlier
+/// attempt at the same load (same pipeline, same load number) that failed after its
+/// quarantine commit: a replay writes the same rows again, changed input its own rows.
+async fn quarantine(f: &Feed, bad: &[BadRow]) -> Result<(), Error> {
+    let load = f.opts.txn.as_ref().map(|(_, n)| *n).unwrap_or(0);
+    let this_load = format!(
+        "pipeline = '{}' AND load = {load}",
+        f.pipeline.replace('\'', "''")
+    );
+    // Quarantine tables from before the `load` column are appended to as they were.
+    let has_load = f
+        .lake
+        .schema(&f.quarantine)
+        .await?
+        .is_some_and(|s| s.field_with_name("load").is_ok());
+    let existing = f.lake.exists(&f.quarantine);
+    if bad.is_empty() {
+        if has_load {
+            f.lake.delete_where(&f.quarantine, &this_load).await?;
+        }
+        return Ok(());
+    }
+    let q = quarantine_batch(bad, &f.pipeline, &f.run_id, load)?;
+    let ctx = weir_lake::new_session();
+    let df = ctx
+        .read_batch(q)
+        .map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
+    let spec = if existing && has_load {
+        WriteSpec {
+            mode: weir_config::WriteMode::Overwrite,
+            replace_where: Some(this_load),
+            ..Default::default()
+        }
+    } else {
+        WriteSpec::default()
+    };
+    let opts = WriteOptions {
+        txn: None,
+        metadata: f.opts.metadata.clone(),
+    };
+    f.lake.write(&f.quarantine, &ctx, df, &spec, &opts).await?;
+    Ok(())
 }
 
 /// Fails the write reading `out` with `e`, and returns `e`.
@@ -516,6 +548,7 @@ async fn write_delta(
         delete_flag: sink.delete_flag.clone(),
         partition_by: sink.partition_by.clone(),
         evolution: sink.schema_evolution,
+        replace_where: None,
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
 }
@@ -535,11 +568,17 @@ fn last_row_per_key(df: DataFrame, key: &[String]) -> Result<DataFrame, Error> {
         .map_err(|e| Error::user(format!("keeping the last row per key: {e}")))
 }
 
-fn quarantine_batch(bad: &[BadRow], pipeline: &str, run_id: &str) -> Result<RecordBatch, Error> {
+fn quarantine_batch(
+    bad: &[BadRow],
+    pipeline: &str,
+    run_id: &str,
+    load: i64,
+) -> Result<RecordBatch, Error> {
     let now = chrono::Utc::now().timestamp_micros();
     let schema = Arc::new(Schema::new(vec![
         Field::new("run_id", DataType::Utf8, false),
         Field::new("pipeline", DataType::Utf8, false),
+        Field::new("load", DataType::Int64, false),
         Field::new("source", DataType::Utf8, false),
         Field::new("line", DataType::Int64, false),
         Field::new("reason", DataType::Utf8, false),
@@ -554,6 +593,7 @@ fn quarantine_batch(bad: &[BadRow], pipeline: &str, run_id: &str) -> Result<Reco
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; n])),
         Arc::new(StringArray::from(vec![pipeline; n])),
+        Arc::new(Int64Array::from(vec![load; n])),
         Arc::new(StringArray::from(
             bad.iter().map(|b| b.source.as_str()).collect::<Vec<_>>(),
         )),

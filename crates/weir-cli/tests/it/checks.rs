@@ -259,3 +259,45 @@ fn a_failing_error_check_blocks_publishing_and_skips_downstream() {
     crate::ok(&weir(d, &["run"]));
     assert_eq!(crate::scalar(d, "select n from marts.order_count"), 4);
 }
+
+#[test]
+fn a_retried_load_replaces_the_quarantine_of_its_failed_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                "source:\n  type: files\n  path: data/*.csv\n  schema:\n    - { name: id, type: bigint }\nsink:\n  table: raw.orders\nchecks:\n  - { check: accepted_values, column: status, values: [new, paid] }\n",
+            ),
+            // A malformed id (quarantined) and a status the gate refuses.
+            ("data/1.csv", "id,status\n1,new\nx2,new\n3,lost\n"),
+        ],
+    );
+    assert_eq!(weir(d, &["run"]).status.code(), Some(1));
+    // The failed attempt's quarantine commit landed before the gate refused the rows.
+    assert_eq!(
+        crate::scalar(d, "select raw from raw.orders__quarantine"),
+        "x2,new"
+    );
+
+    // Corrected input with a different malformed row: the quarantine holds only it.
+    write(d, &[("data/1.csv", "id,status\n1,new\ny9,paid\n3,paid\n")]);
+    crate::ok(&weir(d, &["run"]));
+    assert_eq!(
+        crate::query(d, "select raw, load from raw.orders__quarantine"),
+        vec![serde_json::json!({"raw": "y9,paid", "load": 1})]
+    );
+    assert_eq!(crate::scalar(d, "select count(*) from raw.orders"), 2);
+
+    // The next load with no bad rows leaves load 1's quarantine alone.
+    write(d, &[("data/2.csv", "id,status\n4,new\n")]);
+    crate::ok(&weir(d, &["run"]));
+    assert_eq!(
+        crate::scalar(d, "select count(*) from raw.orders__quarantine"),
+        1
+    );
+    assert_eq!(crate::scalar(d, "select count(*) from raw.orders"), 3);
+}
