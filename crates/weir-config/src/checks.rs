@@ -60,6 +60,17 @@ pub enum Severity {
     Warn,
 }
 
+/// What a failing row-level check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFail {
+    /// Fail (severity `error`) or report (severity `warn`).
+    #[default]
+    Fail,
+    /// Move the failing rows to the quarantine table and publish the rest.
+    Quarantine,
+}
+
 /// One declared check.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +82,10 @@ pub struct CheckSpec {
     pub name: Option<String>,
     #[serde(default)]
     pub severity: Severity,
+    /// `quarantine`: failing rows go to the quarantine table, the rest is published
+    /// (row-level checks only).
+    #[serde(default)]
+    pub on_fail: OnFail,
     /// Failing rows tolerated before the check fails: a count or a share (`"1%"`).
     #[serde(default)]
     pub tolerance: Option<BadRowLimit>,
@@ -152,6 +167,10 @@ impl CheckSpec {
         );
         if needs_column && self.column.is_none() {
             return fail("needs `column`");
+        }
+        let row_level = needs_column || self.check == CheckKind::Expression;
+        if self.on_fail == OnFail::Quarantine && !row_level {
+            return fail("`on_fail: quarantine` applies to row-level checks (not_null, accepted_values, range, pattern, relationships, expression)");
         }
         match self.check {
             CheckKind::Unique if self.column.is_none() && self.columns.is_empty() => {

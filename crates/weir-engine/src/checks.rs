@@ -53,7 +53,7 @@ fn ident(name: &str) -> String {
 }
 
 /// The predicate a failing row satisfies, for row-level checks.
-fn failing_predicate(c: &CheckSpec) -> Option<String> {
+pub fn failing_predicate(c: &CheckSpec) -> Option<String> {
     let col = c.column.as_deref().map(ident).unwrap_or_default();
     let (lo, hi) = if c.inclusive {
         ("<", ">")
@@ -346,7 +346,7 @@ pub async fn run_checks(
 }
 
 /// What a row-level check requires, in words.
-fn describe(c: &CheckSpec) -> String {
+pub fn describe(c: &CheckSpec) -> String {
     let col = c.column.clone().unwrap_or_default();
     match c.check {
         CheckKind::NotNull => format!("`{col}` must not be null"),

@@ -11,6 +11,7 @@
 
 mod gate;
 mod pipeline;
+mod quarantine;
 mod run;
 mod test;
 

@@ -3,10 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::DataFusionError;
@@ -128,13 +125,23 @@ pub async fn run_pipeline(
 
     let write = async {
         let df = incoming_frame(p, &ctx, incoming, full_refresh).await?;
-        let audited = crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df).await?;
+        let qtable = format!("{table}__quarantine");
+        let target = crate::quarantine::Target {
+            lake,
+            table: &qtable,
+            pipeline: &p.name,
+            run_id,
+            load: n,
+            metadata: &opts.metadata,
+        };
+        let audited =
+            crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df, Some(&target)).await?;
         let df = audited.df.clone();
         let m = match &pg_sink {
             Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
             None => write_delta(lake, p, &ctx, df, full_refresh, &opts).await,
         }?;
-        Ok::<_, Error>((m, audited.results.clone()))
+        Ok::<_, Error>((m, audited.results.clone(), audited.quarantined))
     };
     tokio::pin!(write);
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
@@ -150,18 +157,18 @@ pub async fn run_pipeline(
     let fed = feeder
         .await
         .map_err(|e| Error::internal(format!("feeder task: {e}")))?;
-    let (m, fed) = match (written, fed) {
+    let (m, fed, refused) = match (written, fed) {
         // The feeder's own failure (a source error, too many bad rows) is the cause; the
         // write only saw the stream end in error.
         (_, Err(e)) => return Err(e),
         (Err(e), _) => return Err(e),
-        (Ok((m, checks)), Ok(fed)) => {
+        (Ok((m, checks, refused)), Ok(fed)) => {
             result.checks = checks;
-            (m, fed)
+            (m, fed, refused)
         }
     };
     result.rows_read = fed.good + fed.bad;
-    result.rows_quarantined = fed.bad;
+    result.rows_quarantined = fed.bad + refused;
     result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
     result.record(&m);
     Ok(result)
@@ -236,9 +243,22 @@ async fn run_lake_source(
         .await
         .map_err(|e| Error::internal(format!("reading `{src}`: {e}")))?;
     let df = incoming_frame(p, &ctx, provider, full_refresh).await?;
-    let audited = crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df).await?;
+    let qtable = format!("{table}__quarantine");
+    let metadata =
+        std::collections::HashMap::from([("weir.pipeline".to_string(), serde_json::json!(p.name))]);
+    let target = crate::quarantine::Target {
+        lake,
+        table: &qtable,
+        pipeline: &p.name,
+        run_id,
+        load: n,
+        metadata: &metadata,
+    };
+    let audited =
+        crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df, Some(&target)).await?;
     let df = audited.df.clone();
     result.checks = audited.results.clone();
+    result.rows_quarantined = audited.quarantined;
     let m = match pg_sink {
         Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &next).await?,
         None => {
@@ -335,48 +355,16 @@ async fn feed(
     })
 }
 
-/// Commits this load's bad rows to the quarantine table, replacing those of an earlier
-/// attempt at the same load (same pipeline, same load number) that failed after its
-/// quarantine commit: a replay writes the same rows again, changed input its own rows.
 async fn quarantine(f: &Feed, bad: &[BadRow]) -> Result<(), Error> {
-    let load = f.opts.txn.as_ref().map(|(_, n)| *n).unwrap_or(0);
-    let this_load = format!(
-        "pipeline = '{}' AND load = {load}",
-        f.pipeline.replace('\'', "''")
-    );
-    // Quarantine tables from before the `load` column are appended to as they were.
-    let has_load = f
-        .lake
-        .schema(&f.quarantine)
-        .await?
-        .is_some_and(|s| s.field_with_name("load").is_ok());
-    let existing = f.lake.exists(&f.quarantine);
-    if bad.is_empty() {
-        if has_load {
-            f.lake.delete_where(&f.quarantine, &this_load).await?;
-        }
-        return Ok(());
-    }
-    let q = quarantine_batch(bad, &f.pipeline, &f.run_id, load)?;
-    let ctx = weir_lake::new_session();
-    let df = ctx
-        .read_batch(q)
-        .map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
-    let spec = if existing && has_load {
-        WriteSpec {
-            mode: weir_config::WriteMode::Overwrite,
-            replace_where: Some(this_load),
-            ..Default::default()
-        }
-    } else {
-        WriteSpec::default()
+    let target = crate::quarantine::Target {
+        lake: &f.lake,
+        table: &f.quarantine,
+        pipeline: &f.pipeline,
+        run_id: &f.run_id,
+        load: f.opts.txn.as_ref().map(|(_, n)| *n).unwrap_or(0),
+        metadata: &f.opts.metadata,
     };
-    let opts = WriteOptions {
-        txn: None,
-        metadata: f.opts.metadata.clone(),
-    };
-    f.lake.write(&f.quarantine, &ctx, df, &spec, &opts).await?;
-    Ok(())
+    crate::quarantine::write(&target, crate::quarantine::Scope::Read, bad).await
 }
 
 /// Fails the write reading `out` with `e`, and returns `e`.
@@ -566,48 +554,4 @@ fn last_row_per_key(df: DataFrame, key: &[String]) -> Result<DataFrame, Error> {
         .and_then(|d| d.filter(col("__weir_rank").eq(lit(1u64))))
         .and_then(|d| d.drop_columns(&["__weir_rank", SEQ_COLUMN]))
         .map_err(|e| Error::user(format!("keeping the last row per key: {e}")))
-}
-
-fn quarantine_batch(
-    bad: &[BadRow],
-    pipeline: &str,
-    run_id: &str,
-    load: i64,
-) -> Result<RecordBatch, Error> {
-    let now = chrono::Utc::now().timestamp_micros();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("run_id", DataType::Utf8, false),
-        Field::new("pipeline", DataType::Utf8, false),
-        Field::new("load", DataType::Int64, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("line", DataType::Int64, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("raw", DataType::Utf8, false),
-        Field::new(
-            "quarantined_at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-    ]));
-    let n = bad.len();
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(vec![run_id; n])),
-        Arc::new(StringArray::from(vec![pipeline; n])),
-        Arc::new(Int64Array::from(vec![load; n])),
-        Arc::new(StringArray::from(
-            bad.iter().map(|b| b.source.as_str()).collect::<Vec<_>>(),
-        )),
-        Arc::new(Int64Array::from(
-            bad.iter().map(|b| b.line as i64).collect::<Vec<_>>(),
-        )),
-        Arc::new(StringArray::from(
-            bad.iter().map(|b| b.reason.as_str()).collect::<Vec<_>>(),
-        )),
-        Arc::new(StringArray::from(
-            bad.iter().map(|b| b.raw.as_str()).collect::<Vec<_>>(),
-        )),
-        Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
-    ];
-    RecordBatch::try_new(schema, cols)
-        .map_err(|e| Error::internal(format!("quarantine batch: {e}")))
 }

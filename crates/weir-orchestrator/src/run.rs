@@ -310,7 +310,27 @@ async fn run_model(
         .and_then(|m| m.properties.as_ref())
         .map(|p| p.checks.clone())
         .unwrap_or_default();
-    let audited = crate::gate::audit(&ctx, &asset.name, &asset.table, &checks, df).await?;
+    let load = if exists {
+        lake.open(&asset.table).await?.version().unwrap_or(0) as i64 + 1
+    } else {
+        0
+    };
+    let qtable = format!("{}__quarantine", asset.table);
+    let qmeta = std::collections::HashMap::from([(
+        "weir.model".to_string(),
+        serde_json::json!(compiled.name),
+    )]);
+    let target = crate::quarantine::Target {
+        lake,
+        table: &qtable,
+        pipeline: &asset.name,
+        run_id,
+        load,
+        metadata: &qmeta,
+    };
+    let audited =
+        crate::gate::audit(&ctx, &asset.name, &asset.table, &checks, df, Some(&target)).await?;
+    result.rows_quarantined = audited.quarantined;
     let df = audited.df.clone();
     result.checks = audited.results.clone();
     let mut metadata = std::collections::HashMap::new();

@@ -301,3 +301,78 @@ fn a_retried_load_replaces_the_quarantine_of_its_failed_attempt() {
     );
     assert_eq!(crate::scalar(d, "select count(*) from raw.orders"), 3);
 }
+
+#[test]
+fn quarantining_checks_move_failing_rows_aside_and_publish_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                "source:\n  type: files\n  path: data/*.csv\n  schema:\n    - { name: id, type: bigint }\nsink:\n  table: raw.orders\nchecks:\n  - { check: accepted_values, column: status, values: [new, paid], on_fail: quarantine }\n  - { check: range, column: amount, min: 0, on_fail: quarantine, name: no_refunds }\n  - { check: not_null, column: id }\n",
+            ),
+            (
+                "data/1.csv",
+                "id,status,amount\n1,new,5\n2,lost,5\n3,paid,-1\n4,paid,7\nx5,new,1\n6,gone,-2\n7,new,3\n",
+            ),
+        ],
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&crate::ok(&weir(d, &["run", "--format", "json"]))).unwrap();
+    let a = &s["assets"][0];
+    // 7 rows read: 1 malformed, 3 refused by checks (row 6 fails both), 3 published.
+    assert_eq!(a["rows_read"], 7, "{a}");
+    assert_eq!(a["rows_written"], 3, "{a}");
+    assert_eq!(a["rows_quarantined"], 4, "{a}");
+    assert_eq!(crate::scalar(d, "select count(*) from raw.orders"), 3);
+    let q = crate::query(
+        d,
+        "select source, reason, raw from raw.orders__quarantine order by source, raw",
+    );
+    assert_eq!(q.len(), 4, "{q:?}");
+    let checks: Vec<&serde_json::Value> = q.iter().filter(|r| r["source"] == "checks").collect();
+    assert_eq!(checks.len(), 3);
+    assert!(checks.iter().any(|r| r["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("check `accepted_values_status`")
+        && r["raw"].as_str().unwrap().contains("\"id\":2")));
+    assert!(checks.iter().any(|r| r["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("check `no_refunds`")
+        && r["raw"].as_str().unwrap().contains("\"id\":3")));
+    // A row failing two checks is quarantined once, under the first.
+    assert!(checks.iter().any(|r| r["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("check `accepted_values_status`")
+        && r["raw"].as_str().unwrap().contains("\"id\":6")));
+    assert!(q.iter().any(|r| r["raw"] == "x5,new,1"));
+}
+
+#[test]
+fn on_fail_quarantine_needs_a_row_level_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                &format!(
+                    "{ORDERS_PIPELINE}  - {{ check: unique, column: id, on_fail: quarantine }}\n"
+                ),
+            ),
+            ("data/orders.csv", "id\n1\n"),
+        ],
+    );
+    let out = weir(d, &["validate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("`on_fail: quarantine` applies to row-level checks"));
+}
