@@ -227,7 +227,7 @@ pub async fn print_tour(project: &weir_config::Project, dir: &Path) -> Result<()
     eprintln!("\nmarts.daily_revenue:\n{text}");
     let d = dir.display();
     eprintln!(
-        "\ntry next:\n  weir --project {d} tables\n  weir --project {d} query \"select reason, count(*) from raw.customers__quarantine group by reason\"\n  weir --project {d} table history raw.orders\n  weir --project {d} run          # again: nothing new to load"
+        "\ntry next:\n  weir --project {d} tables\n  weir --project {d} query \"select reason, count(*) from raw.customers__quarantine group by reason\"\n  weir --project {d} table history raw.orders\n  weir --project {d} test         # the data quality checks\n  weir --project {d} run          # again: nothing new to load"
     );
     Ok(())
 }
@@ -292,6 +292,11 @@ sink:
   table: raw.orders
   mode: append
   partition_by: [order_date]
+checks:
+  # Every order's customer should be in the customer table (two customer rows are
+  # quarantined, so this warns rather than blocks).
+  - { check: relationships, column: customer_id, to: raw.customers, field: customer_id, severity: warn }
+  - { check: unique, column: order_id }
 ",
     ),
     (
@@ -307,6 +312,10 @@ source:
 sink:
   table: raw.order_items
   mode: append
+checks:
+  # Implausible quantities go to raw.order_items__quarantine; the rest is published.
+  - { check: range, column: quantity, min: 1, max: 100, on_fail: quarantine }
+  - { check: not_null, column: order_id }
 ",
     ),
     (

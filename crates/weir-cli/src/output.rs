@@ -190,6 +190,26 @@ pub fn run_table(s: &RunSummary) -> String {
                 a.name, a.rows_quarantined, a.table
             ));
         }
+        if !a.checks.is_empty() {
+            let warned: Vec<&weir_engine::checks::CheckResult> = a
+                .checks
+                .iter()
+                .filter(|c| c.status != weir_engine::checks::CheckStatus::Pass)
+                .collect();
+            out.push_str(&format!(
+                "  {}: {} checks passed before publishing{}\n",
+                a.name,
+                a.checks.len() - warned.len(),
+                if warned.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} warned", warned.len())
+                }
+            ));
+            for c in warned {
+                out.push_str(&format!("    warn {}: {}\n", c.name, c.message));
+            }
+        }
         if let Some(e) = &a.error {
             let text = e.replace('\n', "\n    ");
             out.push_str(&format!(

@@ -117,6 +117,36 @@ fn demo_golden_rerun_and_new_file() {
         "{q:?}"
     );
 
+    // The checks ran before publishing: the relationship warns exactly for the orders
+    // whose customer row was quarantined, and `weir test` (warnings only) passes.
+    let orders = s["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "orders")
+        .unwrap();
+    let rel = orders["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "relationships_customer_id")
+        .unwrap();
+    let orphans = scalar(
+        &dir,
+        "select count(*) from raw.orders o where o.customer_id is not null and not exists (select 1 from raw.customers c where c.customer_id = o.customer_id)",
+    );
+    assert_eq!(rel["failing"], orphans, "{rel}");
+    assert_eq!(rel["status"], if orphans == 0 { "pass" } else { "warn" });
+    let t = weir(&dir, &["test", "--format", "json"]);
+    assert_eq!(
+        t.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&t.stderr)
+    );
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&t.stdout).unwrap();
+    assert_eq!(results.len(), 4, "{results:?}");
+
     // A second run finds nothing new and adds nothing.
     let before = ok(&weir(&dir, &["tables", "--format", "json"]));
     let s2: serde_json::Value =
