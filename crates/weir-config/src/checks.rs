@@ -33,6 +33,8 @@ pub enum CheckKind {
     RowCount,
     Expression,
     Sql,
+    Freshness,
+    Schema,
 }
 
 impl fmt::Display for CheckKind {
@@ -47,6 +49,8 @@ impl fmt::Display for CheckKind {
             CheckKind::RowCount => "row_count",
             CheckKind::Expression => "expression",
             CheckKind::Sql => "sql",
+            CheckKind::Freshness => "freshness",
+            CheckKind::Schema => "schema",
         })
     }
 }
@@ -118,6 +122,39 @@ pub struct CheckSpec {
     /// the failing rows (`{{ this }}` is the checked table).
     #[serde(default)]
     pub sql: Option<String>,
+    /// `freshness`: the newest value of `column` must be younger than these (`6h`, `2d`).
+    #[serde(default, with = "duration_opt")]
+    pub warn_after: Option<std::time::Duration>,
+    #[serde(default, with = "duration_opt")]
+    pub error_after: Option<std::time::Duration>,
+    /// `schema`: expected columns and their types (`order_id: bigint`).
+    #[serde(default)]
+    pub expect: std::collections::BTreeMap<String, String>,
+    /// `schema`: `evolve` (default: more columns are fine) or `freeze` (exactly these).
+    #[serde(default)]
+    pub mode: SchemaCheckMode,
+}
+
+/// Whether a `schema` check allows columns beyond the expected ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaCheckMode {
+    #[default]
+    Evolve,
+    Freeze,
+}
+
+mod duration_opt {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 fn yes() -> bool {
@@ -189,6 +226,13 @@ impl CheckSpec {
                 fail("needs `to` (a table) and `field` (its column)")
             }
             CheckKind::Expression | CheckKind::Sql if self.sql.is_none() => fail("needs `sql`"),
+            CheckKind::Freshness if self.column.is_none() => fail("needs `column` (a timestamp)"),
+            CheckKind::Freshness if self.warn_after.is_none() && self.error_after.is_none() => {
+                fail("needs `warn_after`, `error_after` or both")
+            }
+            CheckKind::Schema if self.expect.is_empty() => {
+                fail("needs `expect` (column: type, ...)")
+            }
             _ => Ok(()),
         }
     }

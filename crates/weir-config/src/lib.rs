@@ -13,7 +13,7 @@ mod load;
 mod spec;
 mod yaml;
 
-pub use checks::{CheckKind, CheckSpec, OnFail, Severity};
+pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use spec::*;
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

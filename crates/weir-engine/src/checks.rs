@@ -290,6 +290,33 @@ pub async fn run_checks(
                     )),
                 )
             }
+            CheckKind::Freshness => {
+                let (failing, status, message) = freshness(ctx, &from, c, table).await?;
+                out.push(CheckResult {
+                    asset: asset.to_string(),
+                    table: table.to_string(),
+                    name: c.display_name(),
+                    check: c.check.to_string(),
+                    status,
+                    failing,
+                    rows,
+                    message,
+                    sample: vec![],
+                });
+                continue;
+            }
+            CheckKind::Schema => {
+                let problems = schema_problems(ctx, table, c).await?;
+                (
+                    problems.len() as u64,
+                    if problems.is_empty() {
+                        "columns and types as expected".to_string()
+                    } else {
+                        problems.join("; ")
+                    },
+                    None,
+                )
+            }
             CheckKind::Sql => {
                 let query = c
                     .sql
@@ -317,7 +344,7 @@ pub async fn run_checks(
             }
         };
         let tolerated = match (&c.tolerance, c.check) {
-            (_, CheckKind::RowCount) => failing == 0,
+            (_, CheckKind::RowCount | CheckKind::Schema) => failing == 0,
             (Some(t), _) => !t.exceeded(failing, rows.max(1)),
             (None, _) => failing == 0,
         };
@@ -374,4 +401,159 @@ pub fn describe(c: &CheckSpec) -> String {
         CheckKind::Expression => format!("`{}` must hold", c.sql.clone().unwrap_or_default()),
         _ => c.check.to_string(),
     }
+}
+
+/// The age of the newest `column` value against `warn_after` / `error_after`.
+async fn freshness(
+    ctx: &SessionContext,
+    from: &str,
+    c: &CheckSpec,
+    table: &str,
+) -> Result<(u64, CheckStatus, String), Error> {
+    let col = ident(c.column.as_deref().unwrap_or_default());
+    let batches = ctx
+        .sql(&format!(
+            "SELECT CAST(max({col}) AS TIMESTAMP) AS newest FROM {from}"
+        ))
+        .await
+        .map_err(df_err(table))?
+        .collect()
+        .await
+        .map_err(df_err(table))?;
+    let newest = batches
+        .first()
+        .and_then(|b| {
+            arrow::compute::cast(
+                b.column(0),
+                &arrow::datatypes::DataType::Timestamp(
+                    arrow::datatypes::TimeUnit::Microsecond,
+                    None,
+                ),
+            )
+            .ok()
+        })
+        .and_then(|a| {
+            a.as_any()
+                .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+                .and_then(|a| (!a.is_empty() && a.is_valid(0)).then(|| a.value(0)))
+        });
+    let limits = format!(
+        "{}{}",
+        c.warn_after
+            .map(|d| format!("warn after {}", humantime::format_duration(d)))
+            .unwrap_or_default(),
+        c.error_after
+            .map(|d| format!(
+                "{}error after {}",
+                if c.warn_after.is_some() { ", " } else { "" },
+                humantime::format_duration(d)
+            ))
+            .unwrap_or_default()
+    );
+    let Some(newest) = newest else {
+        let status = if c.error_after.is_some() {
+            CheckStatus::Fail
+        } else {
+            CheckStatus::Warn
+        };
+        return Ok((
+            1,
+            status,
+            format!(
+                "no `{}` values at all ({limits})",
+                c.column.clone().unwrap_or_default()
+            ),
+        ));
+    };
+    let now = chrono::Utc::now().timestamp_micros();
+    let age = std::time::Duration::from_micros((now - newest).max(0) as u64);
+    let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
+    let status = if over(c.error_after) {
+        CheckStatus::Fail
+    } else if over(c.warn_after) {
+        CheckStatus::Warn
+    } else {
+        CheckStatus::Pass
+    };
+    let shown = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
+    Ok((
+        u64::from(status != CheckStatus::Pass),
+        status,
+        format!(
+            "newest `{}` is {shown} old ({limits})",
+            c.column.clone().unwrap_or_default()
+        ),
+    ))
+}
+
+/// A type's name for comparing with what a `schema` check expects.
+fn type_name(dt: &arrow::datatypes::DataType) -> String {
+    use arrow::datatypes::DataType::*;
+    match dt {
+        Int8 => "tinyint".into(),
+        Int16 | UInt8 => "smallint".into(),
+        Int32 | UInt16 => "int".into(),
+        Int64 | UInt32 => "bigint".into(),
+        Float32 => "float".into(),
+        Float64 => "double".into(),
+        Utf8 | LargeUtf8 | Utf8View => "string".into(),
+        Binary | LargeBinary | BinaryView => "binary".into(),
+        Boolean => "boolean".into(),
+        Date32 | Date64 => "date".into(),
+        Timestamp(_, _) => "timestamp".into(),
+        Decimal128(p, s) => format!("decimal({p},{s})"),
+        List(f) | LargeList(f) => format!("array<{}>", type_name(f.data_type())),
+        other => other.to_string().to_lowercase(),
+    }
+}
+
+/// An expected type as written by a person, in [`type_name`]'s terms.
+fn expected_name(t: &str) -> String {
+    let t = t.trim().to_lowercase().replace(' ', "");
+    let t = t.replace("numeric", "decimal");
+    match t.as_str() {
+        "integer" | "int4" | "int32" => "int".into(),
+        "long" | "int8" | "int64" => "bigint".into(),
+        "short" | "int2" | "int16" => "smallint".into(),
+        "text" | "varchar" | "utf8" | "str" => "string".into(),
+        "real" | "float4" | "float32" => "float".into(),
+        "float8" | "float64" | "doubleprecision" => "double".into(),
+        "bool" => "boolean".into(),
+        "timestamptz" | "datetime" => "timestamp".into(),
+        "bytea" | "bytes" => "binary".into(),
+        _ => t,
+    }
+}
+
+/// Differences between the table's columns and a `schema` check's expectation.
+async fn schema_problems(
+    ctx: &SessionContext,
+    table: &str,
+    c: &CheckSpec,
+) -> Result<Vec<String>, Error> {
+    let df = ctx.table(table).await.map_err(df_err(table))?;
+    let schema = df.schema().as_arrow().clone();
+    let mut problems = Vec::new();
+    for (name, want) in &c.expect {
+        match schema.field_with_name(name) {
+            Err(_) => problems.push(format!("column `{name}` is missing")),
+            Ok(f) => {
+                let (got, want) = (type_name(f.data_type()), expected_name(want));
+                if got != want {
+                    problems.push(format!("column `{name}` is {got}, expected {want}"));
+                }
+            }
+        }
+    }
+    if c.mode == weir_config::SchemaCheckMode::Freeze {
+        for f in schema.fields() {
+            if !c.expect.contains_key(f.name()) {
+                problems.push(format!(
+                    "unexpected column `{}` (schema is frozen)",
+                    f.name()
+                ));
+            }
+        }
+    }
+    Ok(problems)
 }

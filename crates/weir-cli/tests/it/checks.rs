@@ -376,3 +376,84 @@ fn on_fail_quarantine_needs_a_row_level_check() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("`on_fail: quarantine` applies to row-level checks"));
 }
+
+#[test]
+fn freshness_and_schema_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let two_hours_ago = (chrono_like_now() - 2 * 3600).to_string();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/orders.yaml",
+                ORDERS_PIPELINE.trim_end_matches("checks:\n"),
+            ),
+            (
+                "data/orders.csv",
+                &format!(
+                    "id,status,updated_at\n1,new,{}\n",
+                    iso(two_hours_ago.parse().unwrap())
+                ),
+            ),
+        ],
+    );
+    crate::ok(&weir(d, &["run"]));
+    let checks = format!(
+        "{ORDERS_PIPELINE}  - {{ check: freshness, column: updated_at, warn_after: 1h, name: stale_warn }}
+  - {{ check: freshness, column: updated_at, warn_after: 1h, error_after: 90m, name: stale_error }}
+  - {{ check: freshness, column: updated_at, warn_after: 3h, name: fresh }}
+  - {{ check: schema, expect: {{ id: bigint, status: text, updated_at: timestamp }} }}
+  - {{ check: schema, expect: {{ id: int, note: text }}, mode: freeze, name: frozen }}
+"
+    );
+    write(d, &[("pipelines/orders.yaml", &checks)]);
+    let out = weir(d, &["test", "--format", "json"]);
+    let rs = results(&out);
+    assert_eq!(by_name(&rs, "stale_warn")["status"], "warn", "{rs:?}");
+    assert_eq!(by_name(&rs, "stale_error")["status"], "fail");
+    assert!(
+        by_name(&rs, "stale_error")["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("newest `updated_at` is 2h"),
+        "{rs:?}"
+    );
+    assert_eq!(by_name(&rs, "fresh")["status"], "pass");
+    assert_eq!(by_name(&rs, "schema")["status"], "pass", "{rs:?}");
+    let frozen = by_name(&rs, "frozen");
+    assert_eq!(frozen["status"], "fail");
+    assert_eq!(
+        frozen["message"],
+        "column `id` is bigint, expected int; column `note` is missing; unexpected column `status` (schema is frozen); unexpected column `updated_at` (schema is frozen)"
+    );
+}
+
+/// Seconds since the epoch.
+fn chrono_like_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for epoch seconds (civil-from-days, proleptic Gregorian).
+fn iso(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
