@@ -35,6 +35,7 @@ pub enum CheckKind {
     Sql,
     Freshness,
     Schema,
+    Anomaly,
 }
 
 impl fmt::Display for CheckKind {
@@ -51,6 +52,7 @@ impl fmt::Display for CheckKind {
             CheckKind::Sql => "sql",
             CheckKind::Freshness => "freshness",
             CheckKind::Schema => "schema",
+            CheckKind::Anomaly => "anomaly",
         })
     }
 }
@@ -133,7 +135,23 @@ pub struct CheckSpec {
     /// `schema`: `evolve` (default: more columns are fine) or `freeze` (exactly these).
     #[serde(default)]
     pub mode: SchemaCheckMode,
+    /// `anomaly`: the metric watched: `row_count` (default), or with `column`:
+    /// `null_count`, `distinct`, `min`, `max`, `mean`.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// `anomaly`: how many median absolute deviations from the median are normal (default 3).
+    #[serde(default)]
+    pub k: Option<f64>,
+    /// `anomaly`: how many past runs form the history (default 20).
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// `anomaly`: runs of history needed before the check speaks (default 5).
+    #[serde(default)]
+    pub min_history: Option<usize>,
 }
+
+/// Metrics recorded per run and watched by `anomaly` checks.
+pub const METRICS: [&str; 6] = ["row_count", "null_count", "distinct", "min", "max", "mean"];
 
 /// Whether a `schema` check allows columns beyond the expected ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -229,6 +247,19 @@ impl CheckSpec {
             CheckKind::Freshness if self.column.is_none() => fail("needs `column` (a timestamp)"),
             CheckKind::Freshness if self.warn_after.is_none() && self.error_after.is_none() => {
                 fail("needs `warn_after`, `error_after` or both")
+            }
+            CheckKind::Anomaly => {
+                let metric = self.metric.as_deref().unwrap_or("row_count");
+                if !METRICS.contains(&metric) {
+                    return fail(&format!(
+                        "unknown metric `{metric}`; metrics: {}",
+                        METRICS.join(", ")
+                    ));
+                }
+                if (metric == "row_count") != self.column.is_none() {
+                    return fail("`row_count` takes no `column`; the other metrics need one");
+                }
+                Ok(())
             }
             CheckKind::Schema if self.expect.is_empty() => {
                 fail("needs `expect` (column: type, ...)")

@@ -153,6 +153,15 @@ pub async fn run_checks(
     if checks.is_empty() {
         return Ok(vec![]);
     }
+    let checks: Vec<CheckSpec> = checks
+        .iter()
+        .filter(|c| c.check != CheckKind::Anomaly)
+        .cloned()
+        .collect();
+    let checks = checks.as_slice();
+    if checks.is_empty() {
+        return Ok(vec![]);
+    }
     let from = format!("{table} weir_checked");
     // One scan: the row count, each row-level predicate, single-column duplicates.
     let mut exprs = vec!["count(*)".to_string()];
@@ -556,4 +565,218 @@ async fn schema_problems(
         }
     }
     Ok(problems)
+}
+
+/// One measured value of a run: `row_count`, or a column's `null_count`, `distinct`, `min`,
+/// `max` or `mean`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    pub metric: String,
+    pub column: String,
+    pub value: f64,
+}
+
+/// The metrics of `table` in one scan: the row count, and per column the null count and a
+/// distinct estimate, plus min, max and mean of numeric columns.
+pub async fn measure(ctx: &SessionContext, table: &str) -> Result<Vec<Metric>, Error> {
+    let df = ctx.table(table).await.map_err(df_err(table))?;
+    let schema = df.schema().as_arrow().clone();
+    let mut exprs = vec![(
+        "row_count".to_string(),
+        String::new(),
+        "count(*)".to_string(),
+    )];
+    for f in schema.fields() {
+        let c = ident(f.name());
+        exprs.push((
+            "null_count".into(),
+            f.name().clone(),
+            format!("count(*) - count({c})"),
+        ));
+        let countable = !matches!(
+            f.data_type(),
+            arrow::datatypes::DataType::List(_) | arrow::datatypes::DataType::Struct(_)
+        );
+        if countable {
+            exprs.push((
+                "distinct".into(),
+                f.name().clone(),
+                format!("approx_distinct({c})"),
+            ));
+        }
+        if f.data_type().is_numeric() {
+            for (m, agg) in [("min", "min"), ("max", "max"), ("mean", "avg")] {
+                exprs.push((
+                    m.into(),
+                    f.name().clone(),
+                    format!("{agg}(CAST({c} AS DOUBLE))"),
+                ));
+            }
+        }
+    }
+    let sql = format!(
+        "SELECT {} FROM {table}",
+        exprs
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, e))| format!("CAST({e} AS DOUBLE) AS m{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(df_err(table))?
+        .collect()
+        .await
+        .map_err(df_err(table))?;
+    let Some(b) = batches.first().filter(|b| b.num_rows() > 0) else {
+        return Ok(vec![]);
+    };
+    let mut out = Vec::new();
+    for (i, (metric, column, _)) in exprs.into_iter().enumerate() {
+        let a = b
+            .column(i)
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .filter(|a| a.is_valid(0));
+        if let Some(a) = a {
+            out.push(Metric {
+                metric,
+                column,
+                value: a.value(0),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Judges this run's value of an `anomaly` check's metric against its history (newest
+/// first): outside median +/- k * max(1.4826 * MAD, 1% of the median) is an anomaly.
+/// Quiet until `min_history` runs exist.
+pub fn anomaly(
+    asset: &str,
+    table: &str,
+    c: &CheckSpec,
+    current: &[Metric],
+    history: &[f64],
+) -> CheckResult {
+    let metric = c.metric.clone().unwrap_or_else(|| "row_count".into());
+    let column = c.column.clone().unwrap_or_default();
+    let value = current
+        .iter()
+        .find(|m| m.metric == metric && m.column == column)
+        .map(|m| m.value);
+    let window = c.window.unwrap_or(20);
+    let min_history = c.min_history.unwrap_or(5);
+    let history: Vec<f64> = history.iter().take(window).copied().collect();
+    let label = if column.is_empty() {
+        metric.clone()
+    } else {
+        format!("{metric}({column})")
+    };
+    let (status, message) = match value {
+        None => (CheckStatus::Pass, format!("no {label} measured this run")),
+        Some(_) if history.len() < min_history => (
+            CheckStatus::Pass,
+            format!("quiet: {} of {min_history} runs of history", history.len()),
+        ),
+        Some(v) => {
+            let median = median(&history);
+            let deviations: Vec<f64> = history.iter().map(|h| (h - median).abs()).collect();
+            let mad = median_of(deviations);
+            let spread = (1.4826 * mad).max(0.01 * median.abs());
+            let k = c.k.unwrap_or(3.0);
+            let (lo, hi) = (median - k * spread, median + k * spread);
+            let text = format!(
+                "{label} = {v} against a median of {median} over {} runs (normal {lo:.2}..{hi:.2})",
+                history.len()
+            );
+            if v < lo || v > hi {
+                (
+                    if c.severity == Severity::Warn {
+                        CheckStatus::Warn
+                    } else {
+                        CheckStatus::Fail
+                    },
+                    text,
+                )
+            } else {
+                (CheckStatus::Pass, text)
+            }
+        }
+    };
+    CheckResult {
+        asset: asset.to_string(),
+        table: table.to_string(),
+        name: c.display_name(),
+        check: c.check.to_string(),
+        status,
+        failing: u64::from(status != CheckStatus::Pass),
+        rows: 0,
+        message,
+        sample: vec![],
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    median_of(v.to_vec())
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(min_history: usize) -> CheckSpec {
+        serde_json::from_value(serde_json::json!({
+            "check": "anomaly", "min_history": min_history
+        }))
+        .unwrap()
+    }
+
+    fn rows(v: f64) -> Vec<Metric> {
+        vec![Metric {
+            metric: "row_count".into(),
+            column: String::new(),
+            value: v,
+        }]
+    }
+
+    #[test]
+    fn a_collapsed_row_count_is_an_anomaly_after_enough_history() {
+        let history = [1000.0, 1010.0, 990.0, 1005.0, 995.0, 1002.0];
+        assert_eq!(
+            anomaly("a", "t", &spec(5), &rows(1003.0), &history).status,
+            CheckStatus::Pass
+        );
+        let r = anomaly("a", "t", &spec(5), &rows(40.0), &history);
+        assert_eq!(r.status, CheckStatus::Fail, "{}", r.message);
+        // Quiet without enough history.
+        let r = anomaly("a", "t", &spec(10), &rows(40.0), &history);
+        assert_eq!(r.status, CheckStatus::Pass);
+        assert!(r.message.starts_with("quiet: 6 of 10"), "{}", r.message);
+        // A perfectly stable history tolerates 1% noise around it, not a collapse.
+        let flat = [500.0; 8];
+        assert_eq!(
+            anomaly("a", "t", &spec(5), &rows(502.0), &flat).status,
+            CheckStatus::Pass
+        );
+        assert_eq!(
+            anomaly("a", "t", &spec(5), &rows(480.0), &flat).status,
+            CheckStatus::Fail
+        );
+    }
 }

@@ -13,6 +13,10 @@ pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
     for name in lake.list()? {
         register_table(&ctx, lake, &name).await?;
     }
+    // weir's own tables (`_weir.*`) are left out of listings but can be queried.
+    if lake.exists("_weir.metrics") {
+        register_table(&ctx, lake, "_weir.metrics").await?;
+    }
     Ok(ctx)
 }
 

@@ -6,9 +6,11 @@
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
 use weir_common::Error;
-use weir_config::{CheckSpec, OnFail};
+use weir_config::{CheckKind, CheckSpec, OnFail};
 use weir_core::BadRow;
-use weir_engine::checks::{describe, failing_predicate, run_checks, CheckResult, CheckStatus};
+use weir_engine::checks::{
+    anomaly, describe, failing_predicate, measure, run_checks, CheckResult, CheckStatus, Metric,
+};
 use weir_engine::session::ensure_schema;
 
 use crate::quarantine::{self, Scope, Target, CHECKS_SOURCE};
@@ -117,6 +119,15 @@ pub async fn audit(
 
     let gating: Vec<CheckSpec> = gating.into_iter().cloned().collect();
     let mut results = run_checks(ctx, asset, &checked, &gating).await?;
+    // This run's metrics, judged against their history by anomaly checks.
+    let metrics = measure(ctx, &checked).await?;
+    for c in gating.iter().filter(|c| c.check == CheckKind::Anomaly) {
+        let history = match target {
+            Some(t) => metric_history(ctx, t.lake, asset, c).await?,
+            None => vec![],
+        };
+        results.push(anomaly(asset, table, c, &metrics, &history));
+    }
     for r in &mut results {
         r.table = table.to_string();
     }
@@ -143,6 +154,9 @@ pub async fn audit(
     }
     for r in results.iter().filter(|r| r.status == CheckStatus::Warn) {
         tracing::warn!(asset, check = %r.name, "{}", r.message);
+    }
+    if let Some(t) = target {
+        record_metrics(t, asset, table, &metrics).await?;
     }
     let df = ctx
         .table(checked.as_str())
@@ -186,4 +200,108 @@ fn bad_rows(batches: &[arrow::record_batch::RecordBatch]) -> Result<Vec<BadRow>,
         }
     }
     Ok(out)
+}
+
+/// The lake table holding every run's metrics.
+pub const METRICS_TABLE: &str = "_weir.metrics";
+
+/// Past values of an anomaly check's metric for `asset`, newest first.
+async fn metric_history(
+    ctx: &SessionContext,
+    lake: &weir_lake::Lake,
+    asset: &str,
+    c: &CheckSpec,
+) -> Result<Vec<f64>, Error> {
+    if !lake.exists(METRICS_TABLE) {
+        return Ok(vec![]);
+    }
+    weir_engine::session::register_table(ctx, lake, METRICS_TABLE).await?;
+    let q = |s: &str| s.replace('\'', "''");
+    let sql = format!(
+        "SELECT value FROM {METRICS_TABLE} WHERE asset = '{}' AND metric = '{}' AND \"column\" = '{}' ORDER BY recorded_at DESC LIMIT {}",
+        q(asset),
+        q(c.metric.as_deref().unwrap_or("row_count")),
+        q(c.column.as_deref().unwrap_or_default()),
+        c.window.unwrap_or(20)
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(df_err(asset))?
+        .collect()
+        .await
+        .map_err(df_err(asset))?;
+    let mut out = Vec::new();
+    for b in &batches {
+        if let Some(a) = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+        {
+            out.extend(a.iter().flatten());
+        }
+    }
+    Ok(out)
+}
+
+/// Appends this run's metrics to [`METRICS_TABLE`].
+async fn record_metrics(
+    t: &Target<'_>,
+    asset: &str,
+    table: &str,
+    metrics: &[Metric],
+) -> Result<(), Error> {
+    use arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let n = metrics.len();
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("asset", DataType::Utf8, false),
+        Field::new("table", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("column", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+        Field::new(
+            "recorded_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    let batch = arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(StringArray::from(vec![t.run_id; n])),
+            std::sync::Arc::new(StringArray::from(vec![asset; n])),
+            std::sync::Arc::new(StringArray::from(vec![table; n])),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                metrics.iter().map(|m| m.metric.as_str()),
+            )),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                metrics.iter().map(|m| m.column.as_str()),
+            )),
+            std::sync::Arc::new(Float64Array::from_iter_values(
+                metrics.iter().map(|m| m.value),
+            )),
+            std::sync::Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
+        ],
+    )
+    .map_err(|e| Error::internal(format!("metrics batch: {e}")))?;
+    let ctx = weir_lake::new_session();
+    let df = ctx
+        .read_batch(batch)
+        .map_err(|e| Error::internal(format!("metrics frame: {e}")))?;
+    t.lake
+        .write(
+            METRICS_TABLE,
+            &ctx,
+            df,
+            &weir_lake::WriteSpec::default(),
+            &weir_lake::WriteOptions::default(),
+        )
+        .await?;
+    Ok(())
 }

@@ -457,3 +457,56 @@ fn iso(secs: i64) -> String {
         rem % 60
     )
 }
+
+#[test]
+fn a_collapsed_load_is_flagged_after_a_stable_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/events.yaml",
+                "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.events\nchecks:\n  - { check: anomaly, metric: row_count, min_history: 4 }\n  - { check: anomaly, metric: null_count, column: kind, min_history: 4, severity: warn }\n",
+            ),
+        ],
+    );
+    let file = |n: usize, rows: usize| {
+        let mut t = String::from("id,kind\n");
+        for i in 0..rows {
+            t.push_str(&format!("{},k{}\n", n * 1000 + i, i % 3));
+        }
+        t
+    };
+    // Five loads of about 200 rows: quiet at first, then judged, and fine.
+    for (n, rows) in [(1, 200), (2, 205), (3, 198), (4, 202), (5, 201)] {
+        write(d, &[(&format!("data/{n}.csv"), &file(n, rows))]);
+        let s: serde_json::Value =
+            serde_json::from_str(&crate::ok(&weir(d, &["run", "--format", "json"]))).unwrap();
+        let r = &s["assets"][0]["checks"][0];
+        assert_eq!(r["status"], "pass", "{s}");
+        if n <= 4 {
+            assert!(r["message"].as_str().unwrap().starts_with("quiet"), "{r}");
+        }
+    }
+    assert_eq!(
+        crate::scalar(
+            d,
+            "select count(*) from _weir.metrics where metric = 'row_count'"
+        ),
+        5
+    );
+    // A load of 7 rows: flagged, nothing published.
+    write(d, &[("data/6.csv", &file(6, 7))]);
+    let out = weir(d, &["run", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = s["assets"][0]["error"].as_str().unwrap();
+    assert!(err.contains("anomaly: row_count = 7"), "{err}");
+    assert!(
+        err.contains("row_count = 7 against a median of 201"),
+        "{err}"
+    );
+    assert_eq!(crate::scalar(d, "select count(*) from raw.events"), 1006);
+}
