@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|all] [args...]`.
+# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|all] [args...]`.
 # Not part of the test suite; numbers go to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +11,4 @@ cargo build --release -p weir-cli
 weir="$CARGO_TARGET_DIR/release/weir"
 if [ "$which" = csv ] || [ "$which" = all ]; then python3 bench/ingest_csv.py --weir "$weir" "$@"; fi
 if [ "$which" = pg ] || [ "$which" = all ]; then python3 bench/pg.py --weir "$weir" "$@"; fi
+if [ "$which" = checks ] || [ "$which" = all ]; then python3 bench/checks.py --weir "$weir" "$@"; fi
