@@ -510,3 +510,55 @@ fn a_collapsed_load_is_flagged_after_a_stable_history() {
     );
     assert_eq!(crate::scalar(d, "select count(*) from raw.events"), 1006);
 }
+
+#[test]
+fn nulls_are_only_failures_for_not_null_and_empty_tables_pass_row_checks() {
+    let all = "  - { check: not_null, column: v }
+  - { check: unique, column: v }
+  - { check: unique, columns: [id, v] }
+  - { check: accepted_values, column: v, values: [a] }
+  - { check: range, column: n, min: 0, max: 1 }
+  - { check: pattern, column: v, regex: 'a' }
+  - { check: relationships, column: v, to: raw.parents, field: v }
+  - { check: expression, sql: 'n is null or n >= 0' }
+  - { check: sql, sql: 'select * from {{ this }} where n < 0', name: negative }
+  - { check: schema, expect: { id: bigint } }
+";
+    for (data, nulls) in [("id,v,n\n1,,\n2,,\n", true), ("id,v,n\n", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(
+            d,
+            &[
+                ("weir.yaml", "name: t\n"),
+                (
+                    "pipelines/t.yaml",
+                    "source:\n  type: files\n  path: data/t.csv\n  schema:\n    - { name: id, type: bigint }\n    - { name: v, type: text }\n    - { name: n, type: double }\nsink:\n  table: raw.t\n  mode: overwrite\n",
+                ),
+                (
+                    "pipelines/parents.yaml",
+                    "source:\n  type: files\n  path: data/p.csv\nsink:\n  table: raw.parents\n  mode: overwrite\n",
+                ),
+                ("data/t.csv", data),
+                ("data/p.csv", "v\na\n"),
+            ],
+        );
+        crate::ok(&weir(d, &["run"]));
+        let yaml = std::fs::read_to_string(d.join("pipelines/t.yaml")).unwrap();
+        write(d, &[("pipelines/t.yaml", &format!("{yaml}checks:\n{all}"))]);
+        let out = weir(d, &["test", "t", "--format", "json"]);
+        let rs = results(&out);
+        assert_eq!(rs.len(), 10, "{rs:?}");
+        for r in &rs {
+            let expected = if nulls && r["name"] == "not_null_v" {
+                "fail"
+            } else {
+                "pass"
+            };
+            assert_eq!(r["status"], expected, "nulls={nulls}: {r}");
+        }
+        if nulls {
+            assert_eq!(by_name(&rs, "not_null_v")["failing"], 2);
+        }
+    }
+}

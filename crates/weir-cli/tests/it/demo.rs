@@ -39,7 +39,8 @@ fn demo_golden_rerun_and_new_file() {
     assert_eq!(counts(&s, "customers"), (52, 50, 2));
     assert_eq!(counts(&s, "products"), (22, 20, 2));
     assert_eq!(counts(&s, "orders"), (65, 64, 1));
-    assert_eq!(counts(&s, "order_items"), (131, 130, 1));
+    // One line does not parse, one has quantity 0 and is refused by the range check.
+    assert_eq!(counts(&s, "order_items"), (131, 129, 2));
     assert_eq!(asset(&s, "orders")["units"], 3);
 
     // Exact table contents.
@@ -77,7 +78,7 @@ fn demo_golden_rerun_and_new_file() {
     assert_eq!(scalar(&dir, "select count(*) from marts.daily_revenue"), 2);
     assert_eq!(
         scalar(&dir, "select count(*) from staging.stg_order_items"),
-        130
+        129
     );
     // Declared decimal stays exact.
     assert_eq!(
@@ -106,8 +107,24 @@ fn demo_golden_rerun_and_new_file() {
     );
     assert_eq!(q[1]["reason"], "expected 5 fields, found 2");
     assert_eq!(q[1]["raw"], "31,Kim Broken");
-    let q = query(&dir, "select line, reason from raw.order_items__quarantine");
-    assert_eq!(q[0]["reason"], "column `quantity`: cannot parse `-` as int");
+    let q = query(
+        &dir,
+        "select source, reason, raw from raw.order_items__quarantine order by source",
+    );
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert_eq!(q[0]["source"], "checks");
+    assert_eq!(
+        q[0]["reason"],
+        "check `range_quantity`: `quantity` must be within [1, 100]"
+    );
+    assert!(
+        q[0]["raw"]
+            .as_str()
+            .unwrap()
+            .contains("\"order_item_id\":77"),
+        "{q:?}"
+    );
+    assert_eq!(q[1]["reason"], "column `quantity`: cannot parse `-` as int");
     let q = query(
         &dir,
         "select reason from raw.products__quarantine order by line",
