@@ -69,6 +69,33 @@ impl Lake {
         PathBuf::from(self.root.strip_prefix("file://").unwrap_or(&self.root))
     }
 
+    /// The data files commit `version` of table `name` added (local lakes; empty
+    /// elsewhere).
+    pub fn added_files(&self, name: &str, version: u64) -> Result<Vec<PathBuf>, Error> {
+        let Some(dir) = self.local_dir(name) else {
+            return Ok(vec![]);
+        };
+        let log = dir.join("_delta_log").join(format!("{version:020}.json"));
+        let text = std::fs::read_to_string(&log)
+            .map_err(|e| Error::io(format!("reading {}", log.display()), e))?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let Ok(action) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str()) {
+                let decoded = url::form_urlencoded::parse(
+                    format!("p={}", path.replace('+', "%2B")).as_bytes(),
+                )
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_else(|| path.to_string());
+                out.push(dir.join(decoded));
+            }
+        }
+        Ok(out)
+    }
+
     /// Local directory of a table, when the lake is local.
     pub fn local_dir(&self, name: &str) -> Option<PathBuf> {
         self.is_local().then(|| {

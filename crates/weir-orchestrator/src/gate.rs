@@ -305,3 +305,51 @@ async fn record_metrics(
         .await?;
     Ok(())
 }
+
+/// Records the metrics of the files commit `version` of `table` added, for an asset whose
+/// new data was not staged by checks (the metrics of audited assets come from the gate).
+/// `rows` is the run's own row count (a merge's added files also hold rewritten rows).
+pub async fn record_version_metrics(
+    lake: &weir_lake::Lake,
+    run_id: &str,
+    asset: &str,
+    table: &str,
+    version: u64,
+    rows: u64,
+) -> Result<(), Error> {
+    let files = lake.added_files(table, version)?;
+    let mut metrics = vec![Metric {
+        metric: "row_count".into(),
+        column: String::new(),
+        value: rows as f64,
+    }];
+    if !files.is_empty() {
+        let ctx = weir_lake::new_session();
+        let paths: Vec<String> = files
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let df = ctx
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await
+            .map_err(|e| Error::internal(format!("reading new files of `{table}`: {e}")))?;
+        ctx.register_table("weir_new_rows", df.into_view())
+            .map_err(|e| Error::internal(format!("new rows: {e}")))?;
+        metrics.extend(
+            measure(&ctx, "weir_new_rows")
+                .await?
+                .into_iter()
+                .filter(|m| m.metric != "row_count"),
+        );
+    }
+    let metadata = std::collections::HashMap::new();
+    let target = Target {
+        lake,
+        table: METRICS_TABLE,
+        pipeline: asset,
+        run_id,
+        load: version as i64,
+        metadata: &metadata,
+    };
+    record_metrics(&target, asset, table, &metrics).await
+}

@@ -183,7 +183,37 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
         )
         .await;
         let mut r = match outcome {
-            Ok(r) => r,
+            Ok(r) => {
+                // Assets without checks: metrics of what this run committed.
+                let delta = match &asset.kind {
+                    AssetKind::Pipeline(p) => {
+                        project.pipelines[*p].config.sink.kind == weir_config::SinkKind::Delta
+                    }
+                    AssetKind::Model(_) => true,
+                };
+                if let (true, true, Some(v), None) = (
+                    delta,
+                    r.checks.is_empty(),
+                    r.version,
+                    r.note
+                        .as_deref()
+                        .filter(|n| n.starts_with("up to date") || n.starts_with("already")),
+                ) {
+                    if let Err(e) = crate::gate::record_version_metrics(
+                        &lake,
+                        &run_id,
+                        &asset.name,
+                        &asset.table,
+                        v,
+                        r.rows_written,
+                    )
+                    .await
+                    {
+                        tracing::warn!(asset = %asset.name, error = %e, "recording metrics failed");
+                    }
+                }
+                r
+            }
             Err(e) => {
                 let mut r = AssetResult::new(&asset.name, &asset.table);
                 r.status = AssetStatus::Failed;

@@ -562,3 +562,68 @@ fn nulls_are_only_failures_for_not_null_and_empty_tables_pass_row_checks() {
         }
     }
 }
+
+#[test]
+fn every_run_records_metrics_even_without_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        &[
+            ("weir.yaml", "name: t\n"),
+            (
+                "pipelines/e.yaml",
+                "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.e\n",
+            ),
+            (
+                "models/m.sql",
+                "select count(*) as n from {{ source('raw', 'e') }}",
+            ),
+            ("data/1.csv", "id,v\n1,a\n2,\n3,c\n"),
+        ],
+    );
+    crate::ok(&weir(d, &["run"]));
+    write(d, &[("data/2.csv", "id,v\n4,\n5,\n")]);
+    crate::ok(&weir(d, &["run"]));
+    let rows = crate::query(
+        d,
+        "select value from _weir.metrics where asset = 'e' and metric = 'row_count' order by recorded_at",
+    );
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"value": 3.0}),
+            serde_json::json!({"value": 2.0})
+        ]
+    );
+    let nulls = crate::query(
+        d,
+        "select value from _weir.metrics where asset = 'e' and metric = 'null_count' and \"column\" = 'v' order by recorded_at",
+    );
+    assert_eq!(
+        nulls,
+        vec![
+            serde_json::json!({"value": 1.0}),
+            serde_json::json!({"value": 2.0})
+        ]
+    );
+    let maxes = crate::query(
+        d,
+        "select value from _weir.metrics where asset = 'e' and metric = 'max' and \"column\" = 'id' order by recorded_at",
+    );
+    assert_eq!(
+        maxes,
+        vec![
+            serde_json::json!({"value": 3.0}),
+            serde_json::json!({"value": 5.0})
+        ]
+    );
+    // The model's runs are recorded too.
+    assert_eq!(
+        crate::scalar(
+            d,
+            "select count(*) from _weir.metrics where asset = 'm' and metric = 'row_count'"
+        ),
+        2
+    );
+}
