@@ -124,7 +124,8 @@ pub struct CheckSpec {
     /// the failing rows (`{{ this }}` is the checked table).
     #[serde(default)]
     pub sql: Option<String>,
-    /// `freshness`: the newest value of `column` must be younger than these (`6h`, `2d`).
+    /// `freshness`: the newest value of `column` (or, without a column, the last load)
+    /// must be younger than these (`6h`, `2d`).
     #[serde(default, with = "duration_opt")]
     pub warn_after: Option<std::time::Duration>,
     #[serde(default, with = "duration_opt")]
@@ -244,7 +245,6 @@ impl CheckSpec {
                 fail("needs `to` (a table) and `field` (its column)")
             }
             CheckKind::Expression | CheckKind::Sql if self.sql.is_none() => fail("needs `sql`"),
-            CheckKind::Freshness if self.column.is_none() => fail("needs `column` (a timestamp)"),
             CheckKind::Freshness if self.warn_after.is_none() && self.error_after.is_none() => {
                 fail("needs `warn_after`, `error_after` or both")
             }

@@ -153,9 +153,12 @@ pub async fn run_checks(
     if checks.is_empty() {
         return Ok(vec![]);
     }
+    // Anomalies are judged by the gate against history; freshness of the last load by
+    // `weir test` from the table's commits.
     let checks: Vec<CheckSpec> = checks
         .iter()
         .filter(|c| c.check != CheckKind::Anomaly)
+        .filter(|c| !(c.check == CheckKind::Freshness && c.column.is_none()))
         .cloned()
         .collect();
     let checks = checks.as_slice();
@@ -766,6 +769,31 @@ mod tests {
     }
 
     #[test]
+    fn last_load_freshness_by_commit_age() {
+        let c: CheckSpec = serde_json::from_value(serde_json::json!({
+            "check": "freshness", "warn_after": "1h", "error_after": "1d"
+        }))
+        .unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let at = |hours: i64| Some(now - hours * 3_600_000);
+        assert_eq!(
+            last_load_freshness("a", "t", &c, at(0)).status,
+            CheckStatus::Pass
+        );
+        assert_eq!(
+            last_load_freshness("a", "t", &c, at(2)).status,
+            CheckStatus::Warn
+        );
+        let r = last_load_freshness("a", "t", &c, at(30));
+        assert_eq!(r.status, CheckStatus::Fail);
+        assert_eq!(r.message, "last load 1day 6h ago");
+        assert_eq!(
+            last_load_freshness("a", "t", &c, None).status,
+            CheckStatus::Fail
+        );
+    }
+
+    #[test]
     fn a_collapsed_row_count_is_an_anomaly_after_enough_history() {
         let history = [1000.0, 1010.0, 990.0, 1005.0, 995.0, 1002.0];
         assert_eq!(
@@ -788,5 +816,47 @@ mod tests {
             anomaly("a", "t", &spec(5), &rows(480.0), &flat).status,
             CheckStatus::Fail
         );
+    }
+}
+
+/// A `freshness` check without a column: the age of the table's last commit.
+pub fn last_load_freshness(
+    asset: &str,
+    table: &str,
+    c: &CheckSpec,
+    last_commit_millis: Option<i64>,
+) -> CheckResult {
+    let now = chrono::Utc::now().timestamp_millis();
+    let (status, message) = match last_commit_millis {
+        None => (
+            CheckStatus::Fail,
+            "the table has never been loaded".to_string(),
+        ),
+        Some(t) => {
+            let age = std::time::Duration::from_secs(((now - t).max(0) / 1000) as u64);
+            let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
+            let status = if over(c.error_after) {
+                CheckStatus::Fail
+            } else if over(c.warn_after) {
+                CheckStatus::Warn
+            } else {
+                CheckStatus::Pass
+            };
+            (
+                status,
+                format!("last load {} ago", humantime::format_duration(age)),
+            )
+        }
+    };
+    CheckResult {
+        asset: asset.to_string(),
+        table: table.to_string(),
+        name: c.display_name(),
+        check: c.check.to_string(),
+        status,
+        failing: u64::from(status != CheckStatus::Pass),
+        rows: 0,
+        message,
+        sample: vec![],
     }
 }

@@ -1,8 +1,8 @@
 //! `weir test`: the declared checks over published tables.
 
 use weir_common::Error;
-use weir_config::{CheckSpec, Project, SinkKind};
-use weir_engine::checks::{run_checks, CheckResult};
+use weir_config::{CheckKind, CheckSpec, Project, SinkKind};
+use weir_engine::checks::{last_load_freshness, run_checks, CheckResult};
 use weir_engine::graph::{AssetKind, Graph};
 use weir_engine::session::lake_session;
 use weir_lake::Lake;
@@ -43,6 +43,19 @@ pub async fn test(project: &Project, selector: Option<&str>) -> Result<Vec<Check
             .with_hint(format!("run `weir run +{}` first", asset.name)));
         }
         out.extend(run_checks(&ctx, &asset.name, &asset.table, checks).await?);
+        for c in checks
+            .iter()
+            .filter(|c| c.check == CheckKind::Freshness && c.column.is_none())
+        {
+            let last = lake
+                .history(&asset.table, Some(1))
+                .await?
+                .first()
+                .and_then(|h| h.timestamp.clone())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.timestamp_millis());
+            out.push(last_load_freshness(&asset.name, &asset.table, c, last));
+        }
     }
     Ok(out)
 }

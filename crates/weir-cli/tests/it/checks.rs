@@ -404,6 +404,7 @@ fn freshness_and_schema_checks() {
         "{ORDERS_PIPELINE}  - {{ check: freshness, column: updated_at, warn_after: 1h, name: stale_warn }}
   - {{ check: freshness, column: updated_at, warn_after: 1h, error_after: 90m, name: stale_error }}
   - {{ check: freshness, column: updated_at, warn_after: 3h, name: fresh }}
+  - {{ check: freshness, warn_after: 1h, name: loaded_recently }}
   - {{ check: schema, expect: {{ id: bigint, status: text, updated_at: timestamp }} }}
   - {{ check: schema, expect: {{ id: int, note: text }}, mode: freeze, name: frozen }}
 "
@@ -421,6 +422,15 @@ fn freshness_and_schema_checks() {
         "{rs:?}"
     );
     assert_eq!(by_name(&rs, "fresh")["status"], "pass");
+    let loaded = by_name(&rs, "loaded_recently");
+    assert_eq!(loaded["status"], "pass", "{loaded}");
+    assert!(
+        loaded["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("last load "),
+        "{loaded}"
+    );
     assert_eq!(by_name(&rs, "schema")["status"], "pass", "{rs:?}");
     let frozen = by_name(&rs, "frozen");
     assert_eq!(frozen["status"], "fail");
