@@ -749,6 +749,48 @@ fn median_of(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A `freshness` check without a column: the age of the table's last commit.
+pub fn last_load_freshness(
+    asset: &str,
+    table: &str,
+    c: &CheckSpec,
+    last_commit_millis: Option<i64>,
+) -> CheckResult {
+    let now = chrono::Utc::now().timestamp_millis();
+    let (status, message) = match last_commit_millis {
+        None => (
+            CheckStatus::Fail,
+            "the table has never been loaded".to_string(),
+        ),
+        Some(t) => {
+            let age = std::time::Duration::from_secs(((now - t).max(0) / 1000) as u64);
+            let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
+            let status = if over(c.error_after) {
+                CheckStatus::Fail
+            } else if over(c.warn_after) {
+                CheckStatus::Warn
+            } else {
+                CheckStatus::Pass
+            };
+            (
+                status,
+                format!("last load {} ago", humantime::format_duration(age)),
+            )
+        }
+    };
+    CheckResult {
+        asset: asset.to_string(),
+        table: table.to_string(),
+        name: c.display_name(),
+        check: c.check.to_string(),
+        status,
+        failing: u64::from(status != CheckStatus::Pass),
+        rows: 0,
+        message,
+        sample: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,47 +858,5 @@ mod tests {
             anomaly("a", "t", &spec(5), &rows(480.0), &flat).status,
             CheckStatus::Fail
         );
-    }
-}
-
-/// A `freshness` check without a column: the age of the table's last commit.
-pub fn last_load_freshness(
-    asset: &str,
-    table: &str,
-    c: &CheckSpec,
-    last_commit_millis: Option<i64>,
-) -> CheckResult {
-    let now = chrono::Utc::now().timestamp_millis();
-    let (status, message) = match last_commit_millis {
-        None => (
-            CheckStatus::Fail,
-            "the table has never been loaded".to_string(),
-        ),
-        Some(t) => {
-            let age = std::time::Duration::from_secs(((now - t).max(0) / 1000) as u64);
-            let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
-            let status = if over(c.error_after) {
-                CheckStatus::Fail
-            } else if over(c.warn_after) {
-                CheckStatus::Warn
-            } else {
-                CheckStatus::Pass
-            };
-            (
-                status,
-                format!("last load {} ago", humantime::format_duration(age)),
-            )
-        }
-    };
-    CheckResult {
-        asset: asset.to_string(),
-        table: table.to_string(),
-        name: c.display_name(),
-        check: c.check.to_string(),
-        status,
-        failing: u64::from(status != CheckStatus::Pass),
-        rows: 0,
-        message,
-        sample: vec![],
     }
 }
