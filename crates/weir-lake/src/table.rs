@@ -69,31 +69,28 @@ impl Lake {
         PathBuf::from(self.root.strip_prefix("file://").unwrap_or(&self.root))
     }
 
-    /// The data files commit `version` of table `name` added (local lakes; empty
-    /// elsewhere).
-    pub fn added_files(&self, name: &str, version: u64) -> Result<Vec<PathBuf>, Error> {
+    /// The statistics (`numRecords`, `nullCount`, `minValues`, `maxValues`) of the data
+    /// files commit `version` of table `name` added (local lakes; empty elsewhere).
+    pub fn added_file_stats(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Vec<serde_json::Value>, Error> {
         let Some(dir) = self.local_dir(name) else {
             return Ok(vec![]);
         };
         let log = dir.join("_delta_log").join(format!("{version:020}.json"));
         let text = std::fs::read_to_string(&log)
             .map_err(|e| Error::io(format!("reading {}", log.display()), e))?;
-        let mut out = Vec::new();
-        for line in text.lines() {
-            let Ok(action) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str()) {
-                let decoded = url::form_urlencoded::parse(
-                    format!("p={}", path.replace('+', "%2B")).as_bytes(),
-                )
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_else(|| path.to_string());
-                out.push(dir.join(decoded));
-            }
-        }
-        Ok(out)
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|a| {
+                a.pointer("/add/stats")
+                    .and_then(|s| s.as_str())
+                    .and_then(|s| serde_json::from_str(s).ok())
+            })
+            .collect())
     }
 
     /// Local directory of a table, when the lake is local.

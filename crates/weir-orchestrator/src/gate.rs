@@ -306,9 +306,11 @@ async fn record_metrics(
     Ok(())
 }
 
-/// Records the metrics of the files commit `version` of `table` added, for an asset whose
-/// new data was not staged by checks (the metrics of audited assets come from the gate).
-/// `rows` is the run's own row count (a merge's added files also hold rewritten rows).
+/// Records the metrics of what commit `version` of `table` added, for an asset whose new
+/// data was not staged by checks (the metrics of audited assets come from the gate). They
+/// come from the Delta statistics of the added files, without reading data: the row
+/// count (`rows`, the run's own; a merge's files also hold rewritten rows), and per column
+/// the null count and, for numbers, min and max.
 pub async fn record_version_metrics(
     lake: &weir_lake::Lake,
     run_id: &str,
@@ -317,31 +319,41 @@ pub async fn record_version_metrics(
     version: u64,
     rows: u64,
 ) -> Result<(), Error> {
-    let files = lake.added_files(table, version)?;
+    let stats = lake.added_file_stats(table, version)?;
     let mut metrics = vec![Metric {
         metric: "row_count".into(),
         column: String::new(),
         value: rows as f64,
     }];
-    if !files.is_empty() {
-        let ctx = weir_lake::new_session();
-        let paths: Vec<String> = files
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        let df = ctx
-            .read_parquet(paths, ParquetReadOptions::default())
-            .await
-            .map_err(|e| Error::internal(format!("reading new files of `{table}`: {e}")))?;
-        ctx.register_table("weir_new_rows", df.into_view())
-            .map_err(|e| Error::internal(format!("new rows: {e}")))?;
-        metrics.extend(
-            measure(&ctx, "weir_new_rows")
-                .await?
-                .into_iter()
-                .filter(|m| m.metric != "row_count"),
-        );
+    let mut per_column: std::collections::BTreeMap<(String, &str), f64> = Default::default();
+    for s in &stats {
+        let fold = |key: &str,
+                    name: &'static str,
+                    merge: fn(f64, f64) -> f64,
+                    out: &mut std::collections::BTreeMap<(String, &str), f64>| {
+            if let Some(cols) = s.get(key).and_then(|v| v.as_object()) {
+                for (col, v) in cols {
+                    if let Some(x) = v.as_f64() {
+                        out.entry((col.clone(), name))
+                            .and_modify(|acc| *acc = merge(*acc, x))
+                            .or_insert(x);
+                    }
+                }
+            }
+        };
+        fold("nullCount", "null_count", |a, b| a + b, &mut per_column);
+        fold("minValues", "min", f64::min, &mut per_column);
+        fold("maxValues", "max", f64::max, &mut per_column);
     }
+    metrics.extend(
+        per_column
+            .into_iter()
+            .map(|((column, metric), value)| Metric {
+                metric: metric.to_string(),
+                column,
+                value,
+            }),
+    );
     let metadata = std::collections::HashMap::new();
     let target = Target {
         lake,
