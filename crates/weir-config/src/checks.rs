@@ -126,9 +126,9 @@ pub struct CheckSpec {
     pub sql: Option<String>,
     /// `freshness`: the newest value of `column` (or, without a column, the last load)
     /// must be younger than these (`6h`, `2d`).
-    #[serde(default, with = "duration_opt")]
+    #[serde(default, with = "crate::spec::duration_opt")]
     pub warn_after: Option<std::time::Duration>,
-    #[serde(default, with = "duration_opt")]
+    #[serde(default, with = "crate::spec::duration_opt")]
     pub error_after: Option<std::time::Duration>,
     /// `schema`: expected columns and their types (`order_id: bigint`).
     #[serde(default)]
@@ -161,19 +161,6 @@ pub enum SchemaCheckMode {
     #[default]
     Evolve,
     Freeze,
-}
-
-mod duration_opt {
-    use serde::Deserialize;
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 fn yes() -> bool {

@@ -284,7 +284,7 @@ pub struct ConnectionConfig {
     #[serde(default)]
     pub sslmode: SslMode,
     /// How long to wait for a connection (default 10s).
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "duration_opt")]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -303,7 +303,8 @@ pub enum SslMode {
     Require,
 }
 
-mod humantime_serde_opt {
+/// An optional duration written as `10s`, `5m`, `1d`.
+pub(crate) mod duration_opt {
     use serde::Deserialize;
     use std::time::Duration;
 

@@ -52,6 +52,41 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+impl CheckResult {
+    /// A result with no rows counted and no sample: freshness, anomaly and the like.
+    fn verdict(
+        asset: &str,
+        table: &str,
+        c: &CheckSpec,
+        status: CheckStatus,
+        message: String,
+    ) -> Self {
+        CheckResult {
+            asset: asset.to_string(),
+            table: table.to_string(),
+            name: c.display_name(),
+            check: c.check.to_string(),
+            status,
+            failing: u64::from(status != CheckStatus::Pass),
+            rows: 0,
+            message,
+            sample: vec![],
+        }
+    }
+}
+
+/// A freshness check's verdict on an age: past `error_after` fails, past `warn_after` warns.
+fn age_status(c: &CheckSpec, age: std::time::Duration) -> CheckStatus {
+    let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
+    if over(c.error_after) {
+        CheckStatus::Fail
+    } else if over(c.warn_after) {
+        CheckStatus::Warn
+    } else {
+        CheckStatus::Pass
+    }
+}
+
 /// The predicate a failing row satisfies, for row-level checks.
 pub fn failing_predicate(c: &CheckSpec) -> Option<String> {
     let col = c.column.as_deref().map(ident).unwrap_or_default();
@@ -312,18 +347,10 @@ pub async fn run_checks(
                 )
             }
             CheckKind::Freshness => {
-                let (failing, status, message) = freshness(ctx, &from, c, table).await?;
-                by_index[i] = Some(CheckResult {
-                    asset: asset.to_string(),
-                    table: table.to_string(),
-                    name: c.display_name(),
-                    check: c.check.to_string(),
-                    status,
-                    failing,
-                    rows,
-                    message,
-                    sample: vec![],
-                });
+                let (status, message) = freshness(ctx, &from, c, table).await?;
+                let mut r = CheckResult::verdict(asset, table, c, status, message);
+                r.rows = rows;
+                by_index[i] = Some(r);
                 continue;
             }
             CheckKind::Schema => {
@@ -431,7 +458,7 @@ async fn freshness(
     from: &str,
     c: &CheckSpec,
     table: &str,
-) -> Result<(u64, CheckStatus, String), Error> {
+) -> Result<(CheckStatus, String), Error> {
     let col = ident(c.column.as_deref().unwrap_or_default());
     let batches = ctx
         .sql(&format!(
@@ -479,7 +506,6 @@ async fn freshness(
             CheckStatus::Warn
         };
         return Ok((
-            1,
             status,
             format!(
                 "no `{}` values at all ({limits})",
@@ -489,17 +515,9 @@ async fn freshness(
     };
     let now = chrono::Utc::now().timestamp_micros();
     let age = std::time::Duration::from_micros((now - newest).max(0) as u64);
-    let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
-    let status = if over(c.error_after) {
-        CheckStatus::Fail
-    } else if over(c.warn_after) {
-        CheckStatus::Warn
-    } else {
-        CheckStatus::Pass
-    };
+    let status = age_status(c, age);
     let shown = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
     Ok((
-        u64::from(status != CheckStatus::Pass),
         status,
         format!(
             "newest `{}` is {shown} old ({limits})",
@@ -719,17 +737,7 @@ pub fn anomaly(
             }
         }
     };
-    CheckResult {
-        asset: asset.to_string(),
-        table: table.to_string(),
-        name: c.display_name(),
-        check: c.check.to_string(),
-        status,
-        failing: u64::from(status != CheckStatus::Pass),
-        rows: 0,
-        message,
-        sample: vec![],
-    }
+    CheckResult::verdict(asset, table, c, status, message)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -764,31 +772,13 @@ pub fn last_load_freshness(
         ),
         Some(t) => {
             let age = std::time::Duration::from_secs(((now - t).max(0) / 1000) as u64);
-            let over = |d: Option<std::time::Duration>| d.is_some_and(|d| age > d);
-            let status = if over(c.error_after) {
-                CheckStatus::Fail
-            } else if over(c.warn_after) {
-                CheckStatus::Warn
-            } else {
-                CheckStatus::Pass
-            };
             (
-                status,
+                age_status(c, age),
                 format!("last load {} ago", humantime::format_duration(age)),
             )
         }
     };
-    CheckResult {
-        asset: asset.to_string(),
-        table: table.to_string(),
-        name: c.display_name(),
-        check: c.check.to_string(),
-        status,
-        failing: u64::from(status != CheckStatus::Pass),
-        rows: 0,
-        message,
-        sample: vec![],
-    }
+    CheckResult::verdict(asset, table, c, status, message)
 }
 
 #[cfg(test)]

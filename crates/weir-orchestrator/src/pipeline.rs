@@ -125,17 +125,7 @@ pub async fn run_pipeline(
 
     let write = async {
         let df = incoming_frame(p, &ctx, incoming, full_refresh).await?;
-        let qtable = format!("{table}__quarantine");
-        let target = crate::quarantine::Target {
-            lake,
-            table: &qtable,
-            pipeline: &p.name,
-            run_id,
-            load: n,
-            metadata: &opts.metadata,
-        };
-        let audited =
-            crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df, Some(&target)).await?;
+        let audited = audit_load(lake, &ctx, p, run_id, n, &opts.metadata, df).await?;
         let df = audited.df.clone();
         let m = match &pg_sink {
             Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
@@ -243,19 +233,9 @@ async fn run_lake_source(
         .await
         .map_err(|e| Error::internal(format!("reading `{src}`: {e}")))?;
     let df = incoming_frame(p, &ctx, provider, full_refresh).await?;
-    let qtable = format!("{table}__quarantine");
     let metadata =
         std::collections::HashMap::from([("weir.pipeline".to_string(), serde_json::json!(p.name))]);
-    let target = crate::quarantine::Target {
-        lake,
-        table: &qtable,
-        pipeline: &p.name,
-        run_id,
-        load: n,
-        metadata: &metadata,
-    };
-    let audited =
-        crate::gate::audit(&ctx, &p.name, table, &p.config.checks, df, Some(&target)).await?;
+    let audited = audit_load(lake, &ctx, p, run_id, n, &metadata, df).await?;
     let df = audited.df.clone();
     result.checks = audited.results.clone();
     result.rows_quarantined = audited.quarantined;
@@ -276,6 +256,30 @@ async fn run_lake_source(
     result.rows_read = m.rows_inserted + m.rows_updated;
     result.record(&m);
     Ok(result)
+}
+
+/// Runs the pipeline's checks on load `n` before it is committed; quarantining checks put
+/// their rows in the sink table's quarantine.
+async fn audit_load(
+    lake: &Lake,
+    ctx: &SessionContext,
+    p: &Pipeline,
+    run_id: &str,
+    n: i64,
+    metadata: &std::collections::HashMap<String, serde_json::Value>,
+    df: DataFrame,
+) -> Result<crate::gate::Audited, Error> {
+    let table = &p.config.sink.table;
+    let qtable = format!("{table}__quarantine");
+    let target = crate::quarantine::Target {
+        lake,
+        table: &qtable,
+        pipeline: &p.name,
+        run_id,
+        load: n,
+        metadata,
+    };
+    crate::gate::audit(ctx, &p.name, table, &p.config.checks, df, Some(&target)).await
 }
 
 /// What the feeder needs besides its channels.
