@@ -24,6 +24,13 @@ pub struct Audited {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Audited {
+    /// Whether the rows were staged (and so can be read more than once).
+    pub fn is_staged(&self) -> bool {
+        self._dir.is_some()
+    }
+}
+
 fn df_err(asset: &str) -> impl Fn(datafusion::error::DataFusionError) -> Error + '_ {
     move |e| Error::user(format!("checks of `{asset}`: {e}"))
 }

@@ -129,7 +129,10 @@ pub async fn run_pipeline(
         let df = audited.df.clone();
         let m = match &pg_sink {
             Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
-            None => write_delta(lake, p, &ctx, df, full_refresh, &opts).await,
+            None => {
+                let rereadable = audited.is_staged();
+                write_delta(lake, p, &ctx, df, full_refresh, &opts, rereadable).await
+            }
         }?;
         Ok::<_, Error>((m, audited.results.clone(), audited.quarantined))
     };
@@ -250,7 +253,8 @@ async fn run_lake_source(
                 txn: Some((app.clone(), n)),
                 metadata,
             };
-            write_delta(lake, p, &ctx, df, full_refresh, &opts).await?
+            // A lake table can be read more than once as it is.
+            write_delta(lake, p, &ctx, df, full_refresh, &opts, true).await?
         }
     };
     result.rows_read = m.rows_inserted + m.rows_updated;
@@ -505,6 +509,7 @@ async fn write_delta(
     df: DataFrame,
     full_refresh: bool,
     opts: &WriteOptions,
+    rereadable: bool,
 ) -> Result<WriteMetrics, Error> {
     let sink = &p.config.sink;
     let mode = if full_refresh {
@@ -513,11 +518,12 @@ async fn write_delta(
         sink.mode
     };
     // Merge and replace_partitions read their input more than once (key checks, partition
-    // values, the join): stage it to local Parquet first, which keeps memory bounded.
+    // values, the join): a stream is staged to local Parquet first, which keeps memory
+    // bounded; input already staged (by checks) or stored is read as it is.
     let _staging;
     let df = match mode {
         weir_config::WriteMode::Merge | weir_config::WriteMode::ReplacePartitions
-            if lake.exists(&sink.table) =>
+            if !rereadable && lake.exists(&sink.table) =>
         {
             let dir = tempfile::Builder::new()
                 .prefix("weir-staging-")
