@@ -19,6 +19,9 @@ fn write(root: &Path, rel: &str, content: &[u8]) -> Result<(), Error> {
 }
 
 /// `weir init DIR`: a minimal project with one pipeline and one model.
+/// What a project produces locally: the lake and the state store.
+const GITIGNORE: &str = "lake/\n.weir/\n";
+
 pub fn write_init(dir: &Path) -> Result<(), Error> {
     if dir.join("weir.yaml").exists() {
         return Err(Error::user(format!(
@@ -31,6 +34,7 @@ pub fn write_init(dir: &Path) -> Result<(), Error> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "project".into());
     write(dir, "weir.yaml", format!("name: {name}\n# Lake root: a directory or an object-store URL.\nlake: lake\nvars: {{}}\n").as_bytes())?;
+    write(dir, ".gitignore", GITIGNORE.as_bytes())?;
     write(
         dir,
         "pipelines/example.yaml",
@@ -95,6 +99,7 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
         return Ok(false);
     }
     write(dir, "weir.yaml", DEMO_PROJECT.as_bytes())?;
+    write(dir, ".gitignore", GITIGNORE.as_bytes())?;
     for (rel, text) in DEMO_FILES {
         write(dir, rel, text.as_bytes())?;
     }

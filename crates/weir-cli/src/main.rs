@@ -2,6 +2,7 @@
 //! (0 ok, 1 checks or runs failed, 2 usage or configuration error).
 
 mod demo;
+mod ops;
 mod output;
 
 use std::io::IsTerminal;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use weir_common::{Domain, Error};
-use weir_orchestrator::{RunOptions, RunSummary};
+use weir_orchestrator::{RunOptions, RunSummary, Store};
 
 #[derive(Parser)]
 #[command(
@@ -51,8 +52,44 @@ enum Command {
         /// Reload every file and rebuild incremental models from scratch.
         #[arg(long)]
         full_refresh: bool,
+        /// Rerun the assets that failed in run ID and those skipped because of them.
+        #[arg(long, value_name = "ID", conflicts_with = "selector")]
+        retry_failed: Option<String>,
+        /// Put the run in the queue for a worker (`weir worker`, `weir serve`) instead of
+        /// running it here.
+        #[arg(long)]
+        queue: bool,
+        /// With --queue: a key that makes enqueueing idempotent (a second run with the
+        /// same key is not added).
+        #[arg(long, requires = "queue")]
+        run_key: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+    },
+    /// Run history from the state store, newest first.
+    Runs {
+        #[command(subcommand)]
+        command: Option<RunsCommand>,
+        /// How many runs to list.
+        #[arg(long, default_value = "20")]
+        limit: usize,
+        /// Only runs with this status (queued, running, succeeded, failed).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Take queued runs from the state store and execute them.
+    Worker {
+        /// Exit when the queue is empty instead of waiting for more runs.
+        #[arg(long)]
+        drain: bool,
+        /// Exit after this many runs.
+        #[arg(long)]
+        max_runs: Option<usize>,
+        /// How often to look at an empty queue.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        poll: std::time::Duration,
     },
     /// Run the declared data quality checks over the published tables.
     Test {
@@ -89,6 +126,17 @@ enum Command {
         /// (`postgresql://user:password@host/db`).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// One run with its assets: status, attempts, rows, errors.
+    Show {
+        /// The run id or a unique prefix of it.
+        id: String,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -172,12 +220,91 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Run {
             selector,
             full_refresh,
+            retry_failed,
+            queue,
+            run_key,
             format,
         } => {
             let project = weir_config::load_project(&cli.project)?;
             let sel = (!selector.is_empty()).then(|| selector.join(" "));
-            let summary = run_project(&project, sel, full_refresh, progress).await?;
+            if queue {
+                weir_engine::Graph::build(&project)?.select(sel.as_deref())?;
+                let store = Store::open(&project).await?;
+                let mut record =
+                    weir_orchestrator::store::RunRecord::new(&project.config.name, "manual");
+                record.selector = sel;
+                record.full_refresh = full_refresh;
+                record.run_key = run_key;
+                if weir_orchestrator::enqueue(&store, &record).await? {
+                    println!("{}", record.id);
+                    eprintln!("queued run {}", record.id);
+                } else {
+                    eprintln!("a run with this run key is queued or done already; nothing added");
+                }
+                return Ok(0);
+            }
+            let summary = run_project(&project, sel, full_refresh, retry_failed, progress).await?;
             Ok(report(&summary, format))
+        }
+        Command::Runs {
+            command,
+            limit,
+            status,
+            format,
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let store = Store::open(&project).await?;
+            match command {
+                None => {
+                    let runs = store.list_runs(limit, status.as_deref()).await?;
+                    if format == Format::Json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&runs).unwrap_or_default()
+                        );
+                    } else if runs.is_empty() {
+                        eprintln!("no runs yet: `weir run` starts one");
+                    } else {
+                        print!("{}", ops::runs_table(&runs));
+                    }
+                }
+                Some(RunsCommand::Show { id, format }) => {
+                    let run = store.find_run(&id).await?;
+                    let assets = store.assets(&run.id).await?;
+                    if format == Format::Json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(
+                                &serde_json::json!({"run": run, "assets": assets})
+                            )
+                            .unwrap_or_default()
+                        );
+                    } else {
+                        print!("{}", ops::run_detail(&run, &assets));
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Worker {
+            drain,
+            max_runs,
+            poll,
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let store = Store::open(&project).await?;
+            let (done, failed) = ops::work(
+                &project,
+                &store,
+                ops::WorkerOptions {
+                    drain,
+                    max_runs,
+                    poll,
+                },
+            )
+            .await?;
+            eprintln!("worker stopped: {done} runs executed, {failed} failed");
+            Ok(if failed > 0 { 1 } else { 0 })
         }
         Command::Query { sql, format } => {
             let project = weir_config::load_project(&cli.project)?;
@@ -297,7 +424,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 eprintln!("running the existing demo project in {}", dir.display());
             }
             let project = weir_config::load_project(&dir)?;
-            let summary = run_project(&project, None, false, progress).await?;
+            let summary = run_project(&project, None, false, None, progress).await?;
             let code = report(&summary, format);
             if format == Format::Table && code == 0 {
                 demo::print_tour(&project, &dir).await?;
@@ -324,6 +451,7 @@ async fn run_project(
     project: &weir_config::Project,
     selector: Option<String>,
     full_refresh: bool,
+    retry_failed: Option<String>,
     progress: bool,
 ) -> Result<RunSummary, Error> {
     let bar = progress.then(|| {
@@ -354,6 +482,7 @@ async fn run_project(
             selector,
             full_refresh,
             progress: progress_fn,
+            retry_failed,
         },
     )
     .await;

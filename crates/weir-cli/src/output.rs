@@ -178,6 +178,12 @@ pub fn run_table(s: &RunSummary) -> String {
         total(|a| a.rows_quarantined),
         s.duration_ms as f64 / 1000.0
     ));
+    if failed > 0 {
+        out.push_str(&format!(
+            "  details: weir runs show {id}; rerun what failed: weir run --retry-failed {id}\n",
+            id = &s.run_id[..8.min(s.run_id.len())]
+        ));
+    }
     for a in &s.assets {
         if let Some(note) = &a.note {
             if a.status == AssetStatus::Succeeded && note.starts_with("up to date") {

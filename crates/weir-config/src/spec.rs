@@ -27,6 +27,47 @@ pub struct ProjectConfig {
     /// Named connections to databases, used by pipelines (`connection: name`).
     #[serde(default)]
     pub connections: BTreeMap<String, ConnectionConfig>,
+    /// Where run history, the run queue and schedule state live.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// How many assets of one run execute at once (default: the number of cores).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+}
+
+/// The state store: an SQLite file by default, or a PostgreSQL connection shared by
+/// several workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// A PostgreSQL connection from `connections:`; when set, `path` is unused.
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// The SQLite file, relative to the project (default `.weir/state.db`).
+    #[serde(default = "default_state_path")]
+    pub path: String,
+    /// A running run whose worker sent no heartbeat for this long is taken back and
+    /// resumed by another worker (default `30s`).
+    #[serde(default = "default_lease", deserialize_with = "de_duration")]
+    pub lease: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            connection: None,
+            path: default_state_path(),
+            lease: default_lease(),
+        }
+    }
+}
+
+fn default_state_path() -> String {
+    ".weir/state.db".to_string()
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_lake() -> String {
@@ -130,6 +171,9 @@ pub struct PipelineConfig {
     /// Retry policy for this pipeline; defaults to the project's.
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// One attempt fails (and may be retried) when it takes longer than this, e.g. `30m`.
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<Duration>,
     /// Data quality checks on the loaded table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
@@ -286,6 +330,9 @@ pub struct ConnectionConfig {
     /// How long to wait for a connection (default 10s).
     #[serde(default, with = "duration_opt")]
     pub connect_timeout: Option<Duration>,
+    /// At most this many assets of one run use this connection at once (default: no limit).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -651,6 +698,11 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
         "models",
         "retry",
         "connections",
+        "state",
+        "concurrency",
+        "state.connection",
+        "state.path",
+        "state.lease",
         "models.schema",
         "models.materialized",
         "retry.max_attempts",
@@ -669,6 +721,7 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "sink",
         "max_bad_rows",
         "retry",
+        "timeout",
         "checks",
         "source.type",
         "source.path",
@@ -763,7 +816,7 @@ mod key_tests {
                 "pipeline section `{section}`"
             );
         }
-        for section in ["", "models", "retry"] {
+        for section in ["", "models", "retry", "state"] {
             assert_eq!(
                 accepted::<ProjectConfig>("name: p\n", section),
                 listed(ProjectConfig::KEYS, section),

@@ -13,8 +13,13 @@ mod gate;
 mod pipeline;
 mod quarantine;
 mod run;
+pub mod store;
 mod test;
 
 pub use pipeline::app_id;
-pub use run::{project_session, run, AssetResult, AssetStatus, ProgressFn, RunOptions, RunSummary};
+pub use run::{
+    enqueue, execute, notify_recovered, project_session, run, worker_id, AssetResult, AssetStatus,
+    ProgressFn, RunOptions, RunSummary,
+};
+pub use store::Store;
 pub use test::test;

@@ -1,9 +1,13 @@
-//! A run: the selected assets in graph order, failures skipping what depends on them.
+//! A run: the selected assets in graph order, in parallel where the graph allows, each
+//! attempt recorded in the state store before it starts, failures skipping what depends
+//! on them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use weir_common::{Error, RetryPolicy};
 use weir_config::{Materialized, Project, RetryConfig, WriteMode};
@@ -13,6 +17,7 @@ use weir_engine::{render_model, AssetKind, Graph, RenderMode};
 use weir_lake::{Lake, WriteOptions, WriteSpec};
 
 use crate::pipeline::run_pipeline;
+use crate::store::{now_ms, AssetRecord, RunRecord, Store};
 
 /// Called with live counters while a pipeline reads.
 pub type ProgressFn = Arc<dyn Fn(&str, &Progress) + Send + Sync>;
@@ -23,6 +28,8 @@ pub struct RunOptions {
     /// Rebuild tables from scratch: reload all files, recompute incremental models.
     pub full_refresh: bool,
     pub progress: Option<ProgressFn>,
+    /// Rerun what failed in this earlier run (and what it skipped because of that).
+    pub retry_failed: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,6 +102,8 @@ impl AssetResult {
 pub struct RunSummary {
     pub run_id: String,
     pub project: String,
+    /// `manual`, `schedule:NAME`, `retry:RUN` ...
+    pub trigger: String,
     pub started_at: String,
     pub duration_ms: u64,
     pub ok: bool,
@@ -109,15 +118,185 @@ fn policy(c: &RetryConfig) -> RetryPolicy {
     }
 }
 
-/// Runs the selected assets. Returns `Err` only when nothing could start (bad selector,
-/// broken graph); asset failures are in the summary.
+/// Runs the selected assets now, in this process, recorded in the project's state store.
+/// Returns `Err` only when nothing could start (bad selector, broken graph, unreachable
+/// store); asset failures are in the summary.
 pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Error> {
-    let graph = Graph::build(project)?;
-    let selected = graph.select(opts.selector.as_deref())?;
-    let lake = Lake::new(project.lake_root());
-    let run_id = uuid::Uuid::new_v4().to_string();
+    let store = Store::open(project).await?;
+    let worker = worker_id();
+    notify_recovered(&store.recover(project.config.state.lease, &worker).await?);
+    let mut record = RunRecord::new(&project.config.name, "manual");
+    record.selector = opts.selector.clone();
+    record.full_refresh = opts.full_refresh;
+    if let Some(old) = &opts.retry_failed {
+        let old = store.find_run(old).await?;
+        record.selector = Some(retry_selector(&store, &old).await?);
+        record.trigger = format!("retry:{}", old.id);
+        record.retry_of = Some(old.id.clone());
+        record.full_refresh = old.full_refresh;
+        record.partition = old.partition.clone();
+    }
+    // Fail on a bad selector before anything is recorded.
+    Graph::build(project)?.select(record.selector.as_deref())?;
+    record.status = "running".into();
+    record.worker = Some(worker.clone());
+    record.started_at = Some(now_ms());
+    record.heartbeat_at = record.started_at;
+    store.insert_run(&record).await?;
+    execute(project, &store, &record, &worker, &opts).await
+}
+
+/// Adds a run to the queue for a worker (`weir worker`, `weir serve`). Returns false when
+/// a run with the same run key exists already.
+pub async fn enqueue(store: &Store, record: &RunRecord) -> Result<bool, Error> {
+    let mut r = record.clone();
+    r.status = "queued".into();
+    store.insert_run(&r).await
+}
+
+/// Names of the assets that failed in run `old` and of those it skipped because of them.
+async fn retry_selector(store: &Store, old: &RunRecord) -> Result<String, Error> {
+    let names: Vec<String> = store
+        .assets(&old.id)
+        .await?
+        .into_iter()
+        .filter(|a| a.status != "succeeded")
+        .map(|a| a.asset)
+        .collect();
+    if names.is_empty() {
+        return Err(Error::user(format!(
+            "run {} has nothing to retry: every asset succeeded",
+            old.id
+        )));
+    }
+    Ok(names.join(" "))
+}
+
+/// Logs runs that recovery took back from a dead worker.
+pub fn notify_recovered(recovered: &[crate::store::Recovered]) {
+    for r in recovered {
+        tracing::warn!(
+            run = %r.run_id,
+            failed = ?r.failed,
+            retried = ?r.retried,
+            "found an interrupted run (its worker stopped); queued it to resume"
+        );
+    }
+}
+
+/// `host:pid:random`: who holds a run.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &tag[..8])
+}
+
+fn asset_kind(kind: &AssetKind) -> &'static str {
+    match kind {
+        AssetKind::Pipeline(_) => "pipeline",
+        AssetKind::Model(_) => "model",
+    }
+}
+
+/// The retry policy and timeout of an asset.
+fn asset_policy(project: &Project, kind: &AssetKind) -> (RetryPolicy, Option<Duration>) {
+    match kind {
+        AssetKind::Pipeline(p) => {
+            let cfg = &project.pipelines[*p].config;
+            (
+                policy(cfg.retry.as_ref().unwrap_or(&project.config.retry)),
+                cfg.timeout,
+            )
+        }
+        AssetKind::Model(_) => (policy(&project.config.retry), None),
+    }
+}
+
+/// Connections an asset holds while it runs (for `max_concurrency`).
+fn asset_connections(project: &Project, kind: &AssetKind) -> Vec<String> {
+    match kind {
+        AssetKind::Pipeline(p) => {
+            let cfg = &project.pipelines[*p].config;
+            let mut v: Vec<String> = [&cfg.source.connection, &cfg.sink.connection]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            v.dedup();
+            v
+        }
+        AssetKind::Model(_) => Vec::new(),
+    }
+}
+
+fn result_from_record(a: &AssetRecord, table: &str) -> AssetResult {
+    let mut r = AssetResult::new(&a.asset, table);
+    r.kind = a.kind.clone();
+    r.status = match a.status.as_str() {
+        "succeeded" => AssetStatus::Succeeded,
+        "skipped" => AssetStatus::Skipped,
+        _ => AssetStatus::Failed,
+    };
+    r.rows_read = a.rows_read.unwrap_or(0) as u64;
+    r.rows_written = a.rows_written.unwrap_or(0) as u64;
+    r.rows_quarantined = a.rows_quarantined.unwrap_or(0) as u64;
+    r.version = a.version.map(|v| v as u64);
+    r.attempts = a.attempts as u32;
+    r.duration_ms = match (a.started_at, a.ended_at) {
+        (Some(s), Some(e)) => (e - s).max(0) as u64,
+        _ => 0,
+    };
+    r.error = a.error.clone();
+    r.error_domain = a.error_domain.clone();
+    r.note = a.note.clone();
+    r
+}
+
+fn settle(rec: &mut AssetRecord, r: &AssetResult) {
+    rec.status = match r.status {
+        AssetStatus::Succeeded => "succeeded",
+        AssetStatus::Failed => "failed",
+        AssetStatus::Skipped => "skipped",
+    }
+    .into();
+    rec.ended_at = Some(now_ms());
+    rec.rows_read = Some(r.rows_read as i64);
+    rec.rows_written = Some(r.rows_written as i64);
+    rec.rows_quarantined = Some(r.rows_quarantined as i64);
+    rec.version = r.version.map(|v| v as i64);
+    rec.error = r.error.clone();
+    rec.error_domain = r.error_domain.clone();
+    rec.note = r.note.clone();
+}
+
+/// Executes a run this worker holds (created by `run` or taken from the queue), resuming
+/// it if an earlier worker finished some of its assets.
+pub async fn execute(
+    project: &Project,
+    store: &Store,
+    record: &RunRecord,
+    worker: &str,
+    opts: &RunOptions,
+) -> Result<RunSummary, Error> {
     let started = Instant::now();
-    let started_at = chrono::Utc::now().to_rfc3339();
+    let graph = match Graph::build(project)
+        .and_then(|g| g.select(record.selector.as_deref()).map(|s| (g, s)))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            store
+                .finish_run(&record.id, "failed", Some(e.render()))
+                .await?;
+            return Err(e);
+        }
+    };
+    let (graph, selected) = graph;
+    let lake = Lake::new(project.lake_root());
     let progress: ProgressFn = opts
         .progress
         .clone()
@@ -129,89 +308,259 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
         .map(|a| (a.name.clone(), a.table.clone()))
         .collect();
 
-    let mut results: BTreeMap<usize, AssetResult> = BTreeMap::new();
-    for &i in &selected {
-        let asset = &graph.assets[i];
-        let t0 = Instant::now();
-        let kind = match asset.kind {
-            AssetKind::Pipeline(_) => "pipeline",
-            AssetKind::Model(_) => "model",
+    // The run's asset rows: created on first execution, read back when resuming.
+    let mut records: HashMap<usize, AssetRecord> = HashMap::new();
+    let existing: HashMap<String, AssetRecord> = store
+        .assets(&record.id)
+        .await?
+        .into_iter()
+        .map(|a| (a.asset.clone(), a))
+        .collect();
+    let mut fresh = Vec::new();
+    for (pos, &i) in selected.iter().enumerate() {
+        let a = &graph.assets[i];
+        let rec = match existing.get(&a.name) {
+            Some(r) => r.clone(),
+            None => {
+                let r = AssetRecord {
+                    run_id: record.id.clone(),
+                    asset: a.name.clone(),
+                    position: pos as i64,
+                    kind: asset_kind(&a.kind).into(),
+                    status: "queued".into(),
+                    attempts: 0,
+                    max_attempts: asset_policy(project, &a.kind).0.max_attempts.max(1) as i64,
+                    started_at: None,
+                    ended_at: None,
+                    rows_read: None,
+                    rows_written: None,
+                    rows_quarantined: None,
+                    version: None,
+                    error: None,
+                    error_domain: None,
+                    note: None,
+                };
+                fresh.push(r.clone());
+                r
+            }
         };
-        if let Some(&d) = asset.deps.iter().find(|d| {
-            results
-                .get(d)
-                .is_some_and(|r| r.status != AssetStatus::Succeeded)
-        }) {
-            let mut r = AssetResult::new(&asset.name, &asset.table);
-            r.kind = kind.into();
-            r.status = AssetStatus::Skipped;
-            r.attempts = 0;
-            r.error = Some(format!(
-                "upstream `{}` did not succeed",
-                graph.assets[d].name
-            ));
-            results.insert(i, r);
-            continue;
-        }
-        let retry_cfg = match &asset.kind {
-            AssetKind::Pipeline(p) => project.pipelines[*p].config.retry.clone(),
-            AssetKind::Model(_) => None,
-        }
-        .unwrap_or_else(|| project.config.retry.clone());
-        let mut attempts = 0;
-        let outcome = weir_common::retry(
-            &policy(&retry_cfg),
-            |attempt, err, delay| {
-                tracing::warn!(asset = %asset.name, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying after an external failure");
-            },
-            |attempt| {
-                attempts = attempt;
-                let lake = &lake;
-                let run_id = &run_id;
-                let progress = &progress;
-                let tables = &tables;
-                let graph = &graph;
-                async move {
-                    match &asset.kind {
-                        AssetKind::Pipeline(p) => {
-                            run_pipeline(project, lake, &project.pipelines[*p], run_id, opts.full_refresh, progress).await
-                        }
-                        AssetKind::Model(_) => run_model(project, lake, graph, i, tables, run_id, opts.full_refresh).await,
+        records.insert(i, rec);
+    }
+    store.insert_assets(&fresh).await?;
+
+    // The lease: a heartbeat while this worker holds the run.
+    let lost = Arc::new(AtomicBool::new(false));
+    let beat = {
+        let (store, id, worker, lost) = (
+            store.clone(),
+            record.id.clone(),
+            worker.to_string(),
+            lost.clone(),
+        );
+        let every = (project.config.state.lease / 3).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match store.heartbeat(&id, &worker).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(run = %id, "lost the run's lease: another worker took it back; starting nothing more");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
                     }
+                    Err(e) => tracing::warn!(run = %id, error = %e, "heartbeat failed"),
                 }
-            },
+            }
+        })
+    };
+
+    let limit = project
+        .config
+        .concurrency
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+        .max(1);
+    let conn_limits: HashMap<String, usize> = project
+        .config
+        .connections
+        .iter()
+        .filter_map(|(n, c)| c.max_concurrency.map(|m| (n.clone(), m.max(1))))
+        .collect();
+    let mut conn_busy: HashMap<String, usize> = HashMap::new();
+    let mut results: BTreeMap<usize, AssetResult> = BTreeMap::new();
+    let mut pending: Vec<usize> = Vec::new();
+    for &i in &selected {
+        let rec = &records[&i];
+        match rec.status.as_str() {
+            "succeeded" | "failed" | "skipped" => {
+                let mut r = result_from_record(rec, &graph.assets[i].table);
+                if rec.status == "succeeded" && record.recoveries > 0 {
+                    r.note = Some("done before the run was interrupted".into());
+                }
+                results.insert(i, r);
+            }
+            _ => pending.push(i),
+        }
+    }
+    let mut running = FuturesUnordered::new();
+    loop {
+        // Start everything that is ready, in graph order, within the limits.
+        let mut k = 0;
+        while k < pending.len() {
+            let i = pending[k];
+            let asset = &graph.assets[i];
+            let deps: Vec<usize> = asset
+                .deps
+                .iter()
+                .copied()
+                .filter(|d| records.contains_key(d))
+                .collect();
+            if let Some(&d) = deps.iter().find(|d| {
+                results
+                    .get(d)
+                    .is_some_and(|r| r.status != AssetStatus::Succeeded)
+            }) {
+                let mut r = AssetResult::new(&asset.name, &asset.table);
+                r.kind = asset_kind(&asset.kind).into();
+                r.status = AssetStatus::Skipped;
+                r.attempts = 0;
+                r.error = Some(format!(
+                    "upstream `{}` did not succeed",
+                    graph.assets[d].name
+                ));
+                let rec = records.get_mut(&i).expect("record");
+                settle(rec, &r);
+                store.update_asset(rec).await?;
+                results.insert(i, r);
+                pending.remove(k);
+                continue;
+            }
+            let ready = deps.iter().all(|d| results.contains_key(d));
+            let conns = asset_connections(project, &asset.kind);
+            let conn_ok = conns.iter().all(|c| {
+                conn_limits
+                    .get(c)
+                    .is_none_or(|&m| conn_busy.get(c).copied().unwrap_or(0) < m)
+            });
+            if ready && conn_ok && running.len() < limit && !lost.load(Ordering::SeqCst) {
+                for c in &conns {
+                    *conn_busy.entry(c.clone()).or_default() += 1;
+                }
+                pending.remove(k);
+                let rec = records[&i].clone();
+                let ctx = AssetCtx {
+                    project,
+                    graph: &graph,
+                    lake: &lake,
+                    store,
+                    tables: &tables,
+                    progress: &progress,
+                    run_id: &record.id,
+                    full_refresh: record.full_refresh,
+                };
+                running.push(async move { (i, conns, ctx.execute(i, rec).await) });
+                continue;
+            }
+            k += 1;
+        }
+        let Some((i, conns, (rec, result))) = running.next().await else {
+            break;
+        };
+        for c in conns {
+            if let Some(n) = conn_busy.get_mut(&c) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        records.insert(i, rec);
+        results.insert(i, result);
+    }
+    beat.abort();
+    // Assets never started because the lease was lost stay queued for whoever holds it.
+    let finished = pending.is_empty();
+    let assets: Vec<AssetResult> = selected.iter().filter_map(|i| results.remove(i)).collect();
+    let ok = finished && assets.iter().all(|a| a.status == AssetStatus::Succeeded);
+    if finished {
+        let error = assets
+            .iter()
+            .find(|a| a.status == AssetStatus::Failed)
+            .map(|a| format!("asset `{}` failed", a.name));
+        store
+            .finish_run(&record.id, if ok { "succeeded" } else { "failed" }, error)
+            .await?;
+    }
+    Ok(RunSummary {
+        run_id: record.id.clone(),
+        project: project.config.name.clone(),
+        trigger: record.trigger.clone(),
+        started_at: chrono::DateTime::from_timestamp_millis(
+            record.started_at.unwrap_or(record.created_at),
         )
-        .await;
+        .unwrap_or_default()
+        .to_rfc3339(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        ok,
+        assets,
+    })
+}
+
+/// What one asset's execution needs.
+#[derive(Clone, Copy)]
+struct AssetCtx<'a> {
+    project: &'a Project,
+    graph: &'a Graph,
+    lake: &'a Lake,
+    store: &'a Store,
+    tables: &'a BTreeMap<String, String>,
+    progress: &'a ProgressFn,
+    run_id: &'a str,
+    full_refresh: bool,
+}
+
+impl AssetCtx<'_> {
+    /// Attempts an asset until it succeeds, fails for good or runs out of attempts. Each
+    /// attempt is written to the store before it starts, so a worker that dies mid-attempt
+    /// leaves a record saying so.
+    async fn execute(self, i: usize, mut rec: AssetRecord) -> (AssetRecord, AssetResult) {
+        let asset = &self.graph.assets[i];
+        let (policy, timeout) = asset_policy(self.project, &asset.kind);
+        let t0 = Instant::now();
+        let outcome = loop {
+            rec.attempts += 1;
+            rec.status = "running".into();
+            rec.started_at.get_or_insert_with(now_ms);
+            if let Err(e) = self.store.update_asset(&rec).await {
+                // Without the record the attempt must not start.
+                rec.attempts -= 1;
+                break Err(e.context("recording the attempt in the state store"));
+            }
+            tracing::info!(run = %self.run_id, asset = %asset.name, attempt = rec.attempts, "asset attempt started");
+            let work = self.attempt(i);
+            let out = match timeout {
+                Some(t) => match tokio::time::timeout(t, work).await {
+                    Ok(out) => out,
+                    Err(_) => Err(Error::external(format!("timed out after {}", humanize(t)))),
+                },
+                None => work.await,
+            };
+            match out {
+                Err(e) if e.retryable && rec.attempts < rec.max_attempts => {
+                    let delay = policy.backoff(rec.attempts as u32);
+                    tracing::warn!(asset = %asset.name, attempt = rec.attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying after an external failure");
+                    rec.status = "retrying".into();
+                    rec.error = Some(e.render());
+                    rec.error_domain = Some(e.domain.to_string());
+                    let _ = self.store.update_asset(&rec).await;
+                    tokio::time::sleep(delay).await;
+                }
+                other => break other,
+            }
+        };
         let mut r = match outcome {
             Ok(r) => {
-                // Assets without checks: metrics of what this run committed.
-                let delta = match &asset.kind {
-                    AssetKind::Pipeline(p) => {
-                        project.pipelines[*p].config.sink.kind == weir_config::SinkKind::Delta
-                    }
-                    AssetKind::Model(_) => true,
-                };
-                if let (true, true, Some(v), None) = (
-                    delta,
-                    r.checks.is_empty(),
-                    r.version,
-                    r.note
-                        .as_deref()
-                        .filter(|n| n.starts_with("up to date") || n.starts_with("already")),
-                ) {
-                    if let Err(e) = crate::gate::record_version_metrics(
-                        &lake,
-                        &run_id,
-                        &asset.name,
-                        &asset.table,
-                        v,
-                        r.rows_written,
-                    )
-                    .await
-                    {
-                        tracing::warn!(asset = %asset.name, error = %e, "recording metrics failed");
-                    }
-                }
+                self.after_success(i, &r).await;
                 r
             }
             Err(e) => {
@@ -222,20 +571,80 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
                 r
             }
         };
-        r.kind = kind.into();
-        r.attempts = attempts;
+        r.kind = asset_kind(&asset.kind).into();
+        r.attempts = rec.attempts as u32;
         r.duration_ms = t0.elapsed().as_millis() as u64;
-        results.insert(i, r);
+        settle(&mut rec, &r);
+        if let Err(e) = self.store.update_asset(&rec).await {
+            tracing::error!(asset = %asset.name, error = %e, "recording the asset's result failed");
+        }
+        (rec, r)
     }
-    let assets: Vec<AssetResult> = results.into_values().collect();
-    Ok(RunSummary {
-        run_id,
-        project: project.config.name.clone(),
-        started_at,
-        duration_ms: started.elapsed().as_millis() as u64,
-        ok: assets.iter().all(|a| a.status == AssetStatus::Succeeded),
-        assets,
-    })
+
+    async fn attempt(&self, i: usize) -> Result<AssetResult, Error> {
+        let asset = &self.graph.assets[i];
+        match &asset.kind {
+            AssetKind::Pipeline(p) => {
+                run_pipeline(
+                    self.project,
+                    self.lake,
+                    &self.project.pipelines[*p],
+                    self.run_id,
+                    self.full_refresh,
+                    self.progress,
+                )
+                .await
+            }
+            AssetKind::Model(_) => {
+                run_model(
+                    self.project,
+                    self.lake,
+                    self.graph,
+                    i,
+                    self.tables,
+                    self.run_id,
+                    self.full_refresh,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Assets without checks: metrics of what this run committed.
+    async fn after_success(&self, i: usize, r: &AssetResult) {
+        let asset = &self.graph.assets[i];
+        let delta = match &asset.kind {
+            AssetKind::Pipeline(p) => {
+                self.project.pipelines[*p].config.sink.kind == weir_config::SinkKind::Delta
+            }
+            AssetKind::Model(_) => true,
+        };
+        if let (true, true, Some(v), None) = (
+            delta,
+            r.checks.is_empty(),
+            r.version,
+            r.note
+                .as_deref()
+                .filter(|n| n.starts_with("up to date") || n.starts_with("already")),
+        ) {
+            if let Err(e) = crate::gate::record_version_metrics(
+                self.lake,
+                self.run_id,
+                &asset.name,
+                &asset.table,
+                v,
+                r.rows_written,
+            )
+            .await
+            {
+                tracing::warn!(asset = %asset.name, error = %e, "recording metrics failed");
+            }
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
 }
 
 /// A session with the lake's tables and every view model registered.
