@@ -146,4 +146,34 @@ mod tests {
         }
         assert!(p.backoff(1) >= Duration::from_millis(50));
     }
+
+    /// With tokio's paused clock the sleeps take no real time but are measured exactly.
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_with_jitter_on_a_fake_clock() {
+        let p = RetryPolicy {
+            max_attempts: 6,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(8),
+        };
+        let mut delays = Vec::new();
+        let start = tokio::time::Instant::now();
+        let _ = retry(
+            &p,
+            |_, _, d| delays.push(d),
+            |_| async { Err::<(), _>(Error::external("down")) },
+        )
+        .await;
+        let caps = [1u64, 2, 4, 8, 8];
+        assert_eq!(delays.len(), caps.len());
+        for (d, cap) in delays.iter().zip(caps) {
+            let cap = Duration::from_secs(cap);
+            assert!(
+                *d <= cap && *d >= cap / 2,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        let slept = start.elapsed();
+        assert_eq!(slept, delays.iter().sum::<Duration>());
+    }
 }

@@ -10,10 +10,12 @@
 
 mod checks;
 mod load;
+mod schedule;
 mod spec;
 mod yaml;
 
 pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
+pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};
 pub use spec::*;
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

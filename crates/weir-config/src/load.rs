@@ -176,12 +176,61 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
             )));
         }
     }
+    validate_triggers(&config, &pipelines)?;
     Ok(Project {
         root: root.to_path_buf(),
         config,
         pipelines,
         models,
     })
+}
+
+/// Schedules need unique names; a sensor watches exactly one thing.
+fn validate_triggers(config: &ProjectConfig, pipelines: &[Pipeline]) -> Result<(), Error> {
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for (i, s) in config.schedules.iter().enumerate() {
+        let Some(name) = &s.name else {
+            return Err(Error::user(format!(
+                "weir.yaml: schedules[{i}] (`{}`) has no `name`",
+                s.cron.text
+            ))
+            .with_hint("give every schedule a unique name, e.g. `name: nightly`"));
+        };
+        if let Some(other) = names.insert(name.clone(), "weir.yaml".into()) {
+            return Err(Error::user(format!(
+                "two schedules are named `{name}` ({other} and weir.yaml)"
+            )));
+        }
+    }
+    for p in pipelines {
+        if let Some(s) = &p.config.schedule {
+            let name = s.name.clone().unwrap_or_else(|| p.name.clone());
+            if let Some(other) = names.insert(name.clone(), p.file.display().to_string()) {
+                return Err(Error::user(format!(
+                    "two schedules are named `{name}` ({other} and {})",
+                    p.file.display()
+                ))
+                .with_hint("set `schedule.name` to tell them apart"));
+            }
+        }
+    }
+    let mut sensors = std::collections::BTreeSet::new();
+    for s in &config.sensors {
+        if !sensors.insert(s.name.clone()) {
+            return Err(Error::user(format!(
+                "weir.yaml: two sensors are named `{}`",
+                s.name
+            )));
+        }
+        if s.files.is_some() == s.asset.is_some() {
+            return Err(Error::user(format!(
+                "weir.yaml: sensor `{}` must watch exactly one of `files` (a glob) and `asset` (a table)",
+                s.name
+            ))
+            .with_hint("e.g. `files: data/orders/*.csv` or `asset: raw.orders`"));
+        }
+    }
+    Ok(())
 }
 
 /// `file:line` of the first `key:` under `source:` in a pipeline file, for messages.

@@ -33,6 +33,12 @@ pub struct ProjectConfig {
     /// How many assets of one run execute at once (default: the number of cores).
     #[serde(default)]
     pub concurrency: Option<usize>,
+    /// Cron schedules of groups of assets, run by `weir serve`.
+    #[serde(default)]
+    pub schedules: Vec<crate::ScheduleConfig>,
+    /// Sensors that start runs when files appear or a table changes, run by `weir serve`.
+    #[serde(default)]
+    pub sensors: Vec<crate::SensorConfig>,
 }
 
 /// The state store: an SQLite file by default, or a PostgreSQL connection shared by
@@ -134,7 +140,7 @@ fn default_max() -> Duration {
     Duration::from_secs(10)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(
@@ -174,6 +180,9 @@ pub struct PipelineConfig {
     /// One attempt fails (and may be retried) when it takes longer than this, e.g. `30m`.
     #[serde(default, with = "duration_opt")]
     pub timeout: Option<Duration>,
+    /// When `weir serve` runs this pipeline (and what is downstream of it).
+    #[serde(default)]
+    pub schedule: Option<crate::ScheduleConfig>,
     /// Data quality checks on the loaded table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
@@ -700,6 +709,8 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
         "connections",
         "state",
         "concurrency",
+        "schedules",
+        "sensors",
         "state.connection",
         "state.path",
         "state.lease",
@@ -722,7 +733,13 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "max_bad_rows",
         "retry",
         "timeout",
+        "schedule",
         "checks",
+        "schedule.name",
+        "schedule.cron",
+        "schedule.timezone",
+        "schedule.select",
+        "schedule.on_missed",
         "source.type",
         "source.path",
         "source.format",
@@ -809,7 +826,7 @@ mod key_tests {
     #[test]
     fn key_lists_match_what_the_parser_accepts() {
         let pipe = "source: {type: files, path: x.csv}\nsink: {table: raw.x}\n";
-        for section in ["", "source", "source.csv", "sink", "retry"] {
+        for section in ["", "source", "source.csv", "sink", "retry", "schedule"] {
             assert_eq!(
                 accepted::<PipelineConfig>(pipe, section),
                 listed(PipelineConfig::KEYS, section),

@@ -13,6 +13,7 @@ mod gate;
 mod pipeline;
 mod quarantine;
 mod run;
+pub mod schedule;
 pub mod store;
 mod test;
 
