@@ -91,6 +91,21 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         poll: std::time::Duration,
     },
+    /// Run the scheduler, workers for queued runs and the HTTP API until stopped.
+    Serve {
+        /// Port of the HTTP API on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value = "8686")]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Runs executed at once.
+        #[arg(long, default_value = "1")]
+        workers: usize,
+        /// Only the API and workers: no schedules or sensors.
+        #[arg(long)]
+        no_schedules: bool,
+    },
     /// Run the declared data quality checks over the published tables.
     Test {
         /// Which assets' checks: as for `run`.
@@ -286,6 +301,46 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             }
             Ok(0)
         }
+        Command::Serve {
+            port,
+            bind,
+            workers,
+            no_schedules,
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let store = Store::open(&project).await?;
+            let schedules = weir_orchestrator::schedule::schedules(&project);
+            let now = chrono::Utc::now();
+            for (name, next) in weir_orchestrator::schedule::upcoming(&schedules, now) {
+                eprintln!(
+                    "schedule {name}: next run {}",
+                    next.map(|t| ops::when(t.timestamp_millis()))
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+                eprintln!("stopping: waiting for running runs to finish");
+            };
+            weir_server::serve(
+                project,
+                store,
+                weir_server::ServeOptions {
+                    bind: std::net::SocketAddr::new(bind, port),
+                    workers,
+                    no_schedules,
+                },
+                |addr| {
+                    eprintln!(
+                        "weir serve: listening on http://{addr} (health: /health, runs: /api/runs)"
+                    )
+                },
+                shutdown,
+                Arc::new(ops::print_outcome),
+            )
+            .await?;
+            Ok(0)
+        }
         Command::Worker {
             drain,
             max_runs,
@@ -293,14 +348,26 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
         } => {
             let project = weir_config::load_project(&cli.project)?;
             let store = Store::open(&project).await?;
-            let (done, failed) = ops::work(
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("stopping after the current run (Ctrl-C again to abort)");
+                    let _ = tx.send(true);
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        std::process::exit(130);
+                    }
+                }
+            });
+            let (done, failed) = weir_orchestrator::worker::work(
                 &project,
                 &store,
-                ops::WorkerOptions {
+                weir_orchestrator::worker::WorkerOptions {
                     drain,
                     max_runs,
                     poll,
                 },
+                &rx,
+                &ops::print_outcome,
             )
             .await?;
             eprintln!("worker stopped: {done} runs executed, {failed} failed");

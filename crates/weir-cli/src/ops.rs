@@ -1,11 +1,6 @@
 //! Operating weir: run history (`weir runs`) and workers that take runs from the queue.
 
-use std::time::Duration;
-
-use weir_common::Error;
-use weir_config::Project;
 use weir_orchestrator::store::{AssetRecord, RunRecord};
-use weir_orchestrator::{RunOptions, Store};
 
 use crate::output::{text_table, thousands};
 
@@ -28,7 +23,7 @@ fn took(start: Option<i64>, end: Option<i64>) -> String {
     }
 }
 
-fn short(id: &str) -> &str {
+pub fn short(id: &str) -> &str {
     &id[..8.min(id.len())]
 }
 
@@ -151,69 +146,24 @@ pub fn run_detail(run: &RunRecord, assets: &[AssetRecord]) -> String {
     out
 }
 
-/// How a worker stops.
-#[derive(Clone, Copy)]
-pub struct WorkerOptions {
-    /// Exit once the queue is empty.
-    pub drain: bool,
-    /// Exit after this many runs.
-    pub max_runs: Option<usize>,
-    /// How long to wait between looks at an empty queue.
-    pub poll: Duration,
-}
-
-/// Takes queued runs and executes them until stopped (or drained). Returns the number of
-/// runs executed and how many of them failed.
-pub async fn work(
-    project: &Project,
-    store: &Store,
-    opts: WorkerOptions,
-) -> Result<(usize, usize), Error> {
-    let worker = weir_orchestrator::worker_id();
-    let (mut done, mut failed) = (0, 0);
-    loop {
-        weir_orchestrator::notify_recovered(
-            &store.recover(project.config.state.lease, &worker).await?,
-        );
-        if opts.max_runs.is_some_and(|m| done >= m) {
-            break;
-        }
-        let Some(run) = store.claim(&worker).await? else {
-            if opts.drain {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(opts.poll) => continue,
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        };
-        tracing::info!(run = %run.id, worker = %worker, trigger = %run.trigger, "run claimed");
-        let summary =
-            weir_orchestrator::execute(project, store, &run, &worker, &RunOptions::default()).await;
-        done += 1;
-        match summary {
-            Ok(s) if s.ok => {
-                eprintln!("run {} ({}) succeeded", short(&run.id), run.trigger)
-            }
-            Ok(_) => {
-                failed += 1;
-                eprintln!(
-                    "run {} ({}) FAILED: weir runs show {}",
-                    short(&run.id),
-                    run.trigger,
-                    short(&run.id)
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!(
-                    "run {} ({}) FAILED: {}",
-                    short(&run.id),
-                    run.trigger,
-                    e.render()
-                );
-            }
-        }
+/// One line per finished run, for workers and the server.
+pub fn print_outcome(
+    run: &RunRecord,
+    summary: &Result<weir_orchestrator::RunSummary, weir_common::Error>,
+) {
+    match summary {
+        Ok(s) if s.ok => eprintln!("run {} ({}) succeeded", short(&run.id), run.trigger),
+        Ok(_) => eprintln!(
+            "run {} ({}) FAILED: weir runs show {}",
+            short(&run.id),
+            run.trigger,
+            short(&run.id)
+        ),
+        Err(e) => eprintln!(
+            "run {} ({}) FAILED: {}",
+            short(&run.id),
+            run.trigger,
+            e.render()
+        ),
     }
-    Ok((done, failed))
 }

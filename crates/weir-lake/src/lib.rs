@@ -57,6 +57,13 @@ pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableEr
         E::VersionAlreadyExists(_) => {
             Error::external(format!("{context}: concurrent commit: {text}"))
         }
+        // Another writer committed something this commit conflicts with (two overwrites,
+        // a merge and a delete): nothing was written, and a new attempt reads the new state.
+        _ if text.contains("concurrent transaction") || text.contains("Commit failed") => {
+            Error::external(format!(
+                "{context}: a concurrent commit to the same table conflicted: {text}"
+            ))
+        }
         E::SchemaMismatch { .. } => Error::user(format!("{context}: {text}")),
         _ if text.contains("Schema error") || text.contains("schema") => {
             Error::user(format!("{context}: {text}"))

@@ -16,6 +16,7 @@ mod run;
 pub mod schedule;
 pub mod store;
 mod test;
+pub mod worker;
 
 pub use pipeline::app_id;
 pub use run::{

@@ -5,6 +5,7 @@ mod crash;
 mod demo;
 mod errors;
 mod loads;
+mod orchestration;
 mod postgres;
 mod progress;
 
