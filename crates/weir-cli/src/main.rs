@@ -91,6 +91,27 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         poll: std::time::Duration,
     },
+    /// Build the missing partitions of a partitioned model, resumably: a second call with
+    /// the same range continues where an interrupted one stopped.
+    Backfill {
+        /// The partitioned model.
+        asset: String,
+        /// First partition (`2024-01-01`, `2024-01`, `2024-01-01T05`, or a value).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last partition, included.
+        #[arg(long)]
+        to: Option<String>,
+        /// Rebuild partitions that were built before too.
+        #[arg(long)]
+        all: bool,
+        /// Partitions built at once.
+        #[arg(long, default_value = "2")]
+        parallel: usize,
+        /// Only queue the partition runs, for `weir serve` or `weir worker`.
+        #[arg(long)]
+        queue: bool,
+    },
     /// Run the scheduler, workers for queued runs and the HTTP API until stopped.
     Serve {
         /// Port of the HTTP API on 127.0.0.1 (0 picks a free one).
@@ -301,6 +322,30 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             }
             Ok(0)
         }
+        Command::Backfill {
+            asset,
+            from,
+            to,
+            all,
+            parallel,
+            queue,
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let store = Store::open(&project).await?;
+            ops::backfill(
+                &project,
+                &store,
+                ops::Backfill {
+                    asset,
+                    from,
+                    to,
+                    all,
+                    parallel,
+                    queue,
+                },
+            )
+            .await
+        }
         Command::Serve {
             port,
             bind,
@@ -365,6 +410,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                     drain,
                     max_runs,
                     poll,
+                    only: None,
                 },
                 &rx,
                 &ops::print_outcome,

@@ -1,5 +1,7 @@
 //! Operating weir: run history (`weir runs`) and workers that take runs from the queue.
 
+use std::time::Duration;
+
 use weir_orchestrator::store::{AssetRecord, RunRecord};
 
 use crate::output::{text_table, thousands};
@@ -166,4 +168,141 @@ pub fn print_outcome(
             e.render()
         ),
     }
+}
+
+/// `weir backfill`.
+pub struct Backfill {
+    pub asset: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub all: bool,
+    pub parallel: usize,
+    pub queue: bool,
+}
+
+/// Queues a run for every partition in the range that is not built (or every one with
+/// `all`) and not already queued or running, then builds them with `parallel` workers.
+pub async fn backfill(
+    project: &weir_config::Project,
+    store: &weir_orchestrator::Store,
+    b: Backfill,
+) -> Result<u8, weir_common::Error> {
+    use weir_common::Error;
+    let graph = weir_engine::Graph::build(project)?;
+    graph.select(Some(&b.asset))?;
+    let parts = project
+        .models
+        .iter()
+        .find(|m| m.name == b.asset)
+        .and_then(|m| m.properties.as_ref())
+        .and_then(|p| p.partitions.clone())
+        .ok_or_else(|| {
+            Error::user(format!("`{}` is not a partitioned model", b.asset)).with_hint(
+                "declare `partitions: {every: daily, start: 2024-01-01, column: day}` for it in models/*.yaml",
+            )
+        })?;
+    let keys = parts.keys_between(b.from.as_deref(), b.to.as_deref())?;
+    weir_orchestrator::notify_recovered(
+        &store
+            .recover(project.config.state.lease, &weir_orchestrator::worker_id())
+            .await?,
+    );
+    let done: std::collections::BTreeSet<String> = store
+        .partitions(&b.asset)
+        .await?
+        .into_iter()
+        .filter(|(_, status, _)| status == "succeeded")
+        .map(|(k, _, _)| k)
+        .collect();
+    let active: std::collections::BTreeSet<String> = store
+        .active_partitions(&b.asset)
+        .await?
+        .into_iter()
+        .collect();
+    let id = uuid_short();
+    let mut queued = 0;
+    for key in &keys {
+        if (!b.all && done.contains(key)) || active.contains(key) {
+            continue;
+        }
+        let mut run = weir_orchestrator::store::RunRecord::new(
+            &project.config.name,
+            &format!("backfill:{id}"),
+        );
+        run.selector = Some(b.asset.clone());
+        run.partition = Some(key.clone());
+        weir_orchestrator::enqueue(store, &run).await?;
+        queued += 1;
+    }
+    let built_before = keys.iter().filter(|k| done.contains(*k)).count();
+    eprintln!(
+        "backfill {id} of {}: {} partitions in range, {} built before{}, {} queued or running already, {queued} queued now",
+        b.asset,
+        keys.len(),
+        built_before,
+        if b.all { " (rebuilding them)" } else { "" },
+        keys.iter().filter(|k| active.contains(*k)).count(),
+    );
+    if b.queue {
+        return Ok(0);
+    }
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let opts = weir_orchestrator::worker::WorkerOptions {
+        drain: true,
+        max_runs: None,
+        poll: Duration::from_millis(200),
+        only: Some("backfill:%"),
+    };
+    let workers = (0..b.parallel.max(1)).map(|_| {
+        weir_orchestrator::worker::work(project, store, opts, &rx, &|run, outcome| {
+            let part = run.partition.as_deref().unwrap_or("?");
+            match outcome {
+                Ok(s) if s.ok => eprintln!("partition {part}: built (run {})", short(&run.id)),
+                _ => eprintln!(
+                    "partition {part}: FAILED (weir runs show {})",
+                    short(&run.id)
+                ),
+            }
+        })
+    });
+    for r in futures_join(workers).await {
+        r?;
+    }
+    let states: std::collections::BTreeMap<String, String> = store
+        .partitions(&b.asset)
+        .await?
+        .into_iter()
+        .map(|(k, s, _)| (k, s))
+        .collect();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| states.get(*k).map(String::as_str) != Some("succeeded"))
+        .collect();
+    eprintln!(
+        "{} of {} partitions built{}",
+        keys.len() - missing.len(),
+        keys.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not built: {} (run the same command again to retry them)",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    Ok(if missing.is_empty() { 0 } else { 1 })
+}
+
+fn uuid_short() -> String {
+    let id = weir_orchestrator::worker_id();
+    id.rsplit(':').next().unwrap_or_default().to_string()
+}
+
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    futures::future::join_all(fs).await
 }

@@ -113,6 +113,9 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
             for c in &p.checks {
                 c.validate(&p.name)?;
             }
+            if let Some(parts) = &p.partitions {
+                parts.validate(&format!("{} (model `{}`)", shown.display(), p.name))?;
+            }
             if let Some((other, _)) = props.get(&p.name) {
                 return Err(Error::user(format!(
                     "model `{}` has properties in both {} and {}",

@@ -617,6 +617,10 @@ pub struct ModelProperties {
     /// Data quality checks on the model's table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
+    /// Partitions of the model's output: each is built on its own (`weir backfill`), and
+    /// a run replaces only its partition's rows.
+    #[serde(default)]
+    pub partitions: Option<crate::PartitionsConfig>,
 }
 
 impl ModelProperties {

@@ -56,14 +56,7 @@ impl Graph {
             });
         }
         for m in &project.models {
-            let compiled = render_model(
-                project,
-                m,
-                &tables,
-                RenderMode {
-                    is_incremental: false,
-                },
-            )?;
+            let compiled = render_model(project, m, &tables, RenderMode::default())?;
             tables.insert(m.name.clone(), compiled.table.clone());
             assets.push(Asset {
                 name: m.name.clone(),
@@ -82,14 +75,7 @@ impl Graph {
                     .iter()
                     .find(|f| f.name == m.name)
                     .ok_or_else(|| Error::internal("model vanished"))?;
-                let again = render_model(
-                    project,
-                    file,
-                    &tables,
-                    RenderMode {
-                        is_incremental: false,
-                    },
-                )?;
+                let again = render_model(project, file, &tables, RenderMode::default())?;
                 **m = again;
             }
         }

@@ -26,9 +26,39 @@ pub struct CompiledModel {
 }
 
 /// How to render: while building the graph (`is_incremental()` false), or for a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct RenderMode {
     pub is_incremental: bool,
+    /// The partition being built; for a partitioned model without one, the last complete
+    /// partition (what a plain `weir run` builds).
+    pub partition: Option<weir_config::PartitionWindow>,
+}
+
+/// The partition a run of `model` builds: `key`, or the last complete one.
+pub fn partition_window(
+    model: &ModelFile,
+    key: Option<&str>,
+) -> Result<Option<weir_config::PartitionWindow>, Error> {
+    let Some(parts) = model
+        .properties
+        .as_ref()
+        .and_then(|p| p.partitions.as_ref())
+    else {
+        return Ok(None);
+    };
+    let key = match key {
+        Some(k) => k.to_string(),
+        None => match parts.last_complete(chrono::Utc::now().naive_utc()) {
+            Some(k) => k,
+            None => parts
+                .keys_between(parts.start.as_deref(), parts.start.as_deref())?
+                .into_iter()
+                .next()
+                .or_else(|| parts.values.first().cloned())
+                .ok_or_else(|| Error::user(format!("model `{}` has no partitions", model.name)))?,
+        },
+    };
+    parts.window(&key).map(Some)
 }
 
 #[derive(Default)]
@@ -116,7 +146,11 @@ pub fn render_model(
     let base = props.map(|p| p.config()).unwrap_or_default();
     // `this` needs the schema, which `config(schema=...)` may change: render twice when so.
     let mut table = table_name(project, model, &base);
-    let mut sql = render(&env, model, &table)?;
+    let partition = match mode.partition {
+        Some(p) => Some(p),
+        None => partition_window(model, None)?,
+    };
+    let mut sql = render(&env, model, &table, partition.as_ref())?;
     let inline = lock(&collected).config.take();
     let mut config = base;
     if let Some(map) = inline {
@@ -135,7 +169,7 @@ pub fn render_model(
         if t2 != table {
             table = t2;
             *lock(&collected) = Collected::default();
-            sql = render(&env, model, &table)?;
+            sql = render(&env, model, &table, partition.as_ref())?;
         }
     }
     let got = std::mem::take(&mut *lock(&collected));
@@ -190,30 +224,43 @@ pub fn table_name(project: &Project, model: &ModelFile, config: &ModelConfig) ->
     format!("{schema}.{}", model.name)
 }
 
-fn render(env: &Environment<'_>, model: &ModelFile, this: &str) -> Result<String, Error> {
-    env.render_str(&model.sql, minijinja::context! { this => this })
-        .map_err(|e| {
-            let detail = e
-                .detail()
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| e.to_string());
-            // Errors raised by our functions carry their own hint.
-            let (msg, hint) = match detail.split_once("; hint: ") {
-                Some((m, h)) => (m.to_string(), Some(h.to_string())),
-                None => (detail, None),
-            };
-            let place = match e.line() {
-                Some(l) => format!("{}:{l}", model.file.display()),
-                None => model.file.display().to_string(),
-            };
-            let mut err = if msg.contains(&model.file.display().to_string()) {
-                Error::user(msg)
-            } else {
-                Error::user(format!("{place}: {msg}"))
-            };
-            if let Some(h) = hint {
-                err = err.with_hint(h);
-            }
-            err
-        })
+fn render(
+    env: &Environment<'_>,
+    model: &ModelFile,
+    this: &str,
+    partition: Option<&weir_config::PartitionWindow>,
+) -> Result<String, Error> {
+    let ctx = match partition {
+        Some(p) => minijinja::context! {
+            this => this,
+            partition_key => p.key,
+            partition_start => p.start.clone().unwrap_or_else(|| p.key.clone()),
+            partition_end => p.end.clone().unwrap_or_else(|| p.key.clone()),
+        },
+        None => minijinja::context! { this => this },
+    };
+    env.render_str(&model.sql, ctx).map_err(|e| {
+        let detail = e
+            .detail()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| e.to_string());
+        // Errors raised by our functions carry their own hint.
+        let (msg, hint) = match detail.split_once("; hint: ") {
+            Some((m, h)) => (m.to_string(), Some(h.to_string())),
+            None => (detail, None),
+        };
+        let place = match e.line() {
+            Some(l) => format!("{}:{l}", model.file.display()),
+            None => model.file.display().to_string(),
+        };
+        let mut err = if msg.contains(&model.file.display().to_string()) {
+            Error::user(msg)
+        } else {
+            Error::user(format!("{place}: {msg}"))
+        };
+        if let Some(h) = hint {
+            err = err.with_hint(h);
+        }
+        err
+    })
 }

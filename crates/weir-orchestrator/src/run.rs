@@ -62,6 +62,9 @@ pub struct AssetResult {
     /// Checks run on the new data before it was published.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<weir_engine::checks::CheckResult>,
+    /// The partition built, for partitioned models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
 }
 
 impl AssetResult {
@@ -94,6 +97,7 @@ impl AssetResult {
             error_domain: None,
             note: None,
             checks: Vec::new(),
+            partition: None,
         }
     }
 }
@@ -460,6 +464,7 @@ pub async fn execute(
                     progress: &progress,
                     run_id: &record.id,
                     full_refresh: record.full_refresh,
+                    partition: record.partition.as_deref(),
                 };
                 running.push(async move { (i, conns, ctx.execute(i, rec).await) });
                 continue;
@@ -478,6 +483,27 @@ pub async fn execute(
         results.insert(i, result);
     }
     beat.abort();
+    // Partition state of partitioned models.
+    for (i, r) in &results {
+        let key = r.partition.clone().or_else(|| {
+            let AssetKind::Model(m) = &graph.assets[*i].kind else {
+                return None;
+            };
+            let file = project.models.iter().find(|f| f.name == m.name)?;
+            file.properties.as_ref()?.partitions.as_ref()?;
+            record.partition.clone()
+        });
+        if let Some(key) = key {
+            let status = match r.status {
+                AssetStatus::Succeeded => "succeeded",
+                AssetStatus::Failed => "failed",
+                AssetStatus::Skipped => "skipped",
+            };
+            store
+                .set_partition(&r.name, &key, status, Some(&record.id))
+                .await?;
+        }
+    }
     // Assets never started because the lease was lost stay queued for whoever holds it.
     let finished = pending.is_empty();
     let assets: Vec<AssetResult> = selected.iter().filter_map(|i| results.remove(i)).collect();
@@ -517,6 +543,7 @@ struct AssetCtx<'a> {
     progress: &'a ProgressFn,
     run_id: &'a str,
     full_refresh: bool,
+    partition: Option<&'a str>,
 }
 
 impl AssetCtx<'_> {
@@ -595,18 +622,7 @@ impl AssetCtx<'_> {
                 )
                 .await
             }
-            AssetKind::Model(_) => {
-                run_model(
-                    self.project,
-                    self.lake,
-                    self.graph,
-                    i,
-                    self.tables,
-                    self.run_id,
-                    self.full_refresh,
-                )
-                .await
-            }
+            AssetKind::Model(_) => run_model(self, i).await,
         }
     }
 
@@ -673,20 +689,22 @@ pub async fn project_session(
     Ok(ctx)
 }
 
-async fn run_model(
-    project: &Project,
-    lake: &Lake,
-    graph: &Graph,
-    i: usize,
-    tables: &BTreeMap<String, String>,
-    run_id: &str,
-    full_refresh: bool,
-) -> Result<AssetResult, Error> {
+async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
+    let (project, lake, graph, tables, run_id) = (c.project, c.lake, c.graph, c.tables, c.run_id);
+    let (full_refresh, partition) = (c.full_refresh, c.partition);
     let asset = &graph.assets[i];
     let AssetKind::Model(compiled) = &asset.kind else {
         return Err(Error::internal("not a model"));
     };
     let mut result = AssetResult::new(&asset.name, &asset.table);
+    let file = project
+        .models
+        .iter()
+        .find(|m| m.name == compiled.name)
+        .ok_or_else(|| Error::internal("model file missing"))?;
+    let parts = file.properties.as_ref().and_then(|p| p.partitions.as_ref());
+    // A partitioned model builds one partition: `partition`, or the last complete one.
+    let window = weir_engine::model::partition_window(file, partition)?;
     let mat = compiled
         .config
         .materialized
@@ -697,19 +715,16 @@ async fn run_model(
         return Ok(result);
     }
     let exists = lake.exists(&asset.table);
-    let incremental = mat == Materialized::Incremental && exists && !full_refresh;
-    let sql = if incremental {
-        let file = project
-            .models
-            .iter()
-            .find(|m| m.name == compiled.name)
-            .ok_or_else(|| Error::internal("model file missing"))?;
+    let incremental =
+        mat == Materialized::Incremental && exists && !full_refresh && window.is_none();
+    let sql = if incremental || window.is_some() {
         render_model(
             project,
             file,
             tables,
             RenderMode {
-                is_incremental: true,
+                is_incremental: incremental,
+                partition: window.clone(),
             },
         )?
         .sql
@@ -736,10 +751,15 @@ async fn run_model(
                 WriteMode::Merge
             })
     };
+    let replace_where = match (parts, &window) {
+        (Some(p), Some(w)) => Some(p.predicate(&w.key)?),
+        _ => None,
+    };
     let spec = WriteSpec {
         mode,
         key: cfg.unique_key.clone(),
         partition_by: cfg.partition_by.clone(),
+        replace_where,
         ..Default::default()
     };
     let checks = project
@@ -790,6 +810,10 @@ async fn run_model(
     result.rows_written = m.rows_inserted + m.rows_updated;
     result.rows_deleted = m.rows_deleted;
     result.version = Some(m.version);
-    result.note = Some(format!("{mat} ({mode})"));
+    result.note = Some(match &window {
+        Some(w) => format!("partition {} (replaced)", w.key),
+        None => format!("{mat} ({mode})"),
+    });
+    result.partition = window.map(|w| w.key);
     Ok(result)
 }

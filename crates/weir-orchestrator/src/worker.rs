@@ -20,6 +20,8 @@ pub struct WorkerOptions {
     pub max_runs: Option<usize>,
     /// How long to wait between looks at an empty queue.
     pub poll: Duration,
+    /// Only runs whose trigger is `LIKE` this (`backfill:%`); `None` takes any run.
+    pub only: Option<&'static str>,
 }
 
 /// Takes queued runs and executes them until stopped (or drained). Returns the number of
@@ -41,7 +43,10 @@ pub async fn work(
         if opts.max_runs.is_some_and(|m| done >= m) {
             break;
         }
-        let Some(run) = store.claim(&worker).await? else {
+        let Some(run) = store
+            .claim_matching(&worker, opts.only.unwrap_or("%"))
+            .await?
+        else {
             if opts.drain {
                 break;
             }

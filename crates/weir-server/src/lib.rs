@@ -108,6 +108,7 @@ pub async fn serve(
                 drain: false,
                 max_runs: None,
                 poll: Duration::from_millis(500),
+                only: None,
             };
             if let Err(e) = worker::work(&app.project, &app.store, opts, &stop, &*on_done).await {
                 tracing::error!(error = %e, "worker stopped");

@@ -599,3 +599,115 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::Exit
     let _ = child.kill();
     None
 }
+
+#[test]
+fn a_backfill_of_30_daily_partitions_interrupted_and_resumed_builds_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "weir.yaml",
+        "name: bf\nstate: {lease: 1s}\nretry: {max_attempts: 5, initial_backoff: 20ms}\n",
+    );
+    write(
+        d,
+        "models/daily.sql",
+        "select cast('{{ partition_start }}' as date) as day, '{{ partition_key }}' as k, sum(value) as s from range(0, 3000000)",
+    );
+    write(
+        d,
+        "models/daily.yaml",
+        "models:\n  - name: daily\n    partition_by: day\n    partitions: {every: daily, start: 2024-01-01, column: day}\n",
+    );
+    let args = [
+        "backfill",
+        "daily",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-01-30",
+        "--parallel",
+        "2",
+    ];
+    let mut child = weir_cmd(d, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let mut built = 0;
+    while built < 10 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("the backfill ended early:\n{log}");
+        }
+        if line.contains(": built (run") {
+            built += 1;
+        }
+        log.push_str(&line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = weir_cmd(d, &args).output().unwrap();
+    let second = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}\n---\n{second}");
+    assert!(second.contains("30 of 30 partitions built"), "{second}");
+    let before: usize = second
+        .split(" built before")
+        .next()
+        .unwrap()
+        .rsplit(", ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(before >= 10, "{second}");
+
+    // One succeeded run per partition, and no partition queued twice.
+    let history = runs(d);
+    let mut per_partition: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &history {
+        let key = r["partition"].as_str().unwrap().to_string();
+        per_partition
+            .entry(key)
+            .or_default()
+            .push(r["status"].as_str().unwrap().to_string());
+    }
+    assert_eq!(per_partition.len(), 30);
+    for (k, statuses) in &per_partition {
+        assert_eq!(statuses, &vec!["succeeded".to_string()], "partition {k}");
+    }
+    let rows = crate::query(
+        d,
+        "select k, count(*) as n from analytics.daily group by k order by k",
+    );
+    assert_eq!(rows.len(), 30);
+    assert!(rows.iter().all(|r| r["n"] == 1), "{rows:?}");
+
+    // Nothing is missing now: a third call queues nothing; --all rebuilds one partition.
+    let out = weir_cmd(d, &args).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 queued now"));
+    let out = weir_cmd(
+        d,
+        &[
+            "backfill",
+            "daily",
+            "--from",
+            "2024-01-05",
+            "--to",
+            "2024-01-05",
+            "--all",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 1 partitions built"));
+    assert_eq!(
+        crate::scalar(d, "select count(*) from analytics.daily"),
+        serde_json::json!(30)
+    );
+}

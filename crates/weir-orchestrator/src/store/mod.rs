@@ -448,6 +448,15 @@ impl Store {
     /// Takes the oldest queued run for `worker`. Safe with many workers: on PostgreSQL
     /// competing workers skip each other's locked rows; SQLite serializes writers.
     pub async fn claim(&self, worker: &str) -> Result<Option<RunRecord>, Error> {
+        self.claim_matching(worker, "%").await
+    }
+
+    /// As [`Store::claim`], only runs whose trigger is `LIKE` the pattern (`backfill:%`).
+    pub async fn claim_matching(
+        &self,
+        worker: &str,
+        trigger: &str,
+    ) -> Result<Option<RunRecord>, Error> {
         let lock = if self.db.is_postgres() {
             "FOR UPDATE SKIP LOCKED"
         } else {
@@ -457,11 +466,28 @@ impl Store {
         let sql = format!(
             "UPDATE runs SET status = 'running', worker = $1, started_at = COALESCE(started_at, $2), heartbeat_at = $2
              WHERE status = 'queued' AND id = (
-                SELECT id FROM runs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1 {lock})
+                SELECT id FROM runs WHERE status = 'queued' AND run_trigger LIKE $3
+                ORDER BY created_at, id LIMIT 1 {lock})
              RETURNING {RUN_COLS}"
         );
-        let rows = self.db.query(&sql, &[worker.into(), now.into()]).await?;
+        let rows = self
+            .db
+            .query(&sql, &[worker.into(), now.into(), trigger.into()])
+            .await?;
         Ok(rows.first().map(RunRecord::from_row))
+    }
+
+    /// Partitions of `selector`'s runs that are queued or running now.
+    pub async fn active_partitions(&self, selector: &str) -> Result<Vec<String>, Error> {
+        let rows = self
+            .db
+            .query(
+                "SELECT partition_key FROM runs WHERE selector = $1 AND partition_key IS NOT NULL
+                 AND status IN ('queued', 'running')",
+                &[selector.into()],
+            )
+            .await?;
+        Ok(rows.iter().filter_map(|r| r[0].text()).collect())
     }
 
     /// Renews `worker`'s lease on a run. False when the run is no longer this worker's
