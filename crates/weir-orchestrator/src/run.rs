@@ -709,11 +709,12 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
         .config
         .materialized
         .unwrap_or(project.config.models.materialized);
-    let ctx = project_session(project, lake, graph).await?;
+    // A view is defined when a session is built (its SQL was checked with the graph).
     if mat == Materialized::View {
         result.note = Some("view (computed at query time)".into());
         return Ok(result);
     }
+    let ctx = project_session(project, lake, graph).await?;
     let exists = lake.exists(&asset.table);
     let incremental =
         mat == Materialized::Incremental && exists && !full_refresh && window.is_none();
