@@ -79,6 +79,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Each asset's last run, last success and freshness SLA (exit 1 when one is late).
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Take queued runs from the state store and execute them.
     Worker {
         /// Exit when the queue is empty instead of waiting for more runs.
@@ -321,6 +326,25 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 }
             }
             Ok(0)
+        }
+        Command::Status { format } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let store = Store::open(&project).await?;
+            let now = weir_orchestrator::store::now_ms();
+            let states = weir_orchestrator::alert::status(&project, &store, now).await?;
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&states).unwrap_or_default()
+                );
+            } else {
+                print!("{}", ops::status_table(&states, now));
+            }
+            Ok(if states.iter().any(|s| s.state == "late") {
+                1
+            } else {
+                0
+            })
         }
         Command::Backfill {
             asset,

@@ -306,3 +306,43 @@ fn uuid_short() -> String {
 async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
     futures::future::join_all(fs).await
 }
+
+fn age(ms: i64) -> String {
+    let secs = (ms / 1000).max(0) as u64;
+    humantime::format_duration(std::time::Duration::from_secs(if secs > 3600 {
+        secs / 60 * 60
+    } else {
+        secs
+    }))
+    .to_string()
+}
+
+pub fn status_table(states: &[weir_orchestrator::alert::AssetState], now: i64) -> String {
+    let rows: Vec<Vec<String>> = states
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.kind.clone(),
+                match s.state.as_str() {
+                    "late" => "LATE".into(),
+                    "failing" => "FAILING".into(),
+                    other => other.into(),
+                },
+                s.last_status.clone().unwrap_or_default(),
+                s.last_success_at
+                    .map(|t| format!("{} ago", age(now - t)))
+                    .unwrap_or_else(|| "never".into()),
+                s.freshness_sla_secs
+                    .map(|v| {
+                        humantime::format_duration(std::time::Duration::from_secs(v)).to_string()
+                    })
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    text_table(
+        &["asset", "kind", "state", "last run", "last success", "sla"],
+        &rows,
+    )
+}

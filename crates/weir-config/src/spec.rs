@@ -39,6 +39,18 @@ pub struct ProjectConfig {
     /// Sensors that start runs when files appear or a table changes, run by `weir serve`.
     #[serde(default)]
     pub sensors: Vec<crate::SensorConfig>,
+    /// Where failed runs and missed freshness SLAs are reported.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// Alerts: a JSON POST to a webhook for every failed run and missed freshness SLA.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// An `http(s)://` URL that receives the alerts.
+    #[serde(default)]
+    pub webhook: Option<String>,
 }
 
 /// The state store: an SQLite file by default, or a PostgreSQL connection shared by
@@ -183,6 +195,10 @@ pub struct PipelineConfig {
     /// When `weir serve` runs this pipeline (and what is downstream of it).
     #[serde(default)]
     pub schedule: Option<crate::ScheduleConfig>,
+    /// The pipeline must have succeeded within this long (e.g. `2h`); a miss shows in
+    /// `weir status` and is sent to `alerts.webhook` by `weir serve`.
+    #[serde(default, with = "duration_opt")]
+    pub freshness_sla: Option<Duration>,
     /// Data quality checks on the loaded table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
@@ -621,6 +637,10 @@ pub struct ModelProperties {
     /// a run replaces only its partition's rows.
     #[serde(default)]
     pub partitions: Option<crate::PartitionsConfig>,
+    /// The model must have succeeded within this long (e.g. `26h`); a miss shows in
+    /// `weir status` and is sent to `alerts.webhook` by `weir serve`.
+    #[serde(default, with = "duration_opt")]
+    pub freshness_sla: Option<Duration>,
 }
 
 impl ModelProperties {
@@ -715,6 +735,8 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
         "concurrency",
         "schedules",
         "sensors",
+        "alerts",
+        "alerts.webhook",
         "state.connection",
         "state.path",
         "state.lease",
@@ -738,6 +760,7 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "retry",
         "timeout",
         "schedule",
+        "freshness_sla",
         "checks",
         "schedule.name",
         "schedule.cron",
@@ -837,7 +860,7 @@ mod key_tests {
                 "pipeline section `{section}`"
             );
         }
-        for section in ["", "models", "retry", "state"] {
+        for section in ["", "models", "retry", "state", "alerts"] {
             assert_eq!(
                 accepted::<ProjectConfig>("name: p\n", section),
                 listed(ProjectConfig::KEYS, section),

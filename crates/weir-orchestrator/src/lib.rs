@@ -9,6 +9,7 @@
 //! A crash anywhere before the data commit leaves the table at N, so the rerun plans the
 //! same files again; the quarantine commit is skipped if it already holds N+1.
 
+pub mod alert;
 mod gate;
 mod pipeline;
 mod quarantine;

@@ -517,7 +517,7 @@ pub async fn execute(
             .finish_run(&record.id, if ok { "succeeded" } else { "failed" }, error)
             .await?;
     }
-    Ok(RunSummary {
+    let summary = RunSummary {
         run_id: record.id.clone(),
         project: project.config.name.clone(),
         trigger: record.trigger.clone(),
@@ -529,7 +529,11 @@ pub async fn execute(
         duration_ms: started.elapsed().as_millis() as u64,
         ok,
         assets,
-    })
+    };
+    if finished {
+        crate::alert::run_failed(project, &summary).await;
+    }
+    Ok(summary)
 }
 
 /// What one asset's execution needs.

@@ -85,7 +85,17 @@ pub async fn serve(
         let (app, mut stop) = (app.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             let mut sensors = Sensors::new();
+            let mut pass: u64 = 0;
             loop {
+                // Freshness SLAs every ten seconds.
+                if pass.is_multiple_of(10) {
+                    if let Err(e) =
+                        weir_orchestrator::alert::check_freshness(&app.project, &app.store).await
+                    {
+                        tracing::error!(error = %e, "freshness check failed");
+                    }
+                }
+                pass += 1;
                 let now = chrono::Utc::now();
                 if let Err(e) = schedule::tick(&app.project, &app.store, &app.schedules, now).await
                 {
@@ -122,6 +132,7 @@ pub async fn serve(
         .route("/api/runs/{id}", get(show_run))
         .route("/api/assets", get(assets))
         .route("/api/schedules", get(list_schedules))
+        .route("/api/status", get(asset_status))
         .with_state(app.clone());
     ready(addr);
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -267,4 +278,14 @@ async fn list_schedules(State(app): State<Arc<App>>) -> Json<Value> {
         })
         .collect();
     Json(json!(out))
+}
+
+async fn asset_status(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let states = weir_orchestrator::alert::status(
+        &app.project,
+        &app.store,
+        weir_orchestrator::store::now_ms(),
+    )
+    .await?;
+    Ok(Json(json!(states)))
 }

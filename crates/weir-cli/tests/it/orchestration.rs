@@ -711,3 +711,134 @@ fn a_backfill_of_30_daily_partitions_interrupted_and_resumed_builds_each_once() 
         serde_json::json!(30)
     );
 }
+
+/// A webhook receiver on loopback: collects the JSON bodies POSTed to it.
+fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn);
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+            let mut conn = reader.into_inner();
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn failed_runs_and_missed_freshness_slas_are_alerted_and_shown_in_status() {
+    let (url, got) = webhook();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "weir.yaml",
+        &format!("name: alerting\nretry: {{max_attempts: 1}}\nalerts: {{webhook: '{url}'}}\n"),
+    );
+    write(d, "good/a.csv", "id\n1\n");
+    write(
+        d,
+        "pipelines/good.yaml",
+        "source: {type: files, path: good/*.csv}\nsink: {table: raw.good}\nfreshness_sla: 2s\n",
+    );
+    write(d, "bad/a.csv", "n\n1\nx\n");
+    write(
+        d,
+        "pipelines/bad.yaml",
+        "source:\n  type: files\n  path: bad/*.csv\n  schema:\n    - { name: n, type: bigint }\nsink: {table: raw.bad}\nmax_bad_rows: 0\n",
+    );
+    let out = weir(d, &["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let alerts = got.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["event"], "run_failed");
+    assert_eq!(alerts[0]["project"], "alerting");
+    assert_eq!(alerts[0]["failed"][0]["asset"], "bad");
+    assert_eq!(alerts[0]["failed"][0]["domain"], "user");
+
+    let status = |d: &Path| {
+        let out = weir(d, &["status", "--format", "json"]);
+        let v = json(&String::from_utf8_lossy(&out.stdout));
+        let by: BTreeMap<String, String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().into(),
+                    s["state"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        (out.status.code(), by)
+    };
+    let (code, st) = status(d);
+    assert_eq!(code, Some(0));
+    assert_eq!(st["good"], "ok");
+    assert_eq!(st["bad"], "failing");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, st) = status(d);
+    assert_eq!(code, Some(1), "a late asset fails `weir status`");
+    assert_eq!(st["good"], "late");
+    let table = ok(&weir(d, &["runs"]));
+    assert!(table.contains("failed"));
+    let text = String::from_utf8_lossy(&weir(d, &["status"]).stdout).to_string();
+    assert!(text.contains("LATE") && text.contains("FAILING"), "{text}");
+
+    // `weir serve` sends the freshness alert once.
+    let mut child = weir_cmd(d, &["serve", "--port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a["event"] == "freshness_missed")
+            .count();
+        if n > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no freshness alert");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(11)); // a second check must not repeat it
+    unsafe_sigint(child.id());
+    wait_timeout(&mut child, Duration::from_secs(30));
+    let fresh: Vec<Value> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|a| a["event"] == "freshness_missed")
+        .cloned()
+        .collect();
+    assert_eq!(fresh.len(), 1, "{fresh:?}");
+    assert_eq!(fresh[0]["asset"], "good");
+    assert_eq!(fresh[0]["freshness_sla_secs"], 2);
+}
