@@ -842,3 +842,57 @@ fn failed_runs_and_missed_freshness_slas_are_alerted_and_shown_in_status() {
     assert_eq!(fresh[0]["asset"], "good");
     assert_eq!(fresh[0]["freshness_sla_secs"], 2);
 }
+
+#[test]
+fn a_connections_max_concurrency_keeps_its_assets_apart() {
+    let pg = PgServer::shared();
+    let db = pg.fresh_database("limits").unwrap();
+    pg.psql(
+        &db,
+        "create table t as select g as id, md5(g::text) as v from generate_series(1, 20000) g",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "weir.yaml",
+        &format!(
+            "name: lim\nconcurrency: 4\nconnections:\n  shop:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n    max_concurrency: 1\n",
+            pg.port(),
+            pg.user()
+        ),
+    );
+    for name in ["a", "b", "c"] {
+        write(
+            d,
+            &format!("pipelines/{name}.yaml"),
+            &format!("source: {{type: postgres, connection: shop, table: t}}\nsink: {{table: raw.{name}, mode: overwrite}}\n"),
+        );
+    }
+    let summary = json(&ok(&weir_cmd(d, &["run", "--format", "json"])
+        .output()
+        .unwrap()));
+    assert_eq!(summary["ok"], true);
+    let id = summary["run_id"].as_str().unwrap();
+    let detail = show(d, id);
+    let mut spans: Vec<(i64, i64)> = detail["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["started_at"].as_i64().unwrap(),
+                a["ended_at"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    spans.sort();
+    assert_eq!(spans.len(), 3);
+    for w in spans.windows(2) {
+        assert!(
+            w[0].1 <= w[1].0,
+            "assets on one connection overlapped: {spans:?}"
+        );
+    }
+}
