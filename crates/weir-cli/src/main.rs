@@ -293,8 +293,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             status,
             format,
         } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let store = Store::open(&project).await?;
+            let (_, store) = project_and_store(&cli.project).await?;
             match command {
                 None => {
                     let runs = store.list_runs(limit, status.as_deref()).await?;
@@ -328,8 +327,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Status { format } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let store = Store::open(&project).await?;
+            let (project, store) = project_and_store(&cli.project).await?;
             let now = weir_orchestrator::store::now_ms();
             let states = weir_orchestrator::alert::status(&project, &store, now).await?;
             if format == Format::Json {
@@ -354,8 +352,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             parallel,
             queue,
         } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let store = Store::open(&project).await?;
+            let (project, store) = project_and_store(&cli.project).await?;
             ops::backfill(
                 &project,
                 &store,
@@ -376,8 +373,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             workers,
             no_schedules,
         } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let store = Store::open(&project).await?;
+            let (project, store) = project_and_store(&cli.project).await?;
             let schedules = weir_orchestrator::schedule::schedules(&project);
             let now = chrono::Utc::now();
             for (name, next) in weir_orchestrator::schedule::upcoming(&schedules, now) {
@@ -415,8 +411,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             max_runs,
             poll,
         } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let store = Store::open(&project).await?;
+            let (project, store) = project_and_store(&cli.project).await?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 if tokio::signal::ctrl_c().await.is_ok() {
@@ -582,6 +577,13 @@ fn query_error(lake: &weir_lake::Lake, e: datafusion::error::DataFusionError) ->
         ));
     }
     err
+}
+
+/// The project and its state store.
+async fn project_and_store(dir: &std::path::Path) -> Result<(weir_config::Project, Store), Error> {
+    let project = weir_config::load_project(dir)?;
+    let store = Store::open(&project).await?;
+    Ok((project, store))
 }
 
 async fn run_project(

@@ -171,16 +171,10 @@ impl Db {
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, Error> {
         match self {
             Db::Sqlite { conn, path } => {
-                let (conn, path, sql, params) =
-                    (conn.clone(), path.clone(), sqlite_sql(sql), params.to_vec());
-                blocking(move || {
-                    let c = conn
-                        .lock()
-                        .map_err(|_| Error::internal("state store lock"))?;
-                    let mut stmt = c.prepare_cached(&sql).map_err(|e| sqlite_error(&path, e))?;
+                with_statement(conn, path, sql, params, |stmt, params, path| {
                     stmt.execute(rusqlite::params_from_iter(params.iter()))
                         .map(|n| n as u64)
-                        .map_err(|e| sqlite_error(&path, e))
+                        .map_err(|e| sqlite_error(path, e))
                 })
                 .await
             }
@@ -195,22 +189,16 @@ impl Db {
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, Error> {
         match self {
             Db::Sqlite { conn, path } => {
-                let (conn, path, sql, params) =
-                    (conn.clone(), path.clone(), sqlite_sql(sql), params.to_vec());
-                blocking(move || {
-                    let c = conn
-                        .lock()
-                        .map_err(|_| Error::internal("state store lock"))?;
-                    let mut stmt = c.prepare_cached(&sql).map_err(|e| sqlite_error(&path, e))?;
+                with_statement(conn, path, sql, params, |stmt, params, path| {
                     let n = stmt.column_count();
                     let mut rows = stmt
                         .query(rusqlite::params_from_iter(params.iter()))
-                        .map_err(|e| sqlite_error(&path, e))?;
+                        .map_err(|e| sqlite_error(path, e))?;
                     let mut out = Vec::new();
-                    while let Some(r) = rows.next().map_err(|e| sqlite_error(&path, e))? {
+                    while let Some(r) = rows.next().map_err(|e| sqlite_error(path, e))? {
                         let mut row = Vec::with_capacity(n);
                         for i in 0..n {
-                            row.push(match r.get_ref(i).map_err(|e| sqlite_error(&path, e))? {
+                            row.push(match r.get_ref(i).map_err(|e| sqlite_error(path, e))? {
                                 rusqlite::types::ValueRef::Null => Value::Int(None),
                                 rusqlite::types::ValueRef::Integer(v) => Value::Int(Some(v)),
                                 rusqlite::types::ValueRef::Real(v) => Value::Int(Some(v as i64)),
@@ -273,6 +261,32 @@ fn pg_params(params: &[Value]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)
             Value::Text(v) => v as &(dyn tokio_postgres::types::ToSql + Sync),
         })
         .collect()
+}
+
+/// Runs `f` on a prepared (cached) SQLite statement on the blocking pool.
+async fn with_statement<T: Send + 'static>(
+    conn: &Arc<Mutex<rusqlite::Connection>>,
+    path: &Path,
+    sql: &str,
+    params: &[Value],
+    f: impl FnOnce(&mut rusqlite::CachedStatement<'_>, &[Value], &Path) -> Result<T, Error>
+        + Send
+        + 'static,
+) -> Result<T, Error> {
+    let (conn, path, sql, params) = (
+        conn.clone(),
+        path.to_path_buf(),
+        sqlite_sql(sql),
+        params.to_vec(),
+    );
+    blocking(move || {
+        let c = conn
+            .lock()
+            .map_err(|_| Error::internal("state store lock"))?;
+        let mut stmt = c.prepare_cached(&sql).map_err(|e| sqlite_error(&path, e))?;
+        f(&mut stmt, &params, &path)
+    })
+    .await
 }
 
 async fn blocking<T: Send + 'static>(
