@@ -219,7 +219,7 @@ pub async fn backfill(
         .await?
         .into_iter()
         .collect();
-    let id = uuid_short();
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let mut queued = 0;
     for key in &keys {
         if (!b.all && done.contains(key)) || active.contains(key) {
@@ -265,7 +265,7 @@ pub async fn backfill(
             }
         })
     });
-    for r in futures_join(workers).await {
+    for r in futures::future::join_all(workers).await {
         r?;
     }
     let states: std::collections::BTreeMap<String, String> = store
@@ -296,15 +296,6 @@ pub async fn backfill(
         }
     );
     Ok(if missing.is_empty() { 0 } else { 1 })
-}
-
-fn uuid_short() -> String {
-    let id = weir_orchestrator::worker_id();
-    id.rsplit(':').next().unwrap_or_default().to_string()
-}
-
-async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    futures::future::join_all(fs).await
 }
 
 fn age(ms: i64) -> String {

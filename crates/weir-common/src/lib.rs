@@ -8,7 +8,9 @@
 pub mod error;
 pub mod redact;
 pub mod retry;
+pub mod task;
 
 pub use error::{Domain, Error, Result};
 pub use redact::{redact, register_secret};
 pub use retry::{retry, RetryPolicy};
+pub use task::blocking;

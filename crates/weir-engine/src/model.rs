@@ -46,18 +46,13 @@ pub fn partition_window(
     else {
         return Ok(None);
     };
-    let key = match key {
-        Some(k) => k.to_string(),
-        None => match parts.last_complete(chrono::Utc::now().naive_utc()) {
-            Some(k) => k,
-            None => parts
-                .keys_between(parts.start.as_deref(), parts.start.as_deref())?
-                .into_iter()
-                .next()
-                .or_else(|| parts.values.first().cloned())
-                .ok_or_else(|| Error::user(format!("model `{}` has no partitions", model.name)))?,
-        },
-    };
+    // The last complete partition, or the first one while none has ended yet.
+    let key = key
+        .map(str::to_string)
+        .or_else(|| parts.last_complete(chrono::Utc::now().naive_utc()))
+        .or_else(|| parts.start.clone())
+        .or_else(|| parts.values.first().cloned())
+        .ok_or_else(|| Error::user(format!("model `{}` has no partitions", model.name)))?;
     parts.window(&key).map(Some)
 }
 

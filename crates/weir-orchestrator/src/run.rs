@@ -141,13 +141,14 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
         record.partition = old.partition.clone();
     }
     // Fail on a bad selector before anything is recorded.
-    Graph::build(project)?.select(record.selector.as_deref())?;
+    let graph = Graph::build(project)?;
+    let selected = graph.select(record.selector.as_deref())?;
     record.status = "running".into();
     record.worker = Some(worker.clone());
     record.started_at = Some(now_ms());
     record.heartbeat_at = record.started_at;
     store.insert_run(&record).await?;
-    execute(project, &store, &record, &worker, &opts).await
+    execute_planned(project, &store, &record, &worker, &opts, graph, selected).await
 }
 
 /// Adds a run to the queue for a worker (`weir worker`, `weir serve`). Returns false when
@@ -287,19 +288,32 @@ pub async fn execute(
     worker: &str,
     opts: &RunOptions,
 ) -> Result<RunSummary, Error> {
-    let started = Instant::now();
-    let graph = match Graph::build(project)
-        .and_then(|g| g.select(record.selector.as_deref()).map(|s| (g, s)))
-    {
-        Ok(v) => v,
+    let planned =
+        Graph::build(project).and_then(|g| g.select(record.selector.as_deref()).map(|s| (g, s)));
+    match planned {
+        Ok((graph, selected)) => {
+            execute_planned(project, store, record, worker, opts, graph, selected).await
+        }
         Err(e) => {
             store
                 .finish_run(&record.id, "failed", Some(e.render()))
                 .await?;
-            return Err(e);
+            Err(e)
         }
-    };
-    let (graph, selected) = graph;
+    }
+}
+
+/// [`execute`] with the graph built and the selection made.
+async fn execute_planned(
+    project: &Project,
+    store: &Store,
+    record: &RunRecord,
+    worker: &str,
+    opts: &RunOptions,
+    graph: Graph,
+    selected: Vec<usize>,
+) -> Result<RunSummary, Error> {
+    let started = Instant::now();
     let lake = Lake::new(project.lake_root());
     let progress: ProgressFn = opts
         .progress
@@ -326,24 +340,13 @@ pub async fn execute(
         let rec = match existing.get(&a.name) {
             Some(r) => r.clone(),
             None => {
-                let r = AssetRecord {
-                    run_id: record.id.clone(),
-                    asset: a.name.clone(),
-                    position: pos as i64,
-                    kind: asset_kind(&a.kind).into(),
-                    status: "queued".into(),
-                    attempts: 0,
-                    max_attempts: asset_policy(project, &a.kind).0.max_attempts.max(1) as i64,
-                    started_at: None,
-                    ended_at: None,
-                    rows_read: None,
-                    rows_written: None,
-                    rows_quarantined: None,
-                    version: None,
-                    error: None,
-                    error_domain: None,
-                    note: None,
-                };
+                let r = AssetRecord::queued(
+                    &record.id,
+                    &a.name,
+                    pos as i64,
+                    asset_kind(&a.kind),
+                    asset_policy(project, &a.kind).0.max_attempts.max(1) as i64,
+                );
                 fresh.push(r.clone());
                 r
             }

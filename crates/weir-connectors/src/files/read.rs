@@ -29,7 +29,7 @@ pub async fn sample(
 ) -> Result<Sample, Error> {
     let file = file.clone();
     let config = config.clone();
-    blocking(move || match format {
+    weir_common::blocking("reader", move || match format {
         FileFormat::Csv => sample_csv(&file, &config, n),
         FileFormat::Ndjson => sample_ndjson(&file, &config, n),
         FileFormat::Parquet => sample_parquet(&file),
@@ -49,7 +49,7 @@ pub async fn read_file(
 ) -> Result<(), Error> {
     let file = file.clone();
     let config = config.clone();
-    blocking(move || {
+    weir_common::blocking("reader", move || {
         let mut sink = BatchSink {
             out,
             progress,
@@ -62,14 +62,6 @@ pub async fn read_file(
         }
     })
     .await
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
 }
 
 #[derive(Clone)]

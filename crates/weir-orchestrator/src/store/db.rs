@@ -148,7 +148,7 @@ impl Db {
         match self {
             Db::Sqlite { conn, path } => {
                 let (conn, path, sql) = (conn.clone(), path.clone(), sql.to_string());
-                blocking(move || {
+                weir_common::blocking("state store", move || {
                     let c = conn
                         .lock()
                         .map_err(|_| Error::internal("state store lock"))?;
@@ -279,7 +279,7 @@ async fn with_statement<T: Send + 'static>(
         sqlite_sql(sql),
         params.to_vec(),
     );
-    blocking(move || {
+    weir_common::blocking("state store", move || {
         let c = conn
             .lock()
             .map_err(|_| Error::internal("state store lock"))?;
@@ -287,14 +287,6 @@ async fn with_statement<T: Send + 'static>(
         f(&mut stmt, &params, &path)
     })
     .await
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::internal(format!("state store task: {e}")))?
 }
 
 #[cfg(test)]

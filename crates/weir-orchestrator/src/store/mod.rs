@@ -204,6 +204,28 @@ const ASSET_COLS: &str = "run_id, asset, position, kind, status, attempts, max_a
      error_domain, note";
 
 impl AssetRecord {
+    /// A queued asset of a run, not attempted yet.
+    pub fn queued(run_id: &str, asset: &str, position: i64, kind: &str, max_attempts: i64) -> Self {
+        Self {
+            run_id: run_id.into(),
+            asset: asset.into(),
+            position,
+            kind: kind.into(),
+            status: "queued".into(),
+            attempts: 0,
+            max_attempts,
+            started_at: None,
+            ended_at: None,
+            rows_read: None,
+            rows_written: None,
+            rows_quarantined: None,
+            version: None,
+            error: None,
+            error_domain: None,
+            note: None,
+        }
+    }
+
     fn from_row(r: &Row) -> Self {
         Self {
             run_id: r[0].text().unwrap_or_default(),

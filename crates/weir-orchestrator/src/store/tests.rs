@@ -11,24 +11,7 @@ async fn temp_store() -> (tempfile::TempDir, Store) {
 }
 
 fn asset(run: &str, name: &str, pos: i64, max: i64) -> AssetRecord {
-    AssetRecord {
-        run_id: run.into(),
-        asset: name.into(),
-        position: pos,
-        kind: "pipeline".into(),
-        status: "queued".into(),
-        attempts: 0,
-        max_attempts: max,
-        started_at: None,
-        ended_at: None,
-        rows_read: None,
-        rows_written: None,
-        rows_quarantined: None,
-        version: None,
-        error: None,
-        error_domain: None,
-        note: None,
-    }
+    AssetRecord::queued(run, name, pos, "pipeline", max)
 }
 
 #[tokio::test]
