@@ -50,6 +50,7 @@ pub fn new_session() -> datafusion::prelude::SessionContext {
 
 /// Maps a delta-rs error to a weir error with the right domain.
 pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableError) -> Error {
+    use deltalake::kernel::transaction::TransactionError;
     use deltalake::DeltaTableError as E;
     let text = err.to_string();
     match &err {
@@ -58,16 +59,51 @@ pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableEr
             Error::external(format!("{context}: concurrent commit: {text}"))
         }
         // Another writer committed something this commit conflicts with (two overwrites,
-        // a merge and a delete): nothing was written, and a new attempt reads the new state.
-        _ if text.contains("concurrent transaction") || text.contains("Commit failed") => {
-            Error::external(format!(
-                "{context}: a concurrent commit to the same table conflicted: {text}"
-            ))
-        }
+        // two creations of one table, a merge and a delete): nothing was written, and a new
+        // attempt reads the new state.
+        E::Transaction {
+            source:
+                TransactionError::CommitConflict(_)
+                | TransactionError::MaxCommitAttempts(_)
+                | TransactionError::VersionAlreadyExists(_),
+        } => Error::external(format!(
+            "{context}: a concurrent commit to the same table conflicted: {text}"
+        )),
         E::SchemaMismatch { .. } => Error::user(format!("{context}: {text}")),
         _ if text.contains("Schema error") || text.contains("schema") => {
             Error::user(format!("{context}: {text}"))
         }
         _ => Error::external(format!("{context}: {text}")).not_retryable(),
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use deltalake::kernel::transaction::{CommitConflictError, TransactionError};
+    use deltalake::DeltaTableError;
+
+    #[test]
+    fn commit_conflicts_are_retryable_external_errors() {
+        for conflict in [
+            CommitConflictError::MetadataChanged,
+            CommitConflictError::ConcurrentDeleteRead,
+            CommitConflictError::ConcurrentAppend,
+        ] {
+            let err = super::delta_error(
+                "writing `a.b`",
+                DeltaTableError::Transaction {
+                    source: TransactionError::CommitConflict(conflict),
+                },
+            );
+            assert_eq!(err.domain, weir_common::Domain::External, "{err}");
+            assert!(err.retryable, "{err}");
+        }
+        let other = super::delta_error(
+            "writing `a.b`",
+            DeltaTableError::Transaction {
+                source: TransactionError::DeltaTableAppendOnly,
+            },
+        );
+        assert!(!other.retryable, "{other}");
     }
 }

@@ -679,7 +679,16 @@ fn a_backfill_of_30_daily_partitions_interrupted_and_resumed_builds_each_once() 
     }
     assert_eq!(per_partition.len(), 30);
     for (k, statuses) in &per_partition {
-        assert_eq!(statuses, &vec!["succeeded".to_string()], "partition {k}");
+        let failed: Vec<Value> = history
+            .iter()
+            .filter(|r| r["partition"] == k.as_str() && r["status"] != "succeeded")
+            .map(|r| show(d, r["id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            statuses,
+            &vec!["succeeded".to_string()],
+            "partition {k}: {failed:#?}\n{log}\n---\n{second}"
+        );
     }
     let rows = crate::query(
         d,
