@@ -63,6 +63,10 @@ enum Command {
         /// same key is not added).
         #[arg(long, requires = "queue")]
         run_key: Option<String>,
+        /// The partition partitioned assets build (`2024-01-31`, `2024-01`,
+        /// `2024-01-31T05`, or a value); default: each one's last complete partition.
+        #[arg(long, value_name = "KEY", conflicts_with = "retry_failed")]
+        partition: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -96,10 +100,10 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         poll: std::time::Duration,
     },
-    /// Build the missing partitions of a partitioned model, resumably: a second call with
-    /// the same range continues where an interrupted one stopped.
+    /// Build the missing partitions of a partitioned pipeline or model, resumably: a second
+    /// call with the same range continues where an interrupted one stopped.
     Backfill {
-        /// The partitioned model.
+        /// The partitioned pipeline or model.
         asset: String,
         /// First partition (`2024-01-01`, `2024-01`, `2024-01-01T05`, or a value).
         #[arg(long)]
@@ -264,17 +268,23 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             retry_failed,
             queue,
             run_key,
+            partition,
             format,
         } => {
             let project = weir_config::load_project(&cli.project)?;
             let sel = (!selector.is_empty()).then(|| selector.join(" "));
             if queue {
-                weir_engine::Graph::build(&project)?.select(sel.as_deref())?;
+                let graph = weir_engine::Graph::build(&project)?;
+                let selected = graph.select(sel.as_deref())?;
+                if let Some(key) = &partition {
+                    weir_orchestrator::check_partition(&project, &graph, &selected, key)?;
+                }
                 let store = Store::open(&project).await?;
                 let mut record =
                     weir_orchestrator::store::RunRecord::new(&project.config.name, "manual");
                 record.selector = sel;
                 record.full_refresh = full_refresh;
+                record.partition = partition;
                 record.run_key = run_key;
                 if weir_orchestrator::enqueue(&store, &record).await? {
                     println!("{}", record.id);
@@ -284,7 +294,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 }
                 return Ok(0);
             }
-            let summary = run_project(&project, sel, full_refresh, retry_failed, progress).await?;
+            let opts = RunOptions {
+                selector: sel,
+                full_refresh,
+                progress: None,
+                retry_failed,
+                partition,
+            };
+            let summary = run_project(&project, opts, progress).await?;
             Ok(report(&summary, format))
         }
         Command::Runs {
@@ -556,7 +573,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 eprintln!("running the existing demo project in {}", dir.display());
             }
             let project = weir_config::load_project(&dir)?;
-            let summary = run_project(&project, None, false, None, progress).await?;
+            let summary = run_project(&project, RunOptions::default(), progress).await?;
             let code = report(&summary, format);
             if format == Format::Table && code == 0 {
                 demo::print_tour(&project, &dir).await?;
@@ -588,9 +605,7 @@ async fn project_and_store(dir: &std::path::Path) -> Result<(weir_config::Projec
 
 async fn run_project(
     project: &weir_config::Project,
-    selector: Option<String>,
-    full_refresh: bool,
-    retry_failed: Option<String>,
+    mut opts: RunOptions,
     progress: bool,
 ) -> Result<RunSummary, Error> {
     let bar = progress.then(|| {
@@ -615,16 +630,8 @@ async fn run_project(
             b.set_message(output::progress_line(name, rows, bytes, secs));
         }) as weir_orchestrator::ProgressFn
     });
-    let summary = weir_orchestrator::run(
-        project,
-        RunOptions {
-            selector,
-            full_refresh,
-            progress: progress_fn,
-            retry_failed,
-        },
-    )
-    .await;
+    opts.progress = progress_fn;
+    let summary = weir_orchestrator::run(project, opts).await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -190,17 +190,11 @@ pub async fn backfill(
     use weir_common::Error;
     let graph = weir_engine::Graph::build(project)?;
     graph.select(Some(&b.asset))?;
-    let parts = project
-        .models
-        .iter()
-        .find(|m| m.name == b.asset)
-        .and_then(|m| m.properties.as_ref())
-        .and_then(|p| p.partitions.clone())
-        .ok_or_else(|| {
-            Error::user(format!("`{}` is not a partitioned model", b.asset)).with_hint(
-                "declare `partitions: {every: daily, start: 2024-01-01, column: day}` for it in models/*.yaml",
-            )
-        })?;
+    let parts = project.partitions(&b.asset).ok_or_else(|| {
+        Error::user(format!("`{}` is not partitioned", b.asset)).with_hint(
+            "declare `partitions: {every: daily, start: 2024-01-01, column: day}` on the pipeline, or for the model in models/*.yaml",
+        )
+    })?;
     let keys = parts.keys_between(b.from.as_deref(), b.to.as_deref())?;
     weir_orchestrator::notify_recovered(
         &store

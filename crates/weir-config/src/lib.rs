@@ -17,7 +17,7 @@ mod yaml;
 
 pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
-pub use partition::{PartitionEvery, PartitionWindow, PartitionsConfig};
+pub use partition::{mentions_partition, PartitionEvery, PartitionWindow, PartitionsConfig};
 pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};
 pub use spec::*;
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

@@ -53,6 +53,21 @@ impl Project {
         }
     }
 
+    /// The partitions of the pipeline or model named `asset`, if it is partitioned.
+    pub fn partitions(&self, asset: &str) -> Option<&crate::PartitionsConfig> {
+        match self.pipelines.iter().find(|p| p.name == asset) {
+            Some(p) => p.config.partitions.as_ref(),
+            None => self
+                .models
+                .iter()
+                .find(|m| m.name == asset)?
+                .properties
+                .as_ref()?
+                .partitions
+                .as_ref(),
+        }
+    }
+
     /// Path relative to the project root, for messages.
     pub fn rel<'a>(&self, p: &'a Path) -> &'a Path {
         p.strip_prefix(&self.root).unwrap_or(p)
@@ -86,6 +101,7 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         let cfg: PipelineConfig = parse_yaml(&shown, &text)?;
         validate_source(&cfg, &config, &shown, &text)?;
         validate_sink(&cfg, &config, &shown)?;
+        validate_partitions(&cfg, &shown, &text)?;
         for c in &cfg.checks {
             c.validate(&shown.display().to_string())?;
         }
@@ -372,7 +388,10 @@ fn validate_source(
                     .with_hint("set `mode: merge` and `key: [...]` on the sink"));
                 }
             }
-            if src.cursor.is_none() && cfg.sink.mode == WriteMode::Append {
+            if src.cursor.is_none()
+                && cfg.sink.mode == WriteMode::Append
+                && cfg.partitions.is_none()
+            {
                 return Err(Error::user(format!(
                     "a postgres source without `cursor` reads the whole table every run, so appending would duplicate it ({})",
                     file.display()
@@ -386,6 +405,62 @@ fn validate_source(
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// A partitioned pipeline reads its partition and replaces it in the sink.
+fn validate_partitions(cfg: &PipelineConfig, file: &Path, text: &str) -> Result<(), Error> {
+    let Some(parts) = &cfg.partitions else {
+        return Ok(());
+    };
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("partitions:"))
+        .map(|i| format!(":{}", i + 1))
+        .unwrap_or_default();
+    let at = format!("{}{line}", file.display());
+    parts.validate(&at)?;
+    if cfg.source.kind == SourceKind::Lake {
+        return Err(Error::user(format!(
+            "partitions apply to files and postgres sources, not `lake` ({at})"
+        ))
+        .with_hint(
+            "partition a model over the lake table instead (`partitions:` in models/*.yaml)",
+        ));
+    }
+    if !matches!(cfg.sink.mode, WriteMode::Append | WriteMode::Overwrite) {
+        return Err(Error::user(format!(
+            "a partitioned pipeline replaces its partition in the sink, so `sink.mode: {}` does not apply ({at})",
+            cfg.sink.mode
+        ))
+        .with_hint("remove `mode` (or set `mode: overwrite`)"));
+    }
+    let texts = [
+        Some(cfg.source.path.as_str()),
+        cfg.source.query.as_deref(),
+        cfg.transform.as_deref(),
+    ];
+    // Placeholders are checked on the first partition, so a typo fails `weir validate`.
+    let first = parts.resolve(parts.start.as_deref(), chrono::NaiveDateTime::MIN)?;
+    for (key, t) in ["source.path", "source.query", "transform"]
+        .iter()
+        .zip(texts)
+    {
+        if let Some(t) = t {
+            first
+                .fill(t)
+                .map_err(|e| e.context(format!("`{key}` of {}", file.display())))?;
+        }
+    }
+    if !texts.into_iter().flatten().any(crate::mentions_partition) {
+        return Err(Error::user(format!(
+            "a partitioned pipeline must read only its partition, but neither `source.path`, `source.query` nor `transform` refers to it ({at})"
+        ))
+        .with_hint(match cfg.source.kind {
+            SourceKind::Files => "e.g. `path: data/events/{{ partition_key }}/*.csv`",
+            _ => "e.g. `query: select * from events where ts >= '{{ partition_start }}' and ts < '{{ partition_end }}'`",
+        }));
     }
     Ok(())
 }

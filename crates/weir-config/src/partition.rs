@@ -151,6 +151,18 @@ impl PartitionsConfig {
         (prev >= first).then(|| format_key(every, prev))
     }
 
+    /// Partition `key`'s window, or without a key the last complete partition by `now` (the
+    /// first one while none has ended yet).
+    pub fn resolve(&self, key: Option<&str>, now: NaiveDateTime) -> Result<PartitionWindow, Error> {
+        let key = key
+            .map(str::to_string)
+            .or_else(|| self.last_complete(now))
+            .or_else(|| self.start.clone())
+            .or_else(|| self.values.first().cloned())
+            .ok_or_else(|| Error::user("no partitions are declared"))?;
+        self.window(&key)
+    }
+
     /// The SQL predicate selecting partition `key`'s rows of the output.
     pub fn predicate(&self, key: &str) -> Result<String, Error> {
         let w = self.window(key)?;
@@ -160,6 +172,56 @@ impl PartitionsConfig {
             (Some(s), Some(e)) => format!("{col} >= {} AND {col} < {}", lit(s), lit(e)),
             _ => format!("{col} = {}", lit(&w.key)),
         })
+    }
+}
+
+/// The names a partitioned asset's text may refer to.
+const PARTITION_VARS: [&str; 3] = ["partition_key", "partition_start", "partition_end"];
+
+/// Whether `text` refers to the partition (`{{ partition_key }}` and friends).
+pub fn mentions_partition(text: &str) -> bool {
+    placeholders(text).any(|(_, name)| PARTITION_VARS.contains(&name))
+}
+
+/// The `{{ name }}` placeholders of `text`: their byte range and trimmed name.
+fn placeholders(text: &str) -> impl Iterator<Item = (std::ops::Range<usize>, &str)> {
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let open = from + text.get(from..)?.find("{{")?;
+        let close = open + 2 + text[open + 2..].find("}}")?;
+        from = close + 2;
+        Some((open..close + 2, text[open + 2..close].trim()))
+    })
+}
+
+impl PartitionWindow {
+    /// `text` with `{{ partition_key }}`, `{{ partition_start }}` and `{{ partition_end }}`
+    /// filled in; any other placeholder is an error naming it.
+    pub fn fill(&self, text: &str) -> Result<String, Error> {
+        let mut out = String::with_capacity(text.len());
+        let mut last = 0;
+        for (range, name) in placeholders(text) {
+            let value = match name {
+                "partition_key" => Some(&self.key),
+                "partition_start" => self.start.as_ref(),
+                "partition_end" => self.end.as_ref(),
+                other => return Err(Error::user(format!(
+                    "unknown placeholder `{{{{ {other} }}}}`"
+                ))
+                .with_hint(
+                    "partitioned pipelines know partition_key, partition_start and partition_end",
+                )),
+            };
+            let value = value.ok_or_else(|| {
+                Error::user(format!("`{name}` is defined for time partitions only"))
+                    .with_hint("a partition of a `values:` list has only `partition_key`")
+            })?;
+            out.push_str(&text[last..range.start]);
+            out.push_str(value);
+            last = range.end;
+        }
+        out.push_str(&text[last..]);
+        Ok(out)
     }
 }
 
@@ -290,6 +352,36 @@ mod tests {
         m.every = Some(PartitionEvery::Monthly);
         m.start = Some("2024-01".into());
         assert_eq!(m.last_complete(now).as_deref(), Some("2024-02"));
+    }
+
+    #[test]
+    fn placeholders_are_filled_and_unknown_ones_refused() {
+        let w = daily().window("2024-01-31").unwrap();
+        assert_eq!(
+            w.fill("select * from t where d >= '{{partition_start}}' and d < '{{ partition_end }}' -- {{ partition_key }}").unwrap(),
+            "select * from t where d >= '2024-01-31' and d < '2024-02-01' -- 2024-01-31"
+        );
+        assert_eq!(w.fill("data/{ x }/a.csv").unwrap(), "data/{ x }/a.csv");
+        let err = w.fill("data/{{ day }}/*.csv").unwrap_err();
+        assert!(err.message.contains("`{{ day }}`"), "{err}");
+        assert!(mentions_partition("data/{{partition_key}}/*.csv"));
+        assert!(!mentions_partition("data/*.csv"));
+        let eu = PartitionWindow {
+            key: "eu".into(),
+            start: None,
+            end: None,
+        };
+        assert!(eu.fill("{{ partition_start }}").is_err());
+        let now = NaiveDate::from_ymd_opt(2024, 3, 1)
+            .unwrap()
+            .and_hms_opt(6, 0, 0)
+            .unwrap();
+        assert_eq!(daily().resolve(None, now).unwrap().key, "2024-02-29");
+        let early = NaiveDate::from_ymd_opt(2023, 3, 1)
+            .unwrap()
+            .and_hms_opt(6, 0, 0)
+            .unwrap();
+        assert_eq!(daily().resolve(None, early).unwrap().key, "2024-01-01");
     }
 
     #[test]

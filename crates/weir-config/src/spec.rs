@@ -202,6 +202,12 @@ pub struct PipelineConfig {
     /// Data quality checks on the loaded table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
+    /// Load one partition per run (time or a list of values): the source's `path` or
+    /// `query` (or the transform) selects it with `{{ partition_start }}`,
+    /// `{{ partition_end }}` or `{{ partition_key }}`, and the load replaces exactly the
+    /// sink rows whose `column` falls in it. `weir backfill` loads ranges of them.
+    #[serde(default)]
+    pub partitions: Option<crate::PartitionsConfig>,
 }
 
 /// A source. `type` selects the connector; the other keys are that connector's options.
@@ -762,6 +768,11 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "schedule",
         "freshness_sla",
         "checks",
+        "partitions",
+        "partitions.every",
+        "partitions.start",
+        "partitions.values",
+        "partitions.column",
         "schedule.name",
         "schedule.cron",
         "schedule.timezone",

@@ -46,14 +46,10 @@ pub fn partition_window(
     else {
         return Ok(None);
     };
-    // The last complete partition, or the first one while none has ended yet.
-    let key = key
-        .map(str::to_string)
-        .or_else(|| parts.last_complete(chrono::Utc::now().naive_utc()))
-        .or_else(|| parts.start.clone())
-        .or_else(|| parts.values.first().cloned())
-        .ok_or_else(|| Error::user(format!("model `{}` has no partitions", model.name)))?;
-    parts.window(&key).map(Some)
+    parts
+        .resolve(key, chrono::Utc::now().naive_utc())
+        .map(Some)
+        .map_err(|e| e.context(format!("model `{}`", model.name)))
 }
 
 #[derive(Default)]

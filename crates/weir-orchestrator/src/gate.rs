@@ -368,6 +368,7 @@ pub async fn record_version_metrics(
         pipeline: asset,
         run_id,
         load: version as i64,
+        partition: None,
         metadata: &metadata,
     };
     record_metrics(&target, asset, table, &metrics).await

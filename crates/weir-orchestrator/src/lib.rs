@@ -21,8 +21,8 @@ pub mod worker;
 
 pub use pipeline::app_id;
 pub use run::{
-    enqueue, execute, notify_recovered, project_session, run, worker_id, AssetResult, AssetStatus,
-    ProgressFn, RunOptions, RunSummary,
+    check_partition, enqueue, execute, notify_recovered, project_session, run, worker_id,
+    AssetResult, AssetStatus, ProgressFn, RunOptions, RunSummary,
 };
 pub use store::Store;
 pub use test::test;

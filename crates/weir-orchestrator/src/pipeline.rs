@@ -12,7 +12,7 @@ use datafusion::logical_expr::{col, lit, Expr, ExprFunctionExt};
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 use weir_common::Error;
-use weir_config::{BadRowLimit, Pipeline, Project, SinkKind};
+use weir_config::{BadRowLimit, PartitionWindow, PartitionsConfig, Pipeline, Project, SinkKind};
 use weir_connectors::postgres::sink::{PgSink, PgWrite};
 use weir_core::{BadRow, Position, Progress, SourceEvent, SEQ_COLUMN};
 use weir_engine::session::lake_session;
@@ -26,16 +26,74 @@ pub fn app_id(pipeline: &str) -> String {
     format!("weir.pipeline.{pipeline}")
 }
 
+/// The txn app id of one partition of a pipeline.
+fn partition_app_id(pipeline: &str, key: &str) -> String {
+    format!("{}[{key}]", app_id(pipeline))
+}
+
+/// A partitioned pipeline as it runs for one partition: its source and transform filled
+/// in, and a check that quarantines rows outside the partition (which the load would
+/// otherwise put where they do not belong).
+fn for_partition(
+    p: &Pipeline,
+    parts: &PartitionsConfig,
+    w: &PartitionWindow,
+) -> Result<Pipeline, Error> {
+    let mut p = p.clone();
+    let ctx = |what: &str| format!("{} (`{what}` of pipeline `{}`)", p.file.display(), p.name);
+    let src = &mut p.config.source;
+    src.path = w
+        .fill(&src.path)
+        .map_err(|e| e.context(ctx("source.path")))?;
+    if let Some(q) = &src.query {
+        src.query = Some(w.fill(q).map_err(|e| e.context(ctx("source.query")))?);
+    }
+    if let Some(t) = &p.config.transform {
+        p.config.transform = Some(w.fill(t).map_err(|e| e.context(ctx("transform")))?);
+    }
+    let check = serde_json::json!({
+        "check": "expression",
+        "name": format!("in_partition_{}", parts.column),
+        "sql": parts.predicate(&w.key)?,
+        "on_fail": "quarantine",
+    });
+    p.config.checks.push(
+        serde_json::from_value(check)
+            .map_err(|e| Error::internal(format!("partition check: {e}")))?,
+    );
+    Ok(p)
+}
+
 pub async fn run_pipeline(
     project: &Project,
     lake: &Lake,
     p: &Pipeline,
     run_id: &str,
     full_refresh: bool,
+    partition: Option<&str>,
     on_progress: &ProgressFn,
 ) -> Result<AssetResult, Error> {
+    // A partitioned pipeline loads one partition: `partition`, or the last complete one.
+    // It reads the whole partition and replaces its rows, which is all a full refresh
+    // could mean for it.
+    let filled;
+    let (p, window) = match &p.config.partitions {
+        Some(parts) => {
+            let w = parts
+                .resolve(partition, chrono::Utc::now().naive_utc())
+                .map_err(|e| e.context(format!("pipeline `{}`", p.name)))?;
+            filled = for_partition(p, parts, &w)?;
+            let predicate = parts.predicate(&w.key)?;
+            (&filled, Some((w, predicate)))
+        }
+        None => (p, None),
+    };
+    let full_refresh = full_refresh && window.is_none();
     let table = &p.config.sink.table;
-    let app = app_id(&p.name);
+    let app = match &window {
+        Some((w, _)) => partition_app_id(&p.name, &w.key),
+        None => app_id(&p.name),
+    };
     let pg_sink = match p.config.sink.kind {
         SinkKind::Delta => None,
         SinkKind::Postgres => {
@@ -66,7 +124,8 @@ pub async fn run_pipeline(
     let merge = p.config.sink.mode == weir_config::WriteMode::Merge;
     let source = weir_connectors::source_for(project, &p.config.source, hints, merge)?;
 
-    let (committed, position) = committed(lake, pg_sink.as_ref(), table, &app).await?;
+    let (committed, position) =
+        committed(lake, pg_sink.as_ref(), table, &app, window.is_none()).await?;
     let position = if full_refresh { None } else { position };
     let plan = source.plan(position.as_ref()).await?;
     let mut result = AssetResult::new(&p.name, table);
@@ -75,18 +134,31 @@ pub async fn run_pipeline(
         Some(_) => committed > 0,
         None => lake.exists(table),
     };
-    if plan.units.is_empty() && loaded_before && !full_refresh {
+    // An empty partition from files is a file not there yet, not a partition to empty.
+    if let (Some((w, _)), true, weir_config::SourceKind::Files) =
+        (&window, plan.units.is_empty(), p.config.source.kind)
+    {
+        return Err(Error::user(format!(
+            "pipeline `{}`: no input for partition {}: `{}` matches no files",
+            p.name, w.key, p.config.source.path
+        ))
+        .with_hint("load the partition once its files have arrived"));
+    }
+    if plan.units.is_empty() && loaded_before && !full_refresh && window.is_none() {
         result.note = Some("up to date: no new input".into());
         return Ok(result);
     }
 
     let n = committed + 1;
-    if pg_sink.is_none() {
+    if pg_sink.is_none() && window.is_none() {
         lake.write_manifest(table, &app, n, &plan.next.0)?;
     }
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
+    if let Some((w, _)) = &window {
+        metadata.insert("weir.partition".to_string(), serde_json::json!(w.key));
+    }
     metadata.insert("weir.files".to_string(), serde_json::json!(plan.units));
     let opts = WriteOptions {
         txn: Some((app.clone(), n)),
@@ -109,6 +181,8 @@ pub async fn run_pipeline(
     let partitions = ctx.state().config().target_partitions();
     let (batches_tx, batches_rx) = tokio::sync::mpsc::channel(partitions * 2);
     let incoming = channel_table(plan.schema.clone(), batches_rx, partitions)?;
+    let partition_key = window.as_ref().map(|(w, _)| w.key.clone());
+    let replace_where = window.as_ref().map(|(_, pred)| pred.clone());
     let feeder = tokio::spawn(feed(
         Feed {
             pipeline: p.name.clone(),
@@ -116,6 +190,7 @@ pub async fn run_pipeline(
             lake: lake.clone(),
             quarantine: format!("{table}__quarantine"),
             run_id: run_id.to_string(),
+            partition: partition_key.clone(),
             opts: opts.clone(),
         },
         reader,
@@ -123,15 +198,21 @@ pub async fn run_pipeline(
         batches_tx,
     ));
 
+    let load = Load {
+        n,
+        partition: partition_key.as_deref(),
+        replace_where: replace_where.as_deref(),
+        full_refresh,
+    };
     let write = async {
         let df = incoming_frame(p, &ctx, incoming, full_refresh).await?;
-        let audited = audit_load(lake, &ctx, p, run_id, n, &opts.metadata, df).await?;
+        let audited = audit_load(lake, &ctx, p, run_id, &load, &opts.metadata, df).await?;
         let df = audited.df.clone();
         let m = match &pg_sink {
-            Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &plan.next.0).await,
+            Some(sink) => write_postgres(sink, p, df, &load, &app, &plan.next.0).await,
             None => {
                 let rereadable = audited.is_staged();
-                write_delta(lake, p, &ctx, df, full_refresh, &opts, rereadable).await
+                write_delta(lake, p, &ctx, df, &load, &opts, rereadable).await
             }
         }?;
         Ok::<_, Error>((m, audited.results.clone(), audited.quarantined))
@@ -164,7 +245,20 @@ pub async fn run_pipeline(
     result.rows_quarantined = fed.bad + refused;
     result.bytes_read = progress.bytes.load(std::sync::atomic::Ordering::Relaxed);
     result.record(&m);
+    if let Some((w, _)) = window {
+        result.note = Some(format!("partition {} (replaced)", w.key));
+        result.partition = Some(w.key);
+    }
     Ok(result)
+}
+
+/// One load of a pipeline: its number, and for a partition the key and the predicate of
+/// the rows it replaces.
+struct Load<'a> {
+    n: i64,
+    partition: Option<&'a str>,
+    replace_where: Option<&'a str>,
+    full_refresh: bool,
 }
 
 /// Where the last commit left off: a Delta table's txn and position manifest, or the
@@ -174,6 +268,7 @@ async fn committed(
     pg_sink: Option<&PgSink>,
     table: &str,
     app: &str,
+    with_position: bool,
 ) -> Result<(i64, Option<Position>), Error> {
     match pg_sink {
         Some(sink) => {
@@ -187,7 +282,7 @@ async fn committed(
             } else {
                 0
             };
-            let position = if committed > 0 {
+            let position = if committed > 0 && with_position {
                 Some(Position(lake.read_manifest(table, app, committed)?))
             } else {
                 None
@@ -216,7 +311,7 @@ async fn run_lake_source(
         ))
     })?;
     let version = source_table.version().unwrap_or(0);
-    let (done, position) = committed(lake, pg_sink, table, &app).await?;
+    let (done, position) = committed(lake, pg_sink, table, &app, true).await?;
     let mut result = AssetResult::new(&p.name, table);
     result.units = 1;
     let read_before = position
@@ -238,12 +333,18 @@ async fn run_lake_source(
     let df = incoming_frame(p, &ctx, provider, full_refresh).await?;
     let metadata =
         std::collections::HashMap::from([("weir.pipeline".to_string(), serde_json::json!(p.name))]);
-    let audited = audit_load(lake, &ctx, p, run_id, n, &metadata, df).await?;
+    let load = Load {
+        n,
+        partition: None,
+        replace_where: None,
+        full_refresh,
+    };
+    let audited = audit_load(lake, &ctx, p, run_id, &load, &metadata, df).await?;
     let df = audited.df.clone();
     result.checks = audited.results.clone();
     result.rows_quarantined = audited.quarantined;
     let m = match pg_sink {
-        Some(sink) => write_postgres(sink, p, df, full_refresh, &app, n, &next).await?,
+        Some(sink) => write_postgres(sink, p, df, &load, &app, &next).await?,
         None => {
             lake.write_manifest(table, &app, n, &next)?;
             let mut metadata = std::collections::HashMap::new();
@@ -254,7 +355,7 @@ async fn run_lake_source(
                 metadata,
             };
             // A lake table can be read more than once as it is.
-            write_delta(lake, p, &ctx, df, full_refresh, &opts, true).await?
+            write_delta(lake, p, &ctx, df, &load, &opts, true).await?
         }
     };
     result.rows_read = m.rows_inserted + m.rows_updated;
@@ -269,7 +370,7 @@ async fn audit_load(
     ctx: &SessionContext,
     p: &Pipeline,
     run_id: &str,
-    n: i64,
+    load: &Load<'_>,
     metadata: &std::collections::HashMap<String, serde_json::Value>,
     df: DataFrame,
 ) -> Result<crate::gate::Audited, Error> {
@@ -280,7 +381,8 @@ async fn audit_load(
         table: &qtable,
         pipeline: &p.name,
         run_id,
-        load: n,
+        load: load.n,
+        partition: load.partition,
         metadata,
     };
     crate::gate::audit(ctx, &p.name, table, &p.config.checks, df, Some(&target)).await
@@ -293,6 +395,7 @@ struct Feed {
     lake: Lake,
     quarantine: String,
     run_id: String,
+    partition: Option<String>,
     opts: WriteOptions,
 }
 
@@ -370,6 +473,7 @@ async fn quarantine(f: &Feed, bad: &[BadRow]) -> Result<(), Error> {
         pipeline: &f.pipeline,
         run_id: &f.run_id,
         load: f.opts.txn.as_ref().map(|(_, n)| *n).unwrap_or(0),
+        partition: f.partition.as_deref(),
         metadata: &f.opts.metadata,
     };
     crate::quarantine::write(&target, crate::quarantine::Scope::Read, bad).await
@@ -463,18 +567,19 @@ async fn write_postgres(
     sink: &PgSink,
     p: &Pipeline,
     df: DataFrame,
-    full_refresh: bool,
+    load: &Load<'_>,
     app: &str,
-    n: i64,
     position: &serde_json::Value,
 ) -> Result<WriteMetrics, Error> {
+    let (full_refresh, n) = (load.full_refresh, load.n);
     let cfg = &p.config.sink;
     let write = PgWrite {
-        mode: if full_refresh {
+        mode: if full_refresh || load.replace_where.is_some() {
             weir_config::WriteMode::Overwrite
         } else {
             cfg.mode
         },
+        replace_where: load.replace_where.map(str::to_string),
         key: cfg.key.clone(),
         delete_flag: if full_refresh {
             None
@@ -507,12 +612,12 @@ async fn write_delta(
     p: &Pipeline,
     ctx: &SessionContext,
     df: DataFrame,
-    full_refresh: bool,
+    load: &Load<'_>,
     opts: &WriteOptions,
     rereadable: bool,
 ) -> Result<WriteMetrics, Error> {
     let sink = &p.config.sink;
-    let mode = if full_refresh {
+    let mode = if load.full_refresh || load.replace_where.is_some() {
         weir_config::WriteMode::Overwrite
     } else {
         sink.mode
@@ -546,7 +651,7 @@ async fn write_delta(
         delete_flag: sink.delete_flag.clone(),
         partition_by: sink.partition_by.clone(),
         evolution: sink.schema_evolution,
-        replace_where: None,
+        replace_where: load.replace_where.map(str::to_string),
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
 }

@@ -4,7 +4,9 @@
 //!
 //! Rows carry the load number they belong to. Writing a load's rows replaces those an
 //! earlier attempt at the same load left (it failed after its quarantine commit), in one
-//! commit: a replay writes the same rows again, changed input exactly its own rows.
+//! commit: a replay writes the same rows again, changed input exactly its own rows. Rows of
+//! a partitioned asset also carry their `partition_key`: loading a partition again replaces
+//! its quarantined rows as it replaces its data.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub struct Target<'a> {
     pub pipeline: &'a str,
     pub run_id: &'a str,
     pub load: i64,
+    /// The partition loaded, for partitioned assets.
+    pub partition: Option<&'a str>,
     pub metadata: &'a HashMap<String, serde_json::Value>,
 }
 
@@ -43,24 +47,35 @@ pub async fn write(t: &Target<'_>, scope: Scope, bad: &[BadRow]) -> Result<(), E
         Scope::Read => format!("source <> '{CHECKS_SOURCE}'"),
         Scope::Checks => format!("source = '{CHECKS_SOURCE}'"),
     };
-    let this_load = format!(
-        "pipeline = '{}' AND load = {} AND {scope_sql}",
-        t.pipeline.replace('\'', "''"),
-        t.load
-    );
-    // Quarantine tables from before the `load` column are appended to as they were.
-    let has_load = t
-        .lake
-        .schema(t.table)
-        .await?
-        .is_some_and(|s| s.field_with_name("load").is_ok());
+    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    // Quarantine tables from before the `load` column are appended to as they were; the
+    // `partition_key` column is added by the first partitioned write.
+    let schema = t.lake.schema(t.table).await?;
+    let has = |c: &str| {
+        schema
+            .as_ref()
+            .is_some_and(|s| s.field_with_name(c).is_ok())
+    };
+    let has_load = has("load");
+    let this_load = match t.partition {
+        Some(k) if has("partition_key") => format!(
+            "pipeline = {} AND partition_key = {} AND {scope_sql}",
+            lit(t.pipeline),
+            lit(k)
+        ),
+        _ => format!(
+            "pipeline = {} AND load = {} AND {scope_sql}",
+            lit(t.pipeline),
+            t.load
+        ),
+    };
     if bad.is_empty() {
         if has_load {
             t.lake.delete_where(t.table, &this_load).await?;
         }
         return Ok(());
     }
-    let q = batch(bad, t.pipeline, t.run_id, t.load)?;
+    let q = batch(bad, t)?;
     let ctx = weir_lake::new_session();
     let df = ctx
         .read_batch(q)
@@ -82,7 +97,8 @@ pub async fn write(t: &Target<'_>, scope: Scope, bad: &[BadRow]) -> Result<(), E
     Ok(())
 }
 
-fn batch(bad: &[BadRow], pipeline: &str, run_id: &str, load: i64) -> Result<RecordBatch, Error> {
+fn batch(bad: &[BadRow], t: &Target<'_>) -> Result<RecordBatch, Error> {
+    let (pipeline, run_id, load) = (t.pipeline, t.run_id, t.load);
     let now = chrono::Utc::now().timestamp_micros();
     let schema = Arc::new(Schema::new(vec![
         Field::new("run_id", DataType::Utf8, false),
@@ -97,6 +113,7 @@ fn batch(bad: &[BadRow], pipeline: &str, run_id: &str, load: i64) -> Result<Reco
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
+        Field::new("partition_key", DataType::Utf8, true),
     ]));
     let n = bad.len();
     let cols: Vec<ArrayRef> = vec![
@@ -116,6 +133,7 @@ fn batch(bad: &[BadRow], pipeline: &str, run_id: &str, load: i64) -> Result<Reco
             bad.iter().map(|b| b.raw.as_str()).collect::<Vec<_>>(),
         )),
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
+        Arc::new(StringArray::from(vec![t.partition; n])),
     ];
     RecordBatch::try_new(schema, cols)
         .map_err(|e| Error::internal(format!("quarantine batch: {e}")))

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub progress: Option<ProgressFn>,
     /// Rerun what failed in this earlier run (and what it skipped because of that).
     pub retry_failed: Option<String>,
+    /// The partition partitioned assets build (default: each one's last complete).
+    pub partition: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,6 +134,7 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
     let mut record = RunRecord::new(&project.config.name, "manual");
     record.selector = opts.selector.clone();
     record.full_refresh = opts.full_refresh;
+    record.partition = opts.partition.clone();
     if let Some(old) = &opts.retry_failed {
         let old = store.find_run(old).await?;
         record.selector = Some(retry_selector(&store, &old).await?);
@@ -143,12 +146,43 @@ pub async fn run(project: &Project, opts: RunOptions) -> Result<RunSummary, Erro
     // Fail on a bad selector before anything is recorded.
     let graph = Graph::build(project)?;
     let selected = graph.select(record.selector.as_deref())?;
+    if let Some(key) = &record.partition {
+        check_partition(project, &graph, &selected, key)?;
+    }
     record.status = "running".into();
     record.worker = Some(worker.clone());
     record.started_at = Some(now_ms());
     record.heartbeat_at = record.started_at;
     store.insert_run(&record).await?;
     execute_planned(project, &store, &record, &worker, &opts, graph, selected).await
+}
+
+/// A partition named for a run must be one of at least one selected asset, and a valid key
+/// for every selected partitioned asset.
+pub fn check_partition(
+    project: &Project,
+    graph: &Graph,
+    selected: &[usize],
+    key: &str,
+) -> Result<(), Error> {
+    let mut any = false;
+    for &i in selected {
+        let name = &graph.assets[i].name;
+        if let Some(parts) = project.partitions(name) {
+            parts
+                .window(key)
+                .map_err(|e| e.context(format!("--partition for `{name}`")))?;
+            any = true;
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(Error::user(format!(
+            "--partition {key}: none of the selected assets is partitioned"
+        ))
+        .with_hint("select a pipeline or model that declares `partitions:`"))
+    }
 }
 
 /// Adds a run to the queue for a worker (`weir worker`, `weir serve`). Returns false when
@@ -486,14 +520,10 @@ async fn execute_planned(
         results.insert(i, result);
     }
     beat.abort();
-    // Partition state of partitioned models.
+    // Partition state of partitioned assets (a failed one built no result naming it).
     for (i, r) in &results {
         let key = r.partition.clone().or_else(|| {
-            let AssetKind::Model(m) = &graph.assets[*i].kind else {
-                return None;
-            };
-            let file = project.models.iter().find(|f| f.name == m.name)?;
-            file.properties.as_ref()?.partitions.as_ref()?;
+            project.partitions(&graph.assets[*i].name)?;
             record.partition.clone()
         });
         if let Some(key) = key {
@@ -625,6 +655,7 @@ impl AssetCtx<'_> {
                     &self.project.pipelines[*p],
                     self.run_id,
                     self.full_refresh,
+                    self.partition,
                     self.progress,
                 )
                 .await
@@ -793,6 +824,7 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
         pipeline: &asset.name,
         run_id,
         load,
+        partition: window.as_ref().map(|w| w.key.as_str()),
         metadata: &qmeta,
     };
     let audited =

@@ -6,6 +6,7 @@ mod demo;
 mod errors;
 mod loads;
 mod orchestration;
+mod partitions;
 mod postgres;
 mod progress;
 

@@ -30,6 +30,8 @@ pub struct PgWrite {
     pub key: Vec<String>,
     pub delete_flag: Option<String>,
     pub evolution: SchemaEvolution,
+    /// With `Overwrite`: replace only the rows matching this SQL predicate.
+    pub replace_where: Option<String>,
 }
 
 pub struct PgSink {
@@ -218,8 +220,12 @@ impl PgSink {
                     .map_err(self.err("inserting"))?;
             }
             WriteMode::Overwrite => {
+                let only = match &w.replace_where {
+                    Some(p) => format!(" where {p}"),
+                    None => String::new(),
+                };
                 m.deleted = tx
-                    .execute(&format!("delete from {target}"), &[])
+                    .execute(&format!("delete from {target}{only}"), &[])
                     .await
                     .map_err(self.err("replacing the table"))?;
                 m.inserted = tx
