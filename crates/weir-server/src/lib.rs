@@ -213,6 +213,8 @@ struct NewRun {
     #[serde(default)]
     full_refresh: bool,
     run_key: Option<String>,
+    /// The partition partitioned assets build.
+    partition: Option<String>,
 }
 
 async fn create_run(
@@ -220,8 +222,12 @@ async fn create_run(
     body: Option<Json<NewRun>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req = body.map(|b| b.0).unwrap_or_default();
-    app.graph.select(req.select.as_deref())?;
+    let selected = app.graph.select(req.select.as_deref())?;
+    if let Some(key) = &req.partition {
+        weir_orchestrator::check_partition(&app.project, &app.graph, &selected, key)?;
+    }
     let mut run = RunRecord::new(&app.project.config.name, "api");
+    run.partition = req.partition;
     run.selector = req.select;
     run.full_refresh = req.full_refresh;
     run.run_key = req.run_key;

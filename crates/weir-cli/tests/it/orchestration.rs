@@ -553,6 +553,17 @@ fn serve_schedules_a_pipeline_runs_api_requests_and_answers() {
     let (code, body) = http(&addr, "POST", "/api/runs", Some(r#"{"select": "nope"}"#));
     assert_eq!(code, 400);
     assert!(body.contains("no pipeline or model named `nope`"), "{body}");
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/api/runs",
+        Some(r#"{"select": "ticks", "partition": "2024-01-01"}"#),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("none of the selected assets is partitioned"),
+        "{body}"
+    );
     let (code, _) = http(&addr, "GET", "/api/runs/ffffffff", None);
     assert_eq!(code, 404);
 
