@@ -44,6 +44,15 @@ fn per_day(d: &Path, table: &str) -> Vec<(String, i64, i64)> {
     .collect()
 }
 
+const BACKFILL: [&str; 6] = [
+    "backfill",
+    "events",
+    "--from",
+    "2024-01-01",
+    "--to",
+    "2024-01-04",
+];
+
 #[test]
 fn a_partitioned_file_pipeline_loads_replaces_and_backfills_one_day_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,17 +103,7 @@ fn a_partitioned_file_pipeline_loads_replaces_and_backfills_one_day_at_a_time() 
     );
 
     // A backfill of the range builds what is missing and skips what was built.
-    let out = weir(
-        d,
-        &[
-            "backfill",
-            "events",
-            "--from",
-            "2024-01-01",
-            "--to",
-            "2024-01-04",
-        ],
-    );
+    let out = weir(d, &BACKFILL);
     ok(&out);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("1 built before"), "{log}");
@@ -160,17 +159,7 @@ fn a_partitioned_file_pipeline_loads_replaces_and_backfills_one_day_at_a_time() 
     }
 
     // Partition state is tracked: a second backfill has nothing to do.
-    let out = weir(
-        d,
-        &[
-            "backfill",
-            "events",
-            "--from",
-            "2024-01-01",
-            "--to",
-            "2024-01-04",
-        ],
-    );
+    let out = weir(d, &BACKFILL);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
     assert!(log.contains("0 queued now"), "{log}");
