@@ -647,6 +647,12 @@ pub struct ModelProperties {
     /// `weir status` and is sent to `alerts.webhook` by `weir serve`.
     #[serde(default, with = "duration_opt")]
     pub freshness_sla: Option<Duration>,
+    /// Retry policy for this model; defaults to the project's.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// One attempt fails (and may be retried) when it takes longer than this, e.g. `30m`.
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<Duration>,
 }
 
 impl ModelProperties {

@@ -252,7 +252,18 @@ fn asset_policy(project: &Project, kind: &AssetKind) -> (RetryPolicy, Option<Dur
                 cfg.timeout,
             )
         }
-        AssetKind::Model(_) => (policy(&project.config.retry), None),
+        AssetKind::Model(m) => {
+            let props = project
+                .models
+                .iter()
+                .find(|f| f.name == m.name)
+                .and_then(|f| f.properties.as_ref());
+            let retry = props.and_then(|p| p.retry.as_ref());
+            (
+                policy(retry.unwrap_or(&project.config.retry)),
+                props.and_then(|p| p.timeout),
+            )
+        }
     }
 }
 

@@ -227,6 +227,34 @@ fn an_external_failure_is_retried_with_backoff_and_a_timeout_fails_the_attempt()
         "{s}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+
+    // A model's own timeout and retry policy: a query far too long for its 1s is stopped,
+    // once per attempt.
+    write(d, "weir.yaml", "name: t\n");
+    std::fs::remove_file(d.join("pipelines/pg.yaml")).unwrap();
+    write(
+        d,
+        "models/long.sql",
+        "select sum(value % 7) as s from range(0, 100000000000)",
+    );
+    write(
+        d,
+        "models/long.yaml",
+        "models:\n  - name: long\n    timeout: 1s\n    retry: {max_attempts: 2, initial_backoff: 10ms}\n",
+    );
+    let started = Instant::now();
+    let out = weir(d, &["run", "long", "--format", "json"]);
+    let s = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(s["assets"][0]["status"], "failed", "{s}");
+    assert_eq!(s["assets"][0]["attempts"], 2, "{s}");
+    assert!(
+        s["assets"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1s"),
+        "{s}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 /// A project whose `slow` model takes a few seconds, between a pipeline and a model.
