@@ -4,6 +4,7 @@
 pub mod checks;
 pub mod graph;
 pub mod model;
+pub mod scd;
 pub mod session;
 pub mod stream;
 

@@ -1,0 +1,275 @@
+//! The history against a naive reference: every key's changes walked one by one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use datafusion::prelude::SessionContext;
+
+use super::*;
+
+/// One change: key, two attributes, time, arrival, delete.
+#[derive(Debug, Clone)]
+struct Change {
+    k: i64,
+    a: Option<String>,
+    b: Option<i64>,
+    ts: i64,
+    seq: i64,
+    del: bool,
+}
+
+/// (k, a, b, valid_from, valid_to, is_current, version, is_deleted)
+type Row = (
+    i64,
+    Option<String>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    bool,
+    i64,
+    bool,
+);
+
+fn reference(changes: &[Change], mode: DeleteMode) -> Vec<Row> {
+    let mut per_key: BTreeMap<i64, Vec<&Change>> = BTreeMap::new();
+    for c in changes {
+        per_key.entry(c.k).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    for (k, mut cs) in per_key {
+        cs.sort_by_key(|c| (c.ts, c.seq));
+        // The state before each change: absent, deleted, or attribute values.
+        let mut state: Option<(bool, Option<String>, Option<i64>)> = None;
+        let mut versions: Vec<(&Change, bool)> = Vec::new();
+        for c in cs {
+            let effective = match (&state, c.del) {
+                (None, true) => false,
+                (Some((true, _, _)), true) => false,
+                (_, true) => true,
+                (None, false) | (Some((true, _, _)), false) => true,
+                (Some((false, a, b)), false) => *a != c.a || *b != c.b,
+            };
+            if effective || state.is_none() {
+                state = Some((c.del, c.a.clone(), c.b));
+            }
+            if effective {
+                versions.push((c, c.del));
+            }
+        }
+        let mut n = 0;
+        for (i, (c, del)) in versions.iter().enumerate() {
+            let next = versions.get(i + 1).map(|(n, _)| n.ts);
+            if *del && mode == DeleteMode::Close {
+                continue;
+            }
+            n += 1;
+            out.push((k, c.a.clone(), c.b, c.ts, next, next.is_none(), n, *del));
+        }
+    }
+    out.sort_by_key(|r| (r.0, r.3, r.6));
+    out
+}
+
+fn batch(changes: &[Change]) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("a", DataType::Utf8, true),
+        Field::new("b", DataType::Int64, true),
+        Field::new(TS, DataType::Int64, false),
+        Field::new(SEQ, DataType::Int64, false),
+        Field::new(DELETED, DataType::Boolean, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(changes.iter().map(|c| c.k))),
+            Arc::new(StringArray::from_iter(changes.iter().map(|c| c.a.clone()))),
+            Arc::new(Int64Array::from_iter(changes.iter().map(|c| c.b))),
+            Arc::new(Int64Array::from_iter_values(changes.iter().map(|c| c.ts))),
+            Arc::new(Int64Array::from_iter_values(changes.iter().map(|c| c.seq))),
+            Arc::new(BooleanArray::from_iter(changes.iter().map(|c| Some(c.del)))),
+        ],
+    )
+    .unwrap()
+}
+
+async fn computed(changes: &[Change], mode: DeleteMode) -> Vec<Row> {
+    let ctx = SessionContext::new();
+    let df = ctx.read_batch(batch(changes)).unwrap();
+    let scd = Scd2 {
+        key: vec!["k".into()],
+        tracked: vec![],
+        deletes: mode,
+    };
+    let batches = scd
+        .history(&ctx, df)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for b in batches {
+        let i64s = |name: &str| {
+            b.column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let (k, bb, from, to, version) = (
+            i64s("k"),
+            i64s("b"),
+            i64s("valid_from"),
+            i64s("valid_to"),
+            i64s("version"),
+        );
+        let a = b.column_by_name("a").unwrap();
+        let a = a.as_any().downcast_ref::<StringArray>().unwrap();
+        let current = b.column_by_name("is_current").unwrap();
+        let current = current.as_any().downcast_ref::<BooleanArray>().unwrap();
+        let deleted = b
+            .column_by_name("is_deleted")
+            .map(|c| c.as_any().downcast_ref::<BooleanArray>().unwrap().clone());
+        for i in 0..b.num_rows() {
+            out.push((
+                k.value(i),
+                a.is_valid(i).then(|| a.value(i).to_string()),
+                bb.is_valid(i).then(|| bb.value(i)),
+                from.value(i),
+                to.is_valid(i).then(|| to.value(i)),
+                current.value(i),
+                version.value(i),
+                deleted.as_ref().is_some_and(|d| d.value(i)),
+            ));
+        }
+    }
+    out.sort_by_key(|r| (r.0, r.3, r.6));
+    out
+}
+
+/// xorshift64*: reproducible without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn change(k: i64, a: Option<&str>, b: Option<i64>, ts: i64, seq: i64, del: bool) -> Change {
+    Change {
+        k,
+        a: a.map(str::to_string),
+        b,
+        ts,
+        seq,
+        del,
+    }
+}
+
+#[tokio::test]
+async fn random_change_streams_match_the_reference_in_any_row_order() {
+    let values = [None, Some(""), Some("x"), Some("x|y"), Some("1:x")];
+    for seed in 1..=150u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let n = rng.below(40) as usize;
+        let mut changes: Vec<Change> = (0..n)
+            .map(|i| {
+                change(
+                    rng.below(4) as i64,
+                    values[rng.below(values.len() as u64) as usize],
+                    [None, Some(0), Some(1)][rng.below(3) as usize],
+                    rng.below(12) as i64,
+                    i as i64,
+                    rng.below(6) == 0,
+                )
+            })
+            .collect();
+        // Arrival order in the table does not matter, only `ts` and `seq`.
+        for i in (1..changes.len()).rev() {
+            changes.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for mode in [DeleteMode::Close, DeleteMode::Marker] {
+            assert_eq!(
+                computed(&changes, mode).await,
+                reference(&changes, mode),
+                "seed {seed}, {mode:?}: {changes:#?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_op_changes_make_no_version_and_nulls_are_values() {
+    let changes = vec![
+        change(1, Some("x"), None, 1, 1, false),
+        change(1, Some("x"), None, 2, 2, false), // no-op
+        change(1, Some(""), None, 3, 3, false),  // '' is not null
+        change(1, None, None, 4, 4, false),      // null is not ''
+        change(1, None, None, 5, 5, false),      // no-op
+        change(1, None, Some(0), 6, 6, false),   // null -> 0 in another column
+    ];
+    let rows = computed(&changes, DeleteMode::Close).await;
+    let starts: Vec<i64> = rows.iter().map(|r| r.3).collect();
+    assert_eq!(starts, vec![1, 3, 4, 6]);
+    assert_eq!(rows, reference(&changes, DeleteMode::Close));
+    assert!(rows[3].5 && rows.iter().filter(|r| r.5).count() == 1);
+}
+
+#[tokio::test]
+async fn a_late_change_lands_in_place_and_a_later_no_op_becomes_a_version() {
+    // A at 1, A again at 3 (a no-op when it arrives); B arrives late, at 2.
+    let mut changes = vec![
+        change(7, Some("A"), None, 1, 1, false),
+        change(7, Some("A"), None, 3, 2, false),
+    ];
+    assert_eq!(computed(&changes, DeleteMode::Close).await.len(), 1);
+    changes.push(change(7, Some("B"), None, 2, 3, false));
+    let rows = computed(&changes, DeleteMode::Close).await;
+    let ranges: Vec<(Option<String>, i64, Option<i64>, i64)> =
+        rows.iter().map(|r| (r.1.clone(), r.3, r.4, r.6)).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            (Some("A".into()), 1, Some(2), 1),
+            (Some("B".into()), 2, Some(3), 2),
+            (Some("A".into()), 3, None, 3),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn same_time_changes_apply_in_arrival_order_and_deletes_close_or_mark() {
+    let changes = vec![
+        change(1, Some("a"), None, 5, 2, false),
+        change(1, Some("b"), None, 5, 3, false),
+        change(1, None, None, 8, 4, true),
+        change(1, None, None, 9, 5, true), // deleting an absent key: nothing
+        change(1, Some("b"), None, 10, 6, false),
+    ];
+    let close = computed(&changes, DeleteMode::Close).await;
+    let got: Vec<(Option<String>, i64, Option<i64>, bool)> =
+        close.iter().map(|r| (r.1.clone(), r.3, r.4, r.5)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some("a".into()), 5, Some(5), false),
+            (Some("b".into()), 5, Some(8), false),
+            (Some("b".into()), 10, None, true),
+        ]
+    );
+    let marker = computed(&changes, DeleteMode::Marker).await;
+    assert_eq!(marker.len(), 4);
+    assert!(marker.iter().any(|r| r.7 && r.3 == 8 && r.4 == Some(10)));
+}
