@@ -1,5 +1,5 @@
 //! Rendering model SQL with minijinja: `ref()`, `source()`, `config()`, `is_incremental()`,
-//! `this` and `var()`.
+//! `this`, `var()` and `surrogate_key()`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -120,6 +120,35 @@ pub fn render_model(
     );
     let incremental = mode.is_incremental;
     env.add_function("is_incremental", move || incremental);
+    // A stable key from columns: `{{ surrogate_key('customer_id', 'valid_from') }}` or a list.
+    env.add_function(
+        "surrogate_key",
+        |cols: minijinja::value::Rest<Value>| -> Result<String, minijinja::Error> {
+            let mut names = Vec::new();
+            for v in cols.iter() {
+                match v.as_str() {
+                    Some(s) => names.push(s.to_string()),
+                    None => {
+                        for item in v.try_iter()? {
+                            names.push(item.as_str().map(str::to_string).ok_or_else(|| {
+                                minijinja::Error::new(
+                                    ErrorKind::InvalidOperation,
+                                    "surrogate_key() takes column names",
+                                )
+                            })?);
+                        }
+                    }
+                }
+            }
+            if names.is_empty() {
+                return Err(minijinja::Error::new(
+                    ErrorKind::MissingArgument,
+                    "surrogate_key() needs at least one column, e.g. surrogate_key('customer_id')",
+                ));
+            }
+            Ok(crate::scd::hash_expr(&names))
+        },
+    );
     let vars = project.config.vars.clone();
     env.add_function("var", move |name: String, default: Option<Value>| -> Result<Value, minijinja::Error> {
         match vars.get(&name) {

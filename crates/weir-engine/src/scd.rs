@@ -49,9 +49,10 @@ fn ident(c: &str) -> String {
     format!("\"{}\"", c.replace('"', "\"\""))
 }
 
-/// The change hash of `columns`: each value as its length and text, null as `-` (which no
-/// length starts with), so null, `''` and values holding the separator all differ.
-fn hash_expr(columns: &[String]) -> String {
+/// The hash of `columns` as SQL (an md5 hex string): each value as its length and text,
+/// null as `-` (which no length starts with), so null, `''` and values holding the
+/// separator all hash differently. Change detection and `surrogate_key()` use it.
+pub fn hash_expr(columns: &[String]) -> String {
     if columns.is_empty() {
         return "md5('')".into();
     }

@@ -3,6 +3,7 @@
 mod checks;
 mod crash;
 mod demo;
+mod dimensions;
 mod errors;
 mod loads;
 mod orchestration;
