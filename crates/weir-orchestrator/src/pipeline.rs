@@ -34,11 +34,12 @@ fn partition_app_id(pipeline: &str, key: &str) -> String {
 /// A partitioned pipeline as it runs for one partition: its source and transform filled
 /// in, and a check that quarantines rows outside the partition (which the load would
 /// otherwise put where they do not belong).
+/// Also returns the predicate of the partition's rows.
 fn for_partition(
     p: &Pipeline,
     parts: &PartitionsConfig,
     w: &PartitionWindow,
-) -> Result<Pipeline, Error> {
+) -> Result<(Pipeline, String), Error> {
     let mut p = p.clone();
     let ctx = |what: &str| format!("{} (`{what}` of pipeline `{}`)", p.file.display(), p.name);
     let src = &mut p.config.source;
@@ -51,17 +52,18 @@ fn for_partition(
     if let Some(t) = &p.config.transform {
         p.config.transform = Some(w.fill(t).map_err(|e| e.context(ctx("transform")))?);
     }
+    let predicate = parts.predicate(&w.key)?;
     let check = serde_json::json!({
         "check": "expression",
         "name": format!("in_partition_{}", parts.column),
-        "sql": parts.predicate(&w.key)?,
+        "sql": predicate,
         "on_fail": "quarantine",
     });
     p.config.checks.push(
         serde_json::from_value(check)
             .map_err(|e| Error::internal(format!("partition check: {e}")))?,
     );
-    Ok(p)
+    Ok((p, predicate))
 }
 
 pub async fn run_pipeline(
@@ -82,8 +84,8 @@ pub async fn run_pipeline(
             let w = parts
                 .resolve(partition, chrono::Utc::now().naive_utc())
                 .map_err(|e| e.context(format!("pipeline `{}`", p.name)))?;
-            filled = for_partition(p, parts, &w)?;
-            let predicate = parts.predicate(&w.key)?;
+            let (pipeline, predicate) = for_partition(p, parts, &w)?;
+            filled = pipeline;
             (&filled, Some((w, predicate)))
         }
         None => (p, None),

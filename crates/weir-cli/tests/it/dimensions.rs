@@ -1,14 +1,6 @@
 //! Dimensional modeling helpers through the real binary.
 
-use std::path::Path;
-
-use crate::{ok, query, weir};
-
-fn write(dir: &Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
+use crate::{ok, query, weir, write};
 
 #[test]
 fn surrogate_keys_are_stable_and_tell_nulls_from_empty_strings() {

@@ -58,3 +58,21 @@ pub fn scalar(project: &Path, sql: &str) -> serde_json::Value {
         .cloned()
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// Writes `text` to `rel` under `dir`, creating folders.
+pub fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+/// A `connections:` entry (YAML, indented under `connections:`) named `name` for database
+/// `db` of the shared test server.
+pub fn pg_connection(name: &str, db: &str) -> String {
+    let pg = weir_test::PgServer::shared();
+    format!(
+        "  {name}:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n",
+        pg.port(),
+        pg.user()
+    )
+}

@@ -10,13 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weir_test::PgServer;
 
-use crate::{ok, weir};
-
-fn write(dir: &Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
+use crate::{ok, pg_connection, weir, write};
 
 fn weir_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
@@ -379,9 +373,8 @@ fn two_workers_on_one_postgres_store_run_each_of_50_queued_runs_once() {
         d,
         "weir.yaml",
         &format!(
-            "name: q\nstate: {{connection: state}}\nconnections:\n  state:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n",
-            pg.port(),
-            pg.user()
+            "name: q\nstate: {{connection: state}}\nconnections:\n{}",
+            pg_connection("state", &db)
         ),
     );
     write(d, "models/a.sql", "select 1 as x");
@@ -906,9 +899,8 @@ fn a_connections_max_concurrency_keeps_its_assets_apart() {
         d,
         "weir.yaml",
         &format!(
-            "name: lim\nconcurrency: 4\nconnections:\n  shop:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n    max_concurrency: 1\n",
-            pg.port(),
-            pg.user()
+            "name: lim\nconcurrency: 4\nconnections:\n{}    max_concurrency: 1\n",
+            pg_connection("shop", &db)
         ),
     );
     for name in ["a", "b", "c"] {

@@ -6,13 +6,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 use weir_test::PgServer;
 
-use crate::{ok, query, scalar, weir};
-
-fn write(dir: &Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
+use crate::{ok, pg_connection, query, scalar, weir, write};
 
 /// `day,id,amount` rows: `n` of them on `day`, ids starting at `first`.
 fn day_file(day: &str, first: u32, n: u32, amount: u32) -> String {
@@ -241,11 +235,7 @@ fn a_partitioned_postgres_pipeline_replaces_hours_in_a_postgres_table() {
     write(
         d,
         "weir.yaml",
-        &format!(
-            "name: parts\nconnections:\n  shop:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n",
-            pg.port(),
-            pg.user()
-        ),
+        &format!("name: parts\nconnections:\n{}", pg_connection("shop", &db)),
     );
     write(
         d,

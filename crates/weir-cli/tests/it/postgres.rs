@@ -4,18 +4,13 @@ use std::path::Path;
 
 use weir_test::PgServer;
 
-use crate::{ok, query, scalar, weir};
+use crate::{ok, pg_connection, query, scalar, weir};
 
 fn project(dir: &Path, db: &str, pipelines: &[(&str, &str)]) {
-    let pg = PgServer::shared();
     std::fs::create_dir_all(dir.join("pipelines")).unwrap();
     std::fs::write(
         dir.join("weir.yaml"),
-        format!(
-            "name: t\nconnections:\n  shop:\n    type: postgres\n    host: 127.0.0.1\n    port: {}\n    database: {db}\n    user: {}\n    password: ${{env:WEIR_TEST_PG_PASSWORD}}\n    sslmode: disable\n",
-            pg.port(),
-            pg.user()
-        ),
+        format!("name: t\nconnections:\n{}", pg_connection("shop", db)),
     )
     .unwrap();
     for (name, text) in pipelines {
