@@ -9,6 +9,7 @@
 //! registered as a secret so it is redacted from everything weir prints.
 
 mod checks;
+mod dimension;
 mod load;
 mod partition;
 mod schedule;
@@ -16,6 +17,7 @@ mod spec;
 mod yaml;
 
 pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
+pub use dimension::{DeleteMode, Dimension, ScdType, DEFAULT_SURROGATE_KEY, UNKNOWN_MEMBER};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use partition::{mentions_partition, PartitionEvery, PartitionWindow, PartitionsConfig};
 pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};

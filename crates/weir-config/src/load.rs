@@ -493,6 +493,16 @@ fn validate_sink(cfg: &PipelineConfig, project: &ProjectConfig, file: &Path) -> 
                 ))
                 .with_hint("add it under `connections:` in weir.yaml"));
             }
+            if sink.mode.scd().is_some() {
+                return Err(Error::user(format!(
+                    "a postgres sink cannot keep a slowly changing dimension (`mode: {}` in {})",
+                    sink.mode,
+                    file.display()
+                ))
+                .with_hint(
+                    "load the dimension into the lake (`type: delta`), or use `mode: merge`",
+                ));
+            }
             if sink.mode == WriteMode::ReplacePartitions || !sink.partition_by.is_empty() {
                 return Err(Error::user(format!(
                     "a postgres sink has no partitions ({})",
@@ -502,11 +512,13 @@ fn validate_sink(cfg: &PipelineConfig, project: &ProjectConfig, file: &Path) -> 
             }
         }
     }
-    if sink.mode == WriteMode::Merge && sink.key.is_empty() {
-        return Err(
-            Error::user(format!("`mode: merge` needs `key` ({})", file.display()))
-                .with_hint("name the column(s) that identify a row, e.g. `key: [id]`"),
-        );
+    if (sink.mode == WriteMode::Merge || sink.mode.scd().is_some()) && sink.key.is_empty() {
+        return Err(Error::user(format!(
+            "`mode: {}` needs `key` ({})",
+            sink.mode,
+            file.display()
+        ))
+        .with_hint("name the column(s) that identify a row, e.g. `key: [id]`"));
     }
     Ok(())
 }

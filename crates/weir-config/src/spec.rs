@@ -489,7 +489,8 @@ pub struct SinkConfig {
     pub connection: Option<String>,
     /// Target table as `schema.table`, e.g. `raw.orders`.
     pub table: String,
-    /// `append`, `overwrite`, `merge` (upsert on `key`) or `replace_partitions`.
+    /// `append`, `overwrite`, `merge` (upsert on `key`), `replace_partitions`, or a slowly
+    /// changing dimension keyed by `key`: `scd1`, `scd2`, `scd3` or `snapshot`.
     #[serde(default)]
     pub mode: WriteMode,
     /// Key columns for `merge`.
@@ -504,6 +505,26 @@ pub struct SinkConfig {
     /// `add_columns` (new input columns are added to the table) or `strict` (fail instead).
     #[serde(default)]
     pub schema_evolution: SchemaEvolution,
+    /// SCD: columns whose changes make a new version (`scd2`) or whose previous value is
+    /// kept (`scd3`); default: every column but the key.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub tracked: Vec<String>,
+    /// SCD: the column with each change's time (source time); default: the load time.
+    #[serde(default)]
+    pub change_ts: Option<String>,
+    /// SCD: what a deleted key leaves: `close` (default) or `marker`.
+    #[serde(default)]
+    pub deletes: Option<crate::DeleteMode>,
+    /// SCD: name of the surrogate key column (default `sk`).
+    #[serde(default)]
+    pub surrogate_key: Option<String>,
+    /// SCD: keep an "unknown" member row (surrogate key `-1`) for facts without a match.
+    #[serde(default)]
+    pub unknown_member: Option<bool>,
+    /// SCD: a table or model whose keys the dimension must have; missing ones get an
+    /// inferred row, filled in when the real row arrives.
+    #[serde(default)]
+    pub inferred_members: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -522,6 +543,23 @@ pub enum WriteMode {
     Overwrite,
     Merge,
     ReplacePartitions,
+    Scd1,
+    Scd2,
+    Scd3,
+    Snapshot,
+}
+
+impl WriteMode {
+    /// The kind of slowly changing dimension this mode keeps, if it is one.
+    pub fn scd(self) -> Option<crate::ScdType> {
+        match self {
+            WriteMode::Scd1 => Some(crate::ScdType::Scd1),
+            WriteMode::Scd2 => Some(crate::ScdType::Scd2),
+            WriteMode::Scd3 => Some(crate::ScdType::Scd3),
+            WriteMode::Snapshot => Some(crate::ScdType::Snapshot),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for WriteMode {
@@ -531,6 +569,10 @@ impl fmt::Display for WriteMode {
             WriteMode::Overwrite => "overwrite",
             WriteMode::Merge => "merge",
             WriteMode::ReplacePartitions => "replace_partitions",
+            WriteMode::Scd1 => "scd1",
+            WriteMode::Scd2 => "scd2",
+            WriteMode::Scd3 => "scd3",
+            WriteMode::Snapshot => "snapshot",
         })
     }
 }
@@ -636,6 +678,29 @@ pub struct ModelProperties {
     /// Schema (overrides the folder and the project default).
     #[serde(default)]
     pub schema: Option<String>,
+    /// SCD: a boolean column; rows where it is true delete their key.
+    #[serde(default)]
+    pub delete_flag: Option<String>,
+    /// SCD: columns whose changes make a new version (`scd2`) or whose previous value is
+    /// kept (`scd3`); default: every column but the key.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub tracked: Vec<String>,
+    /// SCD: the column with each change's time (source time); default: the load time.
+    #[serde(default)]
+    pub change_ts: Option<String>,
+    /// SCD: what a deleted key leaves: `close` (default) or `marker`.
+    #[serde(default)]
+    pub deletes: Option<crate::DeleteMode>,
+    /// SCD: name of the surrogate key column (default `sk`).
+    #[serde(default)]
+    pub surrogate_key: Option<String>,
+    /// SCD: keep an "unknown" member row (surrogate key `-1`) for facts without a match.
+    #[serde(default)]
+    pub unknown_member: Option<bool>,
+    /// SCD: a table or model whose keys the dimension must have; missing ones get an
+    /// inferred row, filled in when the real row arrives.
+    #[serde(default)]
+    pub inferred_members: Option<String>,
     /// Data quality checks on the model's table (`weir test`).
     #[serde(default)]
     pub checks: Vec<crate::checks::CheckSpec>,
@@ -663,6 +728,13 @@ impl ModelProperties {
             partition_by: self.partition_by.clone(),
             incremental_strategy: self.incremental_strategy,
             schema: self.schema.clone(),
+            delete_flag: self.delete_flag.clone(),
+            tracked: self.tracked.clone(),
+            change_ts: self.change_ts.clone(),
+            deletes: self.deletes,
+            surrogate_key: self.surrogate_key.clone(),
+            unknown_member: self.unknown_member,
+            inferred_members: self.inferred_members.clone(),
         }
     }
 }
@@ -686,6 +758,69 @@ pub struct ModelConfig {
     /// Schema (overrides the folder and the project default).
     #[serde(default)]
     pub schema: Option<String>,
+    /// SCD: a boolean column; rows where it is true delete their key.
+    #[serde(default)]
+    pub delete_flag: Option<String>,
+    /// SCD: columns whose changes make a new version (`scd2`) or whose previous value is
+    /// kept (`scd3`); default: every column but the key.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub tracked: Vec<String>,
+    /// SCD: the column with each change's time (source time); default: the load time.
+    #[serde(default)]
+    pub change_ts: Option<String>,
+    /// SCD: what a deleted key leaves: `close` (default) or `marker`.
+    #[serde(default)]
+    pub deletes: Option<crate::DeleteMode>,
+    /// SCD: name of the surrogate key column (default `sk`).
+    #[serde(default)]
+    pub surrogate_key: Option<String>,
+    /// SCD: keep an "unknown" member row (surrogate key `-1`) for facts without a match.
+    #[serde(default)]
+    pub unknown_member: Option<bool>,
+    /// SCD: a table or model whose keys the dimension must have; missing ones get an
+    /// inferred row, filled in when the real row arrives.
+    #[serde(default)]
+    pub inferred_members: Option<String>,
+}
+
+impl ModelConfig {
+    /// The dimension a `scd1`/`scd2`/`scd3`/`snapshot` model keeps.
+    pub fn dimension(&self, mat: Materialized) -> Option<crate::Dimension> {
+        Some(crate::Dimension {
+            scd: mat.scd()?,
+            key: self.unique_key.clone(),
+            tracked: self.tracked.clone(),
+            change_ts: self.change_ts.clone(),
+            deletes: self.deletes.unwrap_or_default(),
+            delete_flag: self.delete_flag.clone(),
+            surrogate_key: self
+                .surrogate_key
+                .clone()
+                .unwrap_or_else(|| crate::DEFAULT_SURROGATE_KEY.into()),
+            unknown_member: self.unknown_member.unwrap_or(false),
+            inferred_members: self.inferred_members.clone(),
+        })
+    }
+}
+
+impl SinkConfig {
+    /// The dimension a sink with mode `scd1`/`scd2`/`scd3`/`snapshot` keeps.
+    pub fn dimension(&self) -> Option<crate::Dimension> {
+        Some(crate::Dimension {
+            scd: self.mode.scd()?,
+            key: self.key.clone(),
+            tracked: self.tracked.clone(),
+            change_ts: self.change_ts.clone(),
+            deletes: self.deletes.unwrap_or_default(),
+            delete_flag: self.delete_flag.clone(),
+            surrogate_key: self
+                .surrogate_key
+                .clone()
+                .unwrap_or_else(|| crate::DEFAULT_SURROGATE_KEY.into()),
+            unknown_member: self.unknown_member.unwrap_or(false),
+            inferred_members: self.inferred_members.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -695,6 +830,23 @@ pub enum Materialized {
     Table,
     Incremental,
     View,
+    Scd1,
+    Scd2,
+    Scd3,
+    Snapshot,
+}
+
+impl Materialized {
+    /// The kind of slowly changing dimension this materialization keeps, if it is one.
+    pub fn scd(self) -> Option<crate::ScdType> {
+        match self {
+            Materialized::Scd1 => Some(crate::ScdType::Scd1),
+            Materialized::Scd2 => Some(crate::ScdType::Scd2),
+            Materialized::Scd3 => Some(crate::ScdType::Scd3),
+            Materialized::Snapshot => Some(crate::ScdType::Snapshot),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Materialized {
@@ -703,6 +855,10 @@ impl fmt::Display for Materialized {
             Materialized::Table => "table",
             Materialized::Incremental => "incremental",
             Materialized::View => "view",
+            Materialized::Scd1 => "scd1",
+            Materialized::Scd2 => "scd2",
+            Materialized::Scd3 => "scd3",
+            Materialized::Snapshot => "snapshot",
         })
     }
 }
@@ -812,6 +968,12 @@ impl crate::yaml::ConfigKeys for PipelineConfig {
         "sink.delete_flag",
         "sink.partition_by",
         "sink.schema_evolution",
+        "sink.tracked",
+        "sink.change_ts",
+        "sink.deletes",
+        "sink.surrogate_key",
+        "sink.unknown_member",
+        "sink.inferred_members",
         "retry.max_attempts",
         "retry.initial_backoff",
         "retry.max_backoff",

@@ -181,7 +181,7 @@ pub fn render_model(
                 model.file.display()
             ))
             .with_hint(
-                "valid keys: materialized, unique_key, partition_by, incremental_strategy, schema",
+                "valid keys: materialized, unique_key, partition_by, incremental_strategy, schema, tracked, change_ts, deletes, delete_flag, surrogate_key, unknown_member, inferred_members",
             )
         })?;
         config = merge(config, inline);
@@ -231,6 +231,17 @@ fn merge(base: ModelConfig, over: ModelConfig) -> ModelConfig {
         },
         incremental_strategy: over.incremental_strategy.or(base.incremental_strategy),
         schema: over.schema.or(base.schema),
+        delete_flag: over.delete_flag.or(base.delete_flag),
+        tracked: if over.tracked.is_empty() {
+            base.tracked
+        } else {
+            over.tracked
+        },
+        change_ts: over.change_ts.or(base.change_ts),
+        deletes: over.deletes.or(base.deletes),
+        surrogate_key: over.surrogate_key.or(base.surrogate_key),
+        unknown_member: over.unknown_member.or(base.unknown_member),
+        inferred_members: over.inferred_members.or(base.inferred_members),
     }
 }
 

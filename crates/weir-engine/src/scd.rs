@@ -25,15 +25,7 @@ pub const SEQ: &str = "__weir_seq";
 /// True when the change deletes the key.
 pub const DELETED: &str = "__weir_deleted";
 
-/// What a deleted key leaves in the history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeleteMode {
-    /// The current version is closed at the delete: the key has no current row.
-    #[default]
-    Close,
-    /// The current version is closed and a version with `is_deleted = true` starts.
-    Marker,
-}
+pub use weir_config::DeleteMode;
 
 /// How a type 2 dimension tracks its rows.
 #[derive(Debug, Clone, Default)]
@@ -102,17 +94,38 @@ impl Scd2 {
             DeleteMode::Close => (format!("where not {del}"), String::new()),
             DeleteMode::Marker => (String::new(), format!(", {del} as is_deleted")),
         };
+        // Untracked columns change in place: a version shows the values of its last change.
+        let filled: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                if tracked.contains(c) || self.key.contains(c) {
+                    ident(c)
+                } else {
+                    format!(
+                        "last_value({c}) over (partition by {keys}, __weir_grp order by {order} \
+                         rows between unbounded preceding and unbounded following) as {c}",
+                        c = ident(c)
+                    )
+                }
+            })
+            .collect();
+        let filled = filled.join(", ");
         Ok(format!(
             "with hashed as (\
                select {cols}, {ts}, {seq}, coalesce({del}, false) as {del}, {hash} as __weir_hash \
                from {changes}), \
              walked as (\
-               select *, lag(__weir_hash) over w as __weir_prev_hash, lag({del}) over w as __weir_prev_del \
+               select *, case when {del} then lag({del}) over w = false \
+                 else lag({del}) over w is null or lag({del}) over w or lag(__weir_hash) over w <> __weir_hash end \
+                 as __weir_effective \
                from hashed window w as (partition by {keys} order by {order})), \
+             grouped as (\
+               select *, sum(case when __weir_effective then 1 else 0 end) over (partition by {keys} order by {order} \
+                 rows between unbounded preceding and current row) as __weir_grp from walked), \
+             filled as (\
+               select {filled}, {ts}, {seq}, {del}, __weir_hash, __weir_effective from grouped), \
              effective as (\
-               select *, lead({ts}) over w as __weir_next from walked \
-               where case when {del} then __weir_prev_del = false \
-                          else __weir_prev_del is null or __weir_prev_del or __weir_prev_hash <> __weir_hash end \
+               select *, lead({ts}) over w as __weir_next from filled where __weir_effective \
                window w as (partition by {keys} order by {order})) \
              select {cols}, {ts} as valid_from, __weir_next as valid_to, \
                __weir_next is null as is_current, \
@@ -164,6 +177,8 @@ impl Scd2 {
             .map_err(|e| Error::user(format!("building the history: {e}")))
     }
 }
+
+pub mod apply;
 
 #[cfg(test)]
 mod tests;

@@ -288,6 +288,12 @@ impl Lake {
                     builder = builder.with_partition_columns(spec.partition_by.clone());
                 }
             }
+            WriteMode::Scd1 | WriteMode::Scd2 | WriteMode::Scd3 | WriteMode::Snapshot => {
+                return Err(Error::internal(format!(
+                    "`{}` is applied by the dimension writer, not `Lake::write`",
+                    spec.mode
+                )));
+            }
             WriteMode::ReplacePartitions => {
                 if spec.partition_by.is_empty() {
                     return Err(Error::user(format!(

@@ -284,9 +284,13 @@ impl PgSink {
                 m.inserted = row.get::<_, i64>(0) as u64;
                 m.updated = row.get::<_, i64>(1) as u64;
             }
-            WriteMode::ReplacePartitions => {
+            WriteMode::ReplacePartitions
+            | WriteMode::Scd1
+            | WriteMode::Scd2
+            | WriteMode::Scd3
+            | WriteMode::Snapshot => {
                 return Err(
-                    Error::user("a postgres sink does not support `replace_partitions`")
+                    Error::user(format!("a postgres sink does not support `{}`", w.mode))
                         .with_hint("use append, overwrite or merge"),
                 );
             }
