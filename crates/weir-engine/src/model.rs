@@ -1,5 +1,6 @@
 //! Rendering model SQL with minijinja: `ref()`, `source()`, `config()`, `is_incremental()`,
-//! `this`, `var()` and `surrogate_key()`.
+//! `this`, `var()`, `surrogate_key()`, and for star schemas `as_of()`, `unknown_key()` and
+//! `date_dimension()`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,11 @@ pub fn render_model(
             Ok(crate::scd::hash_expr(&names))
         },
     );
+    env.add_function("as_of", as_of);
+    env.add_function("unknown_key", || {
+        format!("'{}'", weir_config::UNKNOWN_MEMBER)
+    });
+    env.add_function("date_dimension", date_dimension);
     let vars = project.config.vars.clone();
     env.add_function("var", move |name: String, default: Option<Value>| -> Result<Value, minijinja::Error> {
         match vars.get(&name) {
@@ -204,6 +210,56 @@ pub fn render_model(
         tags: props.map(|p| p.tags.clone()).unwrap_or_default(),
         description: props.and_then(|p| p.description.clone()),
     })
+}
+
+/// `as_of('c', 'o.ordered_at')`: the join condition that picks the version of type 2
+/// dimension `c` valid at the time `o.ordered_at` (valid_from inclusive, valid_to
+/// exclusive, an open version valid until further notice).
+fn as_of(alias: String, time: String) -> Result<String, minijinja::Error> {
+    if alias.is_empty() || !alias.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("as_of() takes the dimension's alias first, e.g. as_of('c', 'o.ordered_at'), not `{alias}`"),
+        ));
+    }
+    Ok(format!(
+        "({time} >= {alias}.valid_from and ({alias}.valid_to is null or {time} < {alias}.valid_to))"
+    ))
+}
+
+/// `date_dimension('2024-01-01', '2026-12-31')`: a query with one row per day.
+fn date_dimension(start: String, end: String) -> Result<String, minijinja::Error> {
+    let parse = |s: &str| {
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| {
+            minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("date_dimension() takes dates as 'YYYY-MM-DD', not `{s}`"),
+            )
+        })
+    };
+    let (a, b) = (parse(&start)?, parse(&end)?);
+    if b < a {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("date_dimension(): the end {b} is before the start {a}"),
+        ));
+    }
+    Ok(format!(
+        "select cast(to_char(d, '%Y%m%d') as int) as date_key, d as date, \
+           cast(date_part('year', d) as int) as year, \
+           cast(date_part('quarter', d) as int) as quarter, \
+           cast(date_part('month', d) as int) as month, \
+           to_char(d, '%B') as month_name, \
+           cast(date_part('day', d) as int) as day_of_month, \
+           cast(date_part('doy', d) as int) as day_of_year, \
+           cast(case when date_part('dow', d) = 0 then 7 else date_part('dow', d) end as int) as day_of_week, \
+           to_char(d, '%A') as day_name, \
+           cast(date_part('week', d) as int) as week_of_year, \
+           date_part('dow', d) in (0, 6) as is_weekend, \
+           cast(date_trunc('month', d) as date) as first_day_of_month, \
+           cast(date_trunc('month', d) + interval '1 month' - interval '1 day' as date) as last_day_of_month \
+         from unnest(generate_series(date '{a}', date '{b}', interval '1 day')) as t(d)"
+    ))
 }
 
 fn lock(c: &Mutex<Collected>) -> std::sync::MutexGuard<'_, Collected> {

@@ -123,7 +123,8 @@ pub async fn run_pipeline(
         lake.schema(table).await?
     };
     // A merge keeps the last row of each key, by input order.
-    let merge = p.config.sink.mode == weir_config::WriteMode::Merge;
+    let merge =
+        p.config.sink.mode == weir_config::WriteMode::Merge || p.config.sink.mode.scd().is_some();
     let source = weir_connectors::source_for(project, &p.config.source, hints, merge)?;
 
     let (committed, position) =
@@ -544,7 +545,10 @@ async fn incoming_frame(
             .map_err(|e| Error::internal(e.to_string()))?,
     };
     let df = if df.schema().field_with_unqualified_name(SEQ_COLUMN).is_ok() {
-        if sink.mode == weir_config::WriteMode::Merge && !sink.key.is_empty() {
+        if sink.mode.scd().is_some() {
+            // A dimension applies every change, in arrival order.
+            df
+        } else if sink.mode == weir_config::WriteMode::Merge && !sink.key.is_empty() {
             last_row_per_key(df, &sink.key)?
         } else {
             df.drop_columns(&[SEQ_COLUMN])
@@ -619,6 +623,9 @@ async fn write_delta(
     rereadable: bool,
 ) -> Result<WriteMetrics, Error> {
     let sink = &p.config.sink;
+    if let Some(dim) = sink.dimension() {
+        return write_dimension(lake, p, ctx, df, &dim, load, opts, rereadable).await;
+    }
     let mode = if load.full_refresh || load.replace_where.is_some() {
         weir_config::WriteMode::Overwrite
     } else {
@@ -632,18 +639,9 @@ async fn write_delta(
         weir_config::WriteMode::Merge | weir_config::WriteMode::ReplacePartitions
             if !rereadable && lake.exists(&sink.table) =>
         {
-            let dir = tempfile::Builder::new()
-                .prefix("weir-staging-")
-                .tempdir()
-                .map_err(|e| Error::io("creating a staging directory", e))?;
-            let path = dir.path().to_string_lossy().to_string();
-            df.write_parquet(&path, DataFrameWriteOptions::new(), None)
-                .await
-                .map_err(|e| Error::external(format!("staging pipeline `{}`: {e}", p.name)))?;
+            let (dir, staged) = stage(ctx, df, &p.name).await?;
             _staging = dir;
-            ctx.read_parquet(&path, ParquetReadOptions::default())
-                .await
-                .map_err(|e| Error::internal(format!("reading staged rows: {e}")))?
+            staged
         }
         _ => df,
     };
@@ -656,6 +654,73 @@ async fn write_delta(
         replace_where: load.replace_where.map(str::to_string),
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
+}
+
+/// Applies the rows to the sink's slowly changing dimension. The input is read more than
+/// once (the key check, then the changes), so a stream is staged first.
+#[allow(clippy::too_many_arguments)] // write_delta's arguments and the dimension
+async fn write_dimension(
+    lake: &Lake,
+    p: &Pipeline,
+    ctx: &SessionContext,
+    df: DataFrame,
+    dim: &weir_config::Dimension,
+    load: &Load<'_>,
+    opts: &WriteOptions,
+    rereadable: bool,
+) -> Result<WriteMetrics, Error> {
+    let _staging;
+    let df = if rereadable {
+        df
+    } else {
+        let (dir, staged) = stage(ctx, df, &p.name).await?;
+        _staging = dir;
+        staged
+    };
+    let txn = opts
+        .txn
+        .clone()
+        .ok_or_else(|| Error::internal("a dimension load without a txn"))?;
+    let applied = weir_engine::scd::apply::apply(
+        lake,
+        ctx,
+        &p.config.sink.table,
+        dim,
+        df,
+        &weir_engine::scd::apply::Load {
+            txn,
+            time: chrono::Utc::now(),
+            rebuild: load.full_refresh,
+            metadata: opts.metadata.clone(),
+        },
+    )
+    .await
+    .map_err(|e| e.context(format!("pipeline `{}` ({})", p.name, p.file.display())))?;
+    Ok(WriteMetrics {
+        rows_inserted: applied.changes,
+        ..applied.write
+    })
+}
+
+/// Writes `df` to local Parquet and reads it back: input that can be read twice.
+async fn stage(
+    ctx: &SessionContext,
+    df: DataFrame,
+    pipeline: &str,
+) -> Result<(tempfile::TempDir, DataFrame), Error> {
+    let dir = tempfile::Builder::new()
+        .prefix("weir-staging-")
+        .tempdir()
+        .map_err(|e| Error::io("creating a staging directory", e))?;
+    let path = dir.path().to_string_lossy().to_string();
+    df.write_parquet(&path, DataFrameWriteOptions::new(), None)
+        .await
+        .map_err(|e| Error::external(format!("staging pipeline `{pipeline}`: {e}")))?;
+    let staged = ctx
+        .read_parquet(&path, ParquetReadOptions::default())
+        .await
+        .map_err(|e| Error::internal(format!("reading staged rows: {e}")))?;
+    Ok((dir, staged))
 }
 
 /// Keeps the last row (highest [`SEQ_COLUMN`]) of each key and drops the sequence.

@@ -758,6 +758,13 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
         .config
         .materialized
         .unwrap_or(project.config.models.materialized);
+    if let (Some(scd), Some(_)) = (mat.scd(), parts) {
+        return Err(Error::user(format!(
+            "model `{}` is `{scd}` and partitioned: a dimension's keys span all partitions",
+            compiled.name
+        ))
+        .with_hint("remove `partitions:` from the model"));
+    }
     // A view is defined when a session is built (its SQL was checked with the graph).
     if mat == Materialized::View {
         result.note = Some("view (computed at query time)".into());
@@ -765,8 +772,10 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
     }
     let ctx = project_session(project, lake, graph).await?;
     let exists = lake.exists(&asset.table);
-    let incremental =
-        mat == Materialized::Incremental && exists && !full_refresh && window.is_none();
+    let incremental = (mat == Materialized::Incremental || mat.scd().is_some())
+        && exists
+        && !full_refresh
+        && window.is_none();
     let sql = if incremental || window.is_some() {
         render_model(
             project,
@@ -846,6 +855,30 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.model".to_string(), serde_json::json!(compiled.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
+    if let Some(dim) = cfg.dimension(mat) {
+        let applied = weir_engine::scd::apply::apply(
+            lake,
+            &ctx,
+            &asset.table,
+            &dim,
+            df,
+            &weir_engine::scd::apply::Load {
+                txn: (format!("weir:model:{}", compiled.name), load),
+                time: chrono::Utc::now(),
+                rebuild: full_refresh,
+                metadata,
+            },
+        )
+        .await
+        .map_err(|e| e.context(format!("model `{}`", compiled.name)))?;
+        result.rows_written = applied.changes;
+        result.version = Some(applied.write.version);
+        result.note = Some(format!(
+            "{mat}: {} change(s), {} key(s) recomputed",
+            applied.changes, applied.keys
+        ));
+        return Ok(result);
+    }
     let m = lake
         .write(
             &asset.table,

@@ -30,15 +30,19 @@ use weir_lake::{Lake, WriteMetrics, WriteOptions, WriteSpec};
 use super::{hash_expr, ident, Scd2, DELETED, SEQ, TS};
 
 /// Columns weir adds to a dimension; input columns may not use these names.
-const RESERVED: &[&str] = &[
-    "valid_from",
-    "valid_to",
-    "is_current",
-    "version",
-    "row_hash",
-    "is_deleted",
-    "updated_at",
-];
+fn reserved(scd: ScdType) -> &'static [&'static str] {
+    match scd {
+        ScdType::Scd2 | ScdType::Snapshot => &[
+            "valid_from",
+            "valid_to",
+            "is_current",
+            "version",
+            "row_hash",
+            "is_deleted",
+        ],
+        ScdType::Scd1 | ScdType::Scd3 => &["updated_at", "row_hash", "is_deleted"],
+    }
+}
 
 /// The table holding every change a dimension has received.
 pub fn changes_table(dimension: &str) -> String {
@@ -139,8 +143,11 @@ fn attributes(dim: &Dimension, columns: &[String]) -> Result<Vec<String>, Error>
             .with_hint(format!("its columns: {}", listed())));
         }
     }
-    for c in columns {
-        if RESERVED.contains(&c.as_str())
+    let kept = columns
+        .iter()
+        .filter(|c| Some(*c) != dim.change_ts.as_ref() && Some(*c) != dim.delete_flag.as_ref());
+    for c in kept {
+        if reserved(dim.scd).contains(&c.as_str())
             || *c == dim.surrogate_key
             || (dim.scd == ScdType::Scd3 && c.starts_with("previous_"))
         {
@@ -203,6 +210,20 @@ pub async fn apply(
             dim.key.join(", ")
         ))
         .with_hint("add a `not_null` check on the key so such rows are quarantined, or filter them in the SQL"));
+    }
+
+    // The changes of later loads without their dimension: the dimension was removed, and
+    // loading again would skip this input as already stored.
+    if !lake.exists(table) && lake.exists(&changes) {
+        let stored = lake.open(&changes).await?;
+        if let Some(c) = lake.txn_version(&stored, app).await?.filter(|c| *c > n) {
+            return Err(Error::user(format!(
+                "`{changes}` holds load {c} of `{table}`, but `{table}` is missing"
+            ))
+            .with_hint(format!(
+                "delete the directory of `{changes}` too to start the dimension over"
+            )));
+        }
     }
 
     // 1. The changes, appended once per load.
@@ -482,8 +503,9 @@ fn unknown_member(dim: &Dimension, schema: &Schema) -> Result<RecordBatch, Error
     for f in schema.fields() {
         let name = f.name().as_str();
         let a: ArrayRef = match (name, f.data_type()) {
-            (n, DataType::Utf8) if n == dim.surrogate_key => {
-                Arc::new(StringArray::from(vec![UNKNOWN_MEMBER]))
+            (n, t) if n == dim.surrogate_key => {
+                arrow::compute::cast(&StringArray::from(vec![UNKNOWN_MEMBER]), t)
+                    .map_err(|e| Error::internal(format!("the unknown member's key: {e}")))?
             }
             ("is_current", DataType::Boolean) => Arc::new(BooleanArray::from(vec![true])),
             ("is_deleted", DataType::Boolean) => Arc::new(BooleanArray::from(vec![false])),
