@@ -108,8 +108,19 @@ impl Graph {
                         deps.insert(j);
                     }
                 }
+                // A dimension's inferred members come from a model or a table.
+                if let Some(x) = &m.config.inferred_members {
+                    if let Some(&j) = by_name.get(x).or_else(|| by_table.get(x)) {
+                        deps.insert(j);
+                    }
+                }
             }
             if let AssetKind::Pipeline(p) = &assets[i].kind {
+                if let Some(x) = &project.pipelines[*p].config.sink.inferred_members {
+                    if let Some(&j) = by_name.get(x).or_else(|| by_table.get(x)) {
+                        deps.insert(j);
+                    }
+                }
                 let src = &project.pipelines[*p].config.source;
                 if src.kind == weir_config::SourceKind::Lake {
                     if let Some(j) = src.table.as_ref().and_then(|t| by_table.get(t)) {

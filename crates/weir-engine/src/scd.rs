@@ -24,6 +24,10 @@ pub const TS: &str = "__weir_ts";
 pub const SEQ: &str = "__weir_seq";
 /// True when the change deletes the key.
 pub const DELETED: &str = "__weir_deleted";
+/// True for the change that makes an inferred member: a key facts refer to before the
+/// dimension has any change for it. It takes the attributes of the key's first real
+/// change, so the inferred version (and its surrogate key) is filled in, not replaced.
+pub const INFERRED: &str = "__weir_inferred";
 
 pub use weir_config::DeleteMode;
 
@@ -35,6 +39,8 @@ pub struct Scd2 {
     /// The columns whose changes make a new version (empty: every non-key column).
     pub tracked: Vec<String>,
     pub deletes: DeleteMode,
+    /// The changes have an [`INFERRED`] column (and the history an `is_inferred` one).
+    pub inferred: bool,
 }
 
 fn ident(c: &str) -> String {
@@ -110,10 +116,43 @@ impl Scd2 {
             })
             .collect();
         let filled = filled.join(", ");
+        // Inferred changes take the attributes of the key's first real change.
+        let (source, inferred_col) = if self.inferred {
+            let inf = ident(INFERRED);
+            let first = format!(
+                "partition by {keys} order by case when {inf} then 1 else 0 end, {order} \
+                 rows between unbounded preceding and unbounded following"
+            );
+            let cols: Vec<String> = columns
+                .iter()
+                .map(|c| {
+                    if self.key.contains(c) {
+                        ident(c)
+                    } else {
+                        format!(
+                            "case when {inf} then first_value({c}) over ({first}) else {c} end as {c}",
+                            c = ident(c)
+                        )
+                    }
+                })
+                .collect();
+            (
+                format!(
+                    "(select {}, {ts}, {seq}, {del}, \
+                       coalesce({inf}, false) and bool_and(coalesce({inf}, false)) over (partition by {keys}) as is_inferred \
+                     from {changes})",
+                    cols.join(", "),
+                    seq = ident(SEQ),
+                ),
+                ", is_inferred",
+            )
+        } else {
+            (changes.to_string(), "")
+        };
         Ok(format!(
             "with hashed as (\
-               select {cols}, {ts}, {seq}, coalesce({del}, false) as {del}, {hash} as __weir_hash \
-               from {changes}), \
+               select {cols}{inferred_col}, {ts}, {seq}, coalesce({del}, false) as {del}, {hash} as __weir_hash \
+               from {source}), \
              walked as (\
                select *, case when {del} then lag({del}) over w = false \
                  else lag({del}) over w is null or lag({del}) over w or lag(__weir_hash) over w <> __weir_hash end \
@@ -123,11 +162,11 @@ impl Scd2 {
                select *, sum(case when __weir_effective then 1 else 0 end) over (partition by {keys} order by {order} \
                  rows between unbounded preceding and current row) as __weir_grp from walked), \
              filled as (\
-               select {filled}, {ts}, {seq}, {del}, __weir_hash, __weir_effective from grouped), \
+               select {filled}{inferred_col}, {ts}, {seq}, {del}, __weir_hash, __weir_effective from grouped), \
              effective as (\
                select *, lead({ts}) over w as __weir_next from filled where __weir_effective \
                window w as (partition by {keys} order by {order})) \
-             select {cols}, {ts} as valid_from, __weir_next as valid_to, \
+             select {cols}{inferred_col}, {ts} as valid_from, __weir_next as valid_to, \
                __weir_next is null as is_current, \
                cast(row_number() over (partition by {keys} order by {order}) as bigint) as version, \
                __weir_hash as row_hash{marker} \
@@ -143,7 +182,7 @@ impl Scd2 {
         ctx: &SessionContext,
         changes: DataFrame,
     ) -> Result<DataFrame, Error> {
-        let internal = [TS, SEQ, DELETED];
+        let internal = [TS, SEQ, DELETED, INFERRED];
         let columns: Vec<String> = changes
             .schema()
             .fields()
@@ -167,11 +206,19 @@ impl Scd2 {
         } else {
             changes
         };
-        let name = "__weir_scd_changes";
+        let inferred = changes
+            .schema()
+            .field_with_unqualified_name(INFERRED)
+            .is_ok();
+        let name = "__weir_scd_history_input";
         let _ = ctx.deregister_table(name);
         ctx.register_table(name, changes.into_view())
             .map_err(|e| Error::internal(format!("changes: {e}")))?;
-        let sql = self.history_sql(name, &columns)?;
+        let sql = Scd2 {
+            inferred,
+            ..self.clone()
+        }
+        .history_sql(name, &columns)?;
         ctx.sql(&sql)
             .await
             .map_err(|e| Error::user(format!("building the history: {e}")))

@@ -855,7 +855,11 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.model".to_string(), serde_json::json!(compiled.name));
     metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
-    if let Some(dim) = cfg.dimension(mat) {
+    if let Some(mut dim) = cfg.dimension(mat) {
+        // `inferred_members` may name a model: read its table.
+        dim.inferred_members = dim
+            .inferred_members
+            .map(|x| tables.get(&x).cloned().unwrap_or(x));
         let applied = weir_engine::scd::apply::apply(
             lake,
             &ctx,

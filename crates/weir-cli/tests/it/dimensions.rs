@@ -413,3 +413,73 @@ fn dimension_mistakes_are_explained() {
     );
     assert!(!d.join("lake/analytics/m").exists(), "nothing was written");
 }
+
+#[test]
+fn inferred_members_are_filled_in_when_the_real_row_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "weir.yaml", "name: inferred\n");
+    write(
+        d,
+        "models/orders.sql",
+        "select * from (values (1, 7, timestamp '2024-03-01 10:00:00'), (2, 9, timestamp '2024-03-02 10:00:00')) \
+         as t(order_id, customer_id, ordered_at)",
+    );
+    write(
+        d,
+        "models/customers.sql",
+        "select * from (values (7, 'Oslo', timestamp '2024-01-01 00:00:00')) as t(customer_id, city, updated_at)",
+    );
+    write(
+        d,
+        "models/dim_customer.sql",
+        "{{ config(materialized='scd2', unique_key='customer_id', change_ts='updated_at', \
+         inferred_members='orders') }}\nselect * from {{ ref('customers') }}",
+    );
+    write(
+        d,
+        "models/fct_orders.sql",
+        "select o.order_id, c.sk from {{ ref('orders') }} o left join {{ ref('dim_customer') }} c \
+         on c.customer_id = o.customer_id and {{ as_of('c', 'o.ordered_at') }}",
+    );
+    ok(&weir(d, &["run"]));
+    let dim =
+        "select customer_id, city, is_inferred, cast(valid_from as varchar) as valid_from, sk \
+               from analytics.dim_customer order by customer_id";
+    let rows = query(d, dim);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    // Customer 9 is only known from an order: an inferred member, valid from the start.
+    assert_eq!(rows[1]["customer_id"], 9);
+    assert_eq!(rows[1]["city"], serde_json::Value::Null);
+    assert_eq!(rows[1]["is_inferred"], true);
+    assert_eq!(rows[1]["valid_from"], "1900-01-01T00:00:00");
+    assert_eq!(rows[0]["is_inferred"], false);
+    let facts = query(
+        d,
+        "select order_id, sk from analytics.fct_orders order by order_id",
+    );
+    assert_eq!(
+        facts[1]["sk"], rows[1]["sk"],
+        "the fact found the inferred member"
+    );
+
+    // The real row arrives (changed after the order): the inferred row is filled in, its
+    // surrogate key stays, so the fact keeps pointing at it.
+    write(
+        d,
+        "models/customers.sql",
+        "select * from (values (7, 'Oslo', timestamp '2024-01-01 00:00:00'), \
+         (9, 'Lima', timestamp '2024-03-05 00:00:00')) as t(customer_id, city, updated_at)",
+    );
+    ok(&weir(d, &["run", "customers+"]));
+    let after = query(d, dim);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[1]["city"], "Lima");
+    assert_eq!(after[1]["is_inferred"], false);
+    assert_eq!(after[1]["sk"], rows[1]["sk"]);
+    let joined = query(
+        d,
+        "select c.city from analytics.fct_orders f join analytics.dim_customer c on c.sk = f.sk where f.order_id = 2",
+    );
+    assert_eq!(joined[0]["city"], "Lima");
+}

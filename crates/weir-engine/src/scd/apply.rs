@@ -27,7 +27,7 @@ use weir_common::Error;
 use weir_config::{DeleteMode, Dimension, ScdType, SchemaEvolution, WriteMode, UNKNOWN_MEMBER};
 use weir_lake::{Lake, WriteMetrics, WriteOptions, WriteSpec};
 
-use super::{hash_expr, ident, Scd2, DELETED, SEQ, TS};
+use super::{hash_expr, ident, Scd2, DELETED, INFERRED, SEQ, TS};
 
 /// Columns weir adds to a dimension; input columns may not use these names.
 fn reserved(scd: ScdType) -> &'static [&'static str] {
@@ -245,9 +245,14 @@ pub async fn apply(
         "cast(row_number() over () as bigint)".into()
     };
     let select: Vec<String> = attrs.iter().map(|c| ident(c)).collect();
-    let new_changes = ctx
+    let inferred_flag = if dim.inferred_members.is_some() {
+        format!(", false as {}", ident(INFERRED))
+    } else {
+        String::new()
+    };
+    let mut new_changes = ctx
         .sql(&format!(
-            "select {}, {ts} as {}, {base} + {order} as {}, {deleted} as {} from {input_name}",
+            "select {}, {ts} as {}, {base} + {order} as {}, {deleted} as {}{inferred_flag} from {input_name}",
             select.join(", "),
             ident(TS),
             ident(SEQ),
@@ -255,6 +260,37 @@ pub async fn apply(
         ))
         .await
         .map_err(|e| Error::user(format!("the changes of `{table}`: {e}")))?;
+    if let Some(src) = &dim.inferred_members {
+        let inferred = inferred_changes(
+            ctx,
+            lake,
+            dim,
+            src,
+            &changes,
+            input_name,
+            &new_changes,
+            base,
+        )
+        .await
+        .map_err(|e| e.context(format!("inferred members of `{table}` from `{src}`")))?;
+        new_changes = new_changes
+            .union(inferred)
+            .map_err(df_err("inferred members"))?;
+    }
+    // The keys of this load, kept in memory: small beside the dimension.
+    let key_cols: Vec<datafusion::logical_expr::Expr> = dim
+        .key
+        .iter()
+        .map(|k| datafusion::logical_expr::col(datafusion::common::Column::new_unqualified(k)))
+        .collect();
+    let mut load_keys = new_changes
+        .clone()
+        .select(key_cols)
+        .and_then(|d| d.distinct())
+        .map_err(df_err("the keys of the load"))?
+        .collect()
+        .await
+        .map_err(df_err("the keys of the load"))?;
     let appended = lake
         .write(
             &changes,
@@ -290,11 +326,38 @@ pub async fn apply(
             .collect::<Vec<_>>()
             .join(" and ")
     };
-    let new_keys = format!(
-        "select distinct {keys} from {all_name} where {seq} >= {base} and {seq} < {next}",
-        seq = ident(SEQ),
-        next = (n + 1) << 32,
-    );
+    if appended.skipped {
+        // A retried load: its changes are the stored ones.
+        load_keys = ctx
+            .sql(&format!(
+                "select distinct {keys} from {all_name} where {seq} >= {base} and {seq} < {next}",
+                seq = ident(SEQ),
+                next = (n + 1) << 32,
+            ))
+            .await
+            .map_err(df_err("the keys of the load"))?
+            .collect()
+            .await
+            .map_err(df_err("the keys of the load"))?;
+    }
+    let keys_name = "__weir_scd_load_keys";
+    let touched_keys: usize = load_keys.iter().map(|b| b.num_rows()).sum();
+    if let Some(first) = load_keys.first() {
+        let mem = datafusion::datasource::MemTable::try_new(first.schema(), vec![load_keys])
+            .map_err(|e| Error::internal(format!("the keys of the load: {e}")))?;
+        let _ = ctx.deregister_table(keys_name);
+        ctx.register_table(keys_name, Arc::new(mem))
+            .map_err(|e| Error::internal(format!("the keys of the load: {e}")))?;
+    } else {
+        register(
+            ctx,
+            keys_name,
+            ctx.sql(&format!("select {keys} from {all_name} where false"))
+                .await
+                .map_err(df_err("the keys of the load"))?,
+        )?;
+    }
+    let new_keys = format!("select * from {keys_name}");
     let stored_attrs: Vec<String> = ctx
         .table(all_name)
         .await
@@ -303,7 +366,7 @@ pub async fn apply(
         .fields()
         .iter()
         .map(|f| f.name().clone())
-        .filter(|c| ![TS, SEQ, DELETED].contains(&c.as_str()))
+        .filter(|c| ![TS, SEQ, DELETED, INFERRED].contains(&c.as_str()))
         .collect();
     let scoped = |rebuild: bool| {
         let scoped = if rebuild {
@@ -336,12 +399,12 @@ pub async fn apply(
             rows = dimension_rows(ctx, table, dim, &scoped(true), &stored_attrs).await?;
         }
     }
-    let touched = if rebuild {
-        format!("select distinct {keys} from {all_name}")
+    let keys_touched = if rebuild {
+        let all = format!("select distinct {keys} from {all_name}");
+        count(ctx, &format!("select count(*) from ({all})")).await?
     } else {
-        new_keys.clone()
+        touched_keys as u64
     };
-    let keys_touched = count(ctx, &format!("select count(*) from ({touched})")).await?;
 
     // 3. The dimension: untouched rows, the new rows, the unknown member.
     if !rebuild {
@@ -379,7 +442,13 @@ pub async fn apply(
             },
         )
         .await?;
-    for name in [input_name, all_name, old_name, "__weir_scd_history"] {
+    for name in [
+        input_name,
+        all_name,
+        old_name,
+        keys_name,
+        "__weir_scd_history",
+    ] {
         let _ = ctx.deregister_table(name);
     }
     Ok(Applied {
@@ -387,6 +456,88 @@ pub async fn apply(
         keys: keys_touched,
         write,
     })
+}
+
+/// One inferred change per key of `src` that the dimension has never seen (neither in
+/// its stored changes nor in this load): attributes null, valid from 1900-01-01.
+#[allow(clippy::too_many_arguments)] // the load's parts, named
+async fn inferred_changes(
+    ctx: &SessionContext,
+    lake: &Lake,
+    dim: &Dimension,
+    src: &str,
+    changes: &str,
+    input_name: &str,
+    new_changes: &DataFrame,
+    base: i64,
+) -> Result<DataFrame, Error> {
+    use datafusion::logical_expr::{cast, col, lit};
+    use datafusion::scalar::ScalarValue;
+    let keys: Vec<String> = dim.key.iter().map(|k| ident(k)).collect();
+    let keys = keys.join(", ");
+    let on = |b: &str| {
+        dim.key
+            .iter()
+            .map(|k| format!("s.{k} = {b}.{k}", k = ident(k)))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let not_null: Vec<String> = dim
+        .key
+        .iter()
+        .map(|k| format!("{} is not null", ident(k)))
+        .collect();
+    let mut sql = format!(
+        "select distinct {keys} from {src} where {}",
+        not_null.join(" and ")
+    );
+    sql = format!(
+        "select s.* from ({sql}) s left anti join (select distinct {keys} from {input_name}) i on {}",
+        on("i")
+    );
+    if lake.exists(changes) {
+        register_lake_table(ctx, lake, changes, "__weir_scd_known").await?;
+        sql = format!(
+            "select s.* from ({sql}) s left anti join (select distinct {keys} from __weir_scd_known) k on {}",
+            on("k")
+        );
+    }
+    let keys_df = ctx.sql(&sql).await.map_err(|e| {
+        Error::user(format!("reading the keys: {e}")).with_hint(
+            "`inferred_members` names a table (`schema.table`) or model with the dimension's key columns",
+        )
+    })?;
+    let mut exprs = Vec::new();
+    for f in new_changes.schema().fields() {
+        let name = f.name().as_str();
+        let t = f.data_type();
+        let e = if dim.key.iter().any(|k| k == name) {
+            cast(
+                col(datafusion::common::Column::new_unqualified(name)),
+                t.clone(),
+            )
+        } else if name == TS {
+            let text = if matches!(t, DataType::Date32 | DataType::Date64) {
+                "1900-01-01"
+            } else {
+                "1900-01-01T00:00:00"
+            };
+            let v = ScalarValue::Utf8(Some(text.into()))
+                .cast_to(t)
+                .map_err(|e| Error::internal(format!("the inferred members' time: {e}")))?;
+            lit(v)
+        } else if name == SEQ {
+            lit(base)
+        } else if name == DELETED {
+            lit(false)
+        } else if name == INFERRED {
+            lit(true)
+        } else {
+            lit(ScalarValue::try_from(t).map_err(|e| Error::internal(e.to_string()))?)
+        };
+        exprs.push(e.alias(name));
+    }
+    keys_df.select(exprs).map_err(df_err("inferred members"))
 }
 
 /// The rows of the keys whose changes `scoped` (SQL) selects.
@@ -405,6 +556,7 @@ async fn dimension_rows(
         key: dim.key.clone(),
         tracked: dim.tracked.clone(),
         deletes: dim.deletes,
+        inferred: false,
     };
     let hist = scd2.history(ctx, changes).await?;
     register(ctx, "__weir_scd_history", hist)?;
@@ -449,6 +601,11 @@ fn project_sql(dim: &Dimension, hist: &str, attrs: &[String]) -> String {
         ""
     };
     let sk = ident(&dim.surrogate_key);
+    let marker = if dim.inferred_members.is_some() {
+        format!("{marker}, is_inferred")
+    } else {
+        marker.to_string()
+    };
     let rows = match dim.scd {
         ScdType::Scd2 | ScdType::Snapshot => format!(
             "select {cols}, valid_from, valid_to, is_current, version, row_hash{marker} from {hist}"
@@ -472,11 +629,7 @@ fn project_sql(dim: &Dimension, hist: &str, attrs: &[String]) -> String {
                 .iter()
                 .map(|k| format!("p.{k} = c.{k}", k = ident(k)))
                 .collect();
-            let marker = if marker.is_empty() {
-                ""
-            } else {
-                ", c.is_deleted"
-            };
+            let marker = marker.replace(", ", ", c.");
             format!(
                 "select {}, {}, c.valid_from as updated_at, c.row_hash{marker} \
                  from {hist} c left join {hist} p on {} and p.version = c.version - 1 \
@@ -508,7 +661,9 @@ fn unknown_member(dim: &Dimension, schema: &Schema) -> Result<RecordBatch, Error
                     .map_err(|e| Error::internal(format!("the unknown member's key: {e}")))?
             }
             ("is_current", DataType::Boolean) => Arc::new(BooleanArray::from(vec![true])),
-            ("is_deleted", DataType::Boolean) => Arc::new(BooleanArray::from(vec![false])),
+            ("is_deleted" | "is_inferred", DataType::Boolean) => {
+                Arc::new(BooleanArray::from(vec![false]))
+            }
             ("version", DataType::Int64) => Arc::new(Int64Array::from(vec![0])),
             (_, t) => new_null_array(t, 1),
         };

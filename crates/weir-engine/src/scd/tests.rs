@@ -103,6 +103,7 @@ async fn computed(changes: &[Change], mode: DeleteMode) -> Vec<Row> {
         key: vec!["k".into()],
         tracked: vec![],
         deletes: mode,
+        inferred: false,
     };
     let batches = scd
         .history(&ctx, df)
