@@ -107,7 +107,7 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
 
     // 50 customers; #12 exported twice; #7 without email; #21 with a broken date; one
     // truncated line.
-    let mut c = String::from("customer_id,name,email,country,signup_date\n");
+    let mut c = String::from("customer_id,name,email,country,signup_date,updated_at\n");
     for id in 1..=50u64 {
         let name = format!("{} {}", FIRST[(id % 10) as usize], LAST[(id % 5) as usize]);
         let email = if id == 7 {
@@ -122,13 +122,13 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
         };
         let _ = writeln!(
             c,
-            "{id},\"{name}\",{email},{},{date}",
+            "{id},\"{name}\",{email},{},{date},{DAY_ONE_EXPORT}",
             COUNTRIES[(id % 5) as usize]
         );
         if id == 12 {
             let _ = writeln!(
                 c,
-                "{id},\"{name}\",{email},{},{date}",
+                "{id},\"{name}\",{email},{},{date},{DAY_ONE_EXPORT}",
                 COUNTRIES[(id % 5) as usize]
             );
         }
@@ -220,6 +220,49 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
     Ok(true)
 }
 
+/// When the day-one customer export was taken.
+const DAY_ONE_EXPORT: &str = "2023-12-31T18:00:00";
+
+/// The second day of the demo: changed and new customers and products, and the orders of
+/// 2024-01-03. Written when the demo runs again; returns false when it is already there.
+pub fn write_day_two(dir: &Path) -> Result<bool, Error> {
+    let orders = "data/orders/orders_2024-01-03.csv";
+    if dir.join(orders).exists() {
+        return Ok(false);
+    }
+    // Customer 3 moved to another country, 5 changed email, 51 is new.
+    write(
+        dir,
+        "data/customers_2024-01-03.csv",
+        b"customer_id,name,email,country,signup_date,updated_at\n\
+3,\"Dev Tanaka\",Dev3@Example.com,FR,2023-04-04,2024-01-02T18:00:00\n\
+5,\"Finn Smith\",finn.smith@example.com,US,2023-06-06,2024-01-02T18:00:00\n\
+51,\"Gina Moreau\",gina51@example.com,ES,2024-01-02,2024-01-02T18:00:00\n",
+    )?;
+    // Product 3 got cheaper; product 22 is new.
+    write(
+        dir,
+        "data/products_2024-01-03.ndjson",
+        b"{\"product_id\": 3, \"name\": \"Product 3\", \"category\": \"toys\", \"price\": \"9.99\"}\n\
+{\"product_id\": 22, \"name\": \"Product 22\", \"category\": \"toys\", \"price\": \"14.50\"}\n",
+    )?;
+    write(
+        dir,
+        orders,
+        b"order_id,customer_id,order_date,status\n70,3,2024-01-03,shipped\n71,5,2024-01-03,shipped\n72,51,2024-01-03,shipped\n",
+    )?;
+    let items = "order_item_id,order_id,product_id,quantity,unit_price\n\
+500,70,3,2,9.99\n501,71,22,1,14.50\n502,72,1,3,12.00\n";
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(items.as_bytes())
+        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    let gz = gz
+        .finish()
+        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    write(dir, "data/order_items_2024-01-03.csv.gz", &gz)?;
+    Ok(true)
+}
+
 /// After a successful demo run: a few queries that show what was built.
 pub async fn print_tour(project: &weir_config::Project, dir: &Path) -> Result<(), Error> {
     let lake = weir_lake::Lake::new(project.lake_root());
@@ -235,9 +278,28 @@ pub async fn print_tour(project: &weir_config::Project, dir: &Path) -> Result<()
     let text = arrow::util::pretty::pretty_format_batches(&batches)
         .map_err(|e| Error::internal(e.to_string()))?;
     eprintln!("\nmarts.daily_revenue:\n{text}");
+    let df = ctx
+        .sql(
+            "select customer_id, country, email, cast(valid_from as varchar) as valid_from, \
+             cast(valid_to as varchar) as valid_to, is_current \
+             from marts.dim_customer where customer_id in \
+               (select customer_id from marts.dim_customer group by customer_id having count(*) > 1) \
+             order by customer_id, version",
+        )
+        .await
+        .map_err(|e| Error::internal(format!("demo tour: {e}")))?;
+    let batches = df
+        .collect()
+        .await
+        .map_err(|e| Error::internal(format!("demo tour: {e}")))?;
+    if batches.iter().any(|b| b.num_rows() > 0) {
+        let text = arrow::util::pretty::pretty_format_batches(&batches)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        eprintln!("\ncustomers with history (marts.dim_customer, SCD type 2):\n{text}");
+    }
     let d = dir.display();
     eprintln!(
-        "\ntry next:\n  weir --project {d} tables\n  weir --project {d} query \"select reason, count(*) from raw.customers__quarantine group by reason\"\n  weir --project {d} table history raw.orders\n  weir --project {d} test         # the data quality checks\n  weir --project {d} run          # again: nothing new to load"
+        "\ntry next:\n  weir --project {d} tables\n  weir --project {d} query \"select reason, count(*) from raw.customers__quarantine group by reason\"\n  weir --project {d} table history raw.orders\n  weir --project {d} test         # the data quality checks\n  weir --project {d} run          # again: nothing new to load\n  weir demo {d}                   # again: a second day of changes arrives (customer history in marts.dim_customer)"
     );
     Ok(())
 }
@@ -259,10 +321,11 @@ const DEMO_FILES: &[(&str, &str)] = &[
 tags: [raw, crm]
 source:
   type: files
-  path: data/customers.csv
+  path: data/customers*.csv
   schema:
     - { name: customer_id, type: bigint, nullable: false }
     - { name: signup_date, type: date }
+    - { name: updated_at, type: timestamp }
 sink:
   table: raw.customers
   mode: append
@@ -275,7 +338,7 @@ max_bad_rows: 5%
 tags: [raw]
 source:
   type: files
-  path: data/products.ndjson
+  path: data/products*.ndjson
   schema:
     - { name: product_id, type: bigint, nullable: false }
     - { name: price, type: 'decimal(10,2)' }
@@ -315,7 +378,7 @@ checks:
 tags: [raw, sales]
 source:
   type: files
-  path: data/order_items.csv.gz
+  path: data/order_items*.csv.gz
   schema:
     - { name: quantity, type: int }
     - { name: unit_price, type: 'decimal(10,2)' }
@@ -330,9 +393,15 @@ checks:
     ),
     (
         "models/staging/stg_customers.sql",
-        "-- One row per customer: exports repeat rows, emails come in any case.
-select distinct customer_id, name, lower(email) as email, country, signup_date
-from {{ source('raw', 'customers') }}
+        "-- One row per customer, as of the latest export: exports repeat rows, emails come
+-- in any case.
+select customer_id, name, email, country, signup_date
+from (
+  select distinct customer_id, name, lower(email) as email, country, signup_date, updated_at,
+         rank() over (partition by customer_id order by updated_at desc) as latest
+  from {{ source('raw', 'customers') }}
+)
+where latest = 1
 ",
     ),
     (
@@ -390,6 +459,46 @@ group by o.order_id, o.customer_id, o.order_date, o.status
 ",
     ),
     (
+        "models/marts/dim_customer.sql",
+        "-- Customer history (SCD type 2): a new version whenever an export shows a change,
+-- valid from the export's `updated_at`; facts look up the version valid on their date.
+{{ config(materialized='scd2', unique_key='customer_id', change_ts='updated_at',
+          surrogate_key='customer_sk', unknown_member=true) }}
+select distinct customer_id, name, lower(email) as email, country, updated_at
+from {{ source('raw', 'customers') }}
+",
+    ),
+    (
+        "models/marts/dim_product.sql",
+        "-- Products (SCD type 1): changed attributes are overwritten in place.
+{{ config(materialized='scd1', unique_key='product_id', surrogate_key='product_sk',
+          unknown_member=true) }}
+select product_id, name, category, price
+from {{ source('raw', 'products') }}
+",
+    ),
+    (
+        "models/marts/dim_date.sql",
+        "{{ date_dimension('2024-01-01', '2024-12-31') }}
+",
+    ),
+    (
+        "models/marts/fct_sales.sql",
+        "-- One row per order line, keyed by surrogate keys: the customer as they were on the
+-- order date (a point-in-time lookup), the product as it is now.
+select i.order_item_id, i.order_id,
+       coalesce(c.customer_sk, {{ unknown_key() }}) as customer_sk,
+       coalesce(p.product_sk, {{ unknown_key() }}) as product_sk,
+       d.date_key, i.quantity, i.unit_price, i.line_total
+from {{ ref('stg_order_items') }} i
+join {{ ref('stg_orders') }} o on o.order_id = i.order_id
+left join {{ ref('dim_customer') }} c
+  on c.customer_id = o.customer_id and {{ as_of('c', 'o.order_date') }}
+left join {{ ref('dim_product') }} p on p.product_id = i.product_id
+left join {{ ref('dim_date') }} d on d.date = o.order_date
+",
+    ),
+    (
         "models/marts/marts.yaml",
         "models:
   - name: daily_revenue
@@ -400,6 +509,18 @@ group by o.order_id, o.customer_id, o.order_date, o.status
     tags: [finance]
   - name: fct_orders
     description: One row per order with its item count and amount.
+  - name: dim_customer
+    description: Customers with their history (SCD type 2).
+    tags: [star]
+  - name: dim_product
+    description: Products, current attributes (SCD type 1).
+    tags: [star]
+  - name: dim_date
+    description: One row per day of 2024.
+    tags: [star]
+  - name: fct_sales
+    description: Order lines keyed by the dimensions' surrogate keys.
+    tags: [star]
 ",
     ),
 ];

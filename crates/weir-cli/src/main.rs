@@ -569,6 +569,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             }
             if created {
                 eprintln!("wrote the retail demo project to {}", dir.display());
+            } else if demo::write_day_two(&dir)? {
+                eprintln!(
+                    "running the existing demo project in {}: a second day of changes arrived (data/*2024-01-03*)",
+                    dir.display()
+                );
             } else {
                 eprintln!("running the existing demo project in {}", dir.display());
             }

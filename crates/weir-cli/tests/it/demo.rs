@@ -103,9 +103,9 @@ fn demo_golden_rerun_and_new_file() {
     );
     assert_eq!(
         q[0]["raw"],
-        "21,\"Ben Okafor\",Ben21@Example.com,DE,2023-02-30"
+        "21,\"Ben Okafor\",Ben21@Example.com,DE,2023-02-30,2023-12-31T18:00:00"
     );
-    assert_eq!(q[1]["reason"], "expected 5 fields, found 2");
+    assert_eq!(q[1]["reason"], "expected 6 fields, found 2");
     assert_eq!(q[1]["raw"], "31,Kim Broken");
     let q = query(
         &dir,
@@ -226,6 +226,120 @@ fn demo_golden_rerun_and_new_file() {
 
     // Another engine reads the same rows.
     other_reader_agrees(&dir);
+}
+
+#[test]
+fn demo_star_schema_and_a_second_day_of_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let s = demo(&dir);
+    for m in ["dim_customer", "dim_product", "dim_date", "fct_sales"] {
+        assert_eq!(asset(&s, m)["status"], "succeeded", "{m}");
+    }
+    // 49 customers and the unknown member; 20 products and the unknown member.
+    assert_eq!(scalar(&dir, "select count(*) from marts.dim_customer"), 50);
+    assert_eq!(scalar(&dir, "select count(*) from marts.dim_product"), 21);
+    assert_eq!(scalar(&dir, "select count(*) from marts.dim_date"), 366);
+    // Every order line of a published order is in the fact, each with a customer and a
+    // product key.
+    let lines = scalar(
+        &dir,
+        "select count(*) from staging.stg_order_items join staging.stg_orders using (order_id)",
+    );
+    assert_eq!(scalar(&dir, "select count(*) from marts.fct_sales"), lines);
+    assert_eq!(
+        scalar(
+            &dir,
+            "select count(*) from marts.fct_sales f left join marts.dim_customer c using (customer_sk) where c.customer_sk is null"
+        ),
+        0
+    );
+    // Orders whose customer row was quarantined point at the unknown member.
+    let unknown = scalar(
+        &dir,
+        "select count(*) from marts.fct_sales where customer_sk = '-1'",
+    );
+    let orphans = scalar(
+        &dir,
+        "select count(*) from staging.stg_order_items i join staging.stg_orders o using (order_id) \
+         where o.customer_id is null or o.customer_id not in (select customer_id from staging.stg_customers)",
+    );
+    assert_eq!(unknown, orphans);
+    let sk3 = scalar(
+        &dir,
+        "select customer_sk from marts.dim_customer where customer_id = 3",
+    );
+
+    // The demo again: a second day arrives. Customer 3 moved, 5 changed email, 51 is new;
+    // product 3 got cheaper.
+    let s2 = demo(&dir);
+    assert_eq!(counts(&s2, "customers"), (3, 3, 0));
+    let history = query(
+        &dir,
+        "select customer_id, country, is_current, version from marts.dim_customer \
+         where customer_id in (3, 5, 51) order by customer_id, version",
+    );
+    let got: Vec<(i64, &str, bool, i64)> = history
+        .iter()
+        .map(|r| {
+            (
+                r["customer_id"].as_i64().unwrap(),
+                r["country"].as_str().unwrap(),
+                r["is_current"].as_bool().unwrap(),
+                r["version"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (3, "IT", false, 1),
+            (3, "FR", true, 2),
+            (5, "US", false, 1),
+            (5, "US", true, 2),
+            (51, "ES", true, 1),
+        ]
+    );
+    // Old orders of customer 3 keep the version valid when they were placed; the new
+    // order points at the new one.
+    let old_orders = scalar(
+        &dir,
+        &format!(
+            "select count(*) from marts.fct_sales f join staging.stg_orders o using (order_id) \
+             where o.customer_id = 3 and o.order_date < '2024-01-03' and f.customer_sk <> '{}'",
+            sk3.as_str().unwrap()
+        ),
+    );
+    assert_eq!(old_orders, 0);
+    assert_eq!(
+        scalar(
+            &dir,
+            "select c.country from marts.fct_sales f join marts.dim_customer c using (customer_sk) where f.order_id = 70"
+        ),
+        "FR"
+    );
+    // Type 1: the product row changed in place, its key stayed.
+    assert_eq!(scalar(&dir, "select count(*) from marts.dim_product"), 22);
+    assert_eq!(
+        scalar(
+            &dir,
+            "select cast(price as varchar) from marts.dim_product where product_id = 3"
+        ),
+        "9.99"
+    );
+    // A third run: nothing new arrives and nothing changes.
+    let before = query(
+        &dir,
+        "select * from marts.dim_customer order by customer_sk",
+    );
+    demo(&dir);
+    assert_eq!(
+        query(
+            &dir,
+            "select * from marts.dim_customer order by customer_sk"
+        ),
+        before
+    );
 }
 
 /// Reads raw.orders with the `deltalake` Python package and compares with weir.
