@@ -255,6 +255,13 @@ impl Lake {
                 .merge(name, table, ctx, df, deletes, spec, commit, add_columns)
                 .await;
         }
+        if let (WriteMode::Overwrite, true, None, Some(ts)) =
+            (spec.mode, existing, &spec.replace_where, &table_schema)
+        {
+            if let Some(df) = same_columns(df.clone(), ts, &spec.partition_by, &table)? {
+                return self.overwrite_parallel(name, table, ctx, df, commit).await;
+            }
+        }
 
         let mut builder = table
             .write(Vec::new())
@@ -335,6 +342,82 @@ impl Lake {
         Ok(WriteMetrics {
             rows_inserted: rows,
             version,
+            ..Default::default()
+        })
+    }
+
+    /// Replaces every row of an existing unpartitioned table with `df` (already in the
+    /// table's schema), one Parquet writer per input partition: delta-rs encodes an
+    /// unpartitioned write on a single core. The new files and the removal of the old ones
+    /// are one commit.
+    async fn overwrite_parallel(
+        &self,
+        name: &str,
+        table: deltalake::DeltaTable,
+        ctx: &SessionContext,
+        df: DataFrame,
+        commit: CommitProperties,
+    ) -> Result<WriteMetrics, Error> {
+        use deltalake::kernel::transaction::CommitBuilder;
+        use deltalake::kernel::Action;
+        use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+        use futures::{StreamExt, TryStreamExt};
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(df_err("planning the write"))?;
+        let streams = datafusion::physical_plan::execute_stream_partitioned(plan, ctx.task_ctx())
+            .map_err(df_err("running the write"))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut stream in streams {
+            let mut writer = RecordBatchWriter::for_table(&table)
+                .map_err(|e| delta_error(format!("writing `{name}`"), e))?
+                .with_writer_properties(writer_properties());
+            let context = format!("writing `{name}`");
+            tasks.spawn(async move {
+                let mut rows = 0u64;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(|e| Error::user(format!("{context}: {e}")))?;
+                    rows += batch.num_rows() as u64;
+                    writer
+                        .write(batch)
+                        .await
+                        .map_err(|e| delta_error(&context, e))?;
+                }
+                let adds = writer.flush().await.map_err(|e| delta_error(&context, e))?;
+                Ok::<_, Error>((adds, rows))
+            });
+        }
+        let mut actions: Vec<Action> = Vec::new();
+        let mut rows = 0u64;
+        while let Some(done) = tasks.join_next().await {
+            let (adds, n) =
+                done.map_err(|e| Error::internal(format!("writer task of `{name}`: {e}")))??;
+            rows += n;
+            actions.extend(adds.into_iter().map(Action::Add));
+        }
+        let snapshot = table.snapshot().map_err(|e| delta_error(name, e))?;
+        let removes: Vec<Action> = snapshot
+            .snapshot()
+            .file_views(table.log_store().as_ref(), None)
+            .map_ok(|f| Action::Remove(f.remove_action(true)))
+            .try_collect()
+            .await
+            .map_err(|e| delta_error(format!("listing the files of `{name}`"), e))?;
+        actions.extend(removes);
+        let operation = deltalake::protocol::DeltaOperation::Write {
+            mode: SaveMode::Overwrite,
+            partition_by: None,
+            predicate: None,
+        };
+        let committed = CommitBuilder::from(commit)
+            .with_actions(actions)
+            .build(Some(snapshot), table.log_store(), operation)
+            .await
+            .map_err(|e| delta_error(format!("committing `{name}`"), e))?;
+        Ok(WriteMetrics {
+            rows_inserted: rows,
+            version: committed.version() as u64,
             ..Default::default()
         })
     }
@@ -480,6 +563,43 @@ impl Lake {
             skipped: false,
         })
     }
+}
+
+/// `df` cast to the table's schema when both have the same columns in the same order,
+/// with types the table's absorb, and neither is partitioned: what an overwrite can write
+/// without changing the table's metadata.
+fn same_columns(
+    df: DataFrame,
+    table: &Schema,
+    partition_by: &[String],
+    delta: &deltalake::DeltaTable,
+) -> Result<Option<DataFrame>, Error> {
+    let partitioned = delta
+        .snapshot()
+        .map(|s| !s.metadata().partition_columns().is_empty())
+        .unwrap_or(true);
+    let fields = df.schema().fields();
+    let same = !partitioned
+        && partition_by.is_empty()
+        && fields.len() == table.fields().len()
+        && fields.iter().zip(table.fields()).all(|(a, b)| {
+            a.name() == b.name()
+                && (a.data_type() == b.data_type() || widens(a.data_type(), b.data_type()))
+        });
+    if !same {
+        return Ok(None);
+    }
+    let exprs: Vec<Expr> = table
+        .fields()
+        .iter()
+        .map(|f| {
+            datafusion::logical_expr::cast(col(quoted(f.name())), f.data_type().clone())
+                .alias(f.name())
+        })
+        .collect();
+    df.select(exprs)
+        .map(Some)
+        .map_err(|e| Error::internal(format!("projecting to table schema: {e}")))
 }
 
 /// `p1 = v1 AND p2 = v2 OR ...` over the distinct partition values of `df`.
