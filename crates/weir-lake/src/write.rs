@@ -362,22 +362,26 @@ impl Lake {
         use deltalake::kernel::Action;
         use deltalake::writer::{DeltaWriter, RecordBatchWriter};
         use futures::{StreamExt, TryStreamExt};
-        let plan = df
-            .create_physical_plan()
+        // The plan runs on every core as usual; its batches are dealt round-robin to one
+        // writer per core (the plan's own partitions may be few or uneven: one big file
+        // scanned as one).
+        let writers = ctx.state().config().target_partitions().max(1);
+        let mut stream = df
+            .execute_stream()
             .await
-            .map_err(df_err("planning the write"))?;
-        let streams = datafusion::physical_plan::execute_stream_partitioned(plan, ctx.task_ctx())
             .map_err(df_err("running the write"))?;
         let mut tasks = tokio::task::JoinSet::new();
-        for mut stream in streams {
+        let mut senders = Vec::new();
+        for _ in 0..writers {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<arrow::record_batch::RecordBatch>(2);
+            senders.push(tx);
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| delta_error(format!("writing `{name}`"), e))?
                 .with_writer_properties(writer_properties());
             let context = format!("writing `{name}`");
             tasks.spawn(async move {
                 let mut rows = 0u64;
-                while let Some(batch) = stream.next().await {
-                    let batch = batch.map_err(|e| Error::user(format!("{context}: {e}")))?;
+                while let Some(batch) = rx.recv().await {
                     rows += batch.num_rows() as u64;
                     writer
                         .write(batch)
@@ -388,6 +392,19 @@ impl Lake {
                 Ok::<_, Error>((adds, rows))
             });
         }
+        let mut next = 0;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| Error::user(format!("writing `{name}`: {e}")))?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            // A writer that stopped has failed: its error is reported below.
+            if senders[next % writers].send(batch).await.is_err() {
+                break;
+            }
+            next += 1;
+        }
+        drop(senders);
         let mut actions: Vec<Action> = Vec::new();
         let mut rows = 0u64;
         while let Some(done) = tasks.join_next().await {
