@@ -210,14 +210,17 @@ pub fn write_demo(dir: &Path) -> Result<bool, Error> {
         }
         write(dir, rel, o.as_bytes())?;
     }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(items.as_bytes())
-        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
-    let gz = gz
-        .finish()
-        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    let gz = gzip(&items)?;
     write(dir, "data/order_items.csv.gz", &gz)?;
     Ok(true)
+}
+
+fn gzip(text: &str) -> Result<Vec<u8>, Error> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(text.as_bytes())
+        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    gz.finish()
+        .map_err(|e| Error::internal(format!("gzip: {e}")))
 }
 
 /// When the day-one customer export was taken.
@@ -253,12 +256,7 @@ pub fn write_day_two(dir: &Path) -> Result<bool, Error> {
     )?;
     let items = "order_item_id,order_id,product_id,quantity,unit_price\n\
 500,70,3,2,9.99\n501,71,22,1,14.50\n502,72,1,3,12.00\n";
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(items.as_bytes())
-        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
-    let gz = gz
-        .finish()
-        .map_err(|e| Error::internal(format!("gzip: {e}")))?;
+    let gz = gzip(items)?;
     write(dir, "data/order_items_2024-01-03.csv.gz", &gz)?;
     Ok(true)
 }

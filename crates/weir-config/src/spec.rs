@@ -786,8 +786,12 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// The dimension a `scd1`/`scd2`/`scd3`/`snapshot` model keeps.
     pub fn dimension(&self, mat: Materialized) -> Option<crate::Dimension> {
-        Some(crate::Dimension {
-            scd: mat.scd()?,
+        mat.scd().map(|scd| self.dimension_of(scd))
+    }
+
+    fn dimension_of(&self, scd: crate::ScdType) -> crate::Dimension {
+        crate::Dimension {
+            scd,
             key: self.unique_key.clone(),
             tracked: self.tracked.clone(),
             change_ts: self.change_ts.clone(),
@@ -799,27 +803,26 @@ impl ModelConfig {
                 .unwrap_or_else(|| crate::DEFAULT_SURROGATE_KEY.into()),
             unknown_member: self.unknown_member.unwrap_or(false),
             inferred_members: self.inferred_members.clone(),
-        })
+        }
     }
 }
 
 impl SinkConfig {
-    /// The dimension a sink with mode `scd1`/`scd2`/`scd3`/`snapshot` keeps.
+    /// The dimension a sink with mode `scd1`/`scd2`/`scd3`/`snapshot` keeps: the same
+    /// options as a model's, with `key` for `unique_key`.
     pub fn dimension(&self) -> Option<crate::Dimension> {
-        Some(crate::Dimension {
-            scd: self.mode.scd()?,
-            key: self.key.clone(),
+        let options = ModelConfig {
+            unique_key: self.key.clone(),
             tracked: self.tracked.clone(),
             change_ts: self.change_ts.clone(),
-            deletes: self.deletes.unwrap_or_default(),
+            deletes: self.deletes,
             delete_flag: self.delete_flag.clone(),
-            surrogate_key: self
-                .surrogate_key
-                .clone()
-                .unwrap_or_else(|| crate::DEFAULT_SURROGATE_KEY.into()),
-            unknown_member: self.unknown_member.unwrap_or(false),
+            surrogate_key: self.surrogate_key.clone(),
+            unknown_member: self.unknown_member,
             inferred_members: self.inferred_members.clone(),
-        })
+            ..Default::default()
+        };
+        self.mode.scd().map(|scd| options.dimension_of(scd))
     }
 }
 
