@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::kernel::transaction::CommitProperties;
@@ -13,11 +14,21 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use weir_common::Error;
 use weir_config::{SchemaEvolution, WriteMode};
 
 use crate::{delta_error, Lake};
+
+/// The commit properties of a write: its metadata and idempotency token.
+fn commit_properties(opts: &WriteOptions) -> CommitProperties {
+    let commit = CommitProperties::default().with_metadata(opts.metadata.clone());
+    match &opts.txn {
+        Some((app, n)) => commit.with_application_transaction(Transaction::new(app, *n)),
+        None => commit,
+    }
+}
 
 /// How rows are written into a table.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +41,10 @@ pub struct WriteSpec {
     /// With `Overwrite`: replace only the rows matching this SQL predicate (the rest of
     /// the table stays), in one commit. New columns are added.
     pub replace_where: Option<String>,
+    /// Columns of hash values (hex digests): stored without dictionary encoding and with
+    /// the fastest zstd level, because such values never repeat and zstd's higher levels
+    /// find nothing more in them (level 1 gives the same size at a third of the time).
+    pub hash_columns: Vec<String>,
 }
 
 /// Commit-level options: the idempotency token and metadata recorded in the commit.
@@ -54,10 +69,23 @@ pub struct WriteMetrics {
     pub skipped: bool,
 }
 
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .build()
+/// The encoded size at which a Parquet row group is closed. A writer holds its row group
+/// in memory until then, so this bounds a write's memory whatever the rows' width (the
+/// row-count limit alone, 1M rows, held ~100 MB per writer for a table with hash columns).
+const ROW_GROUP_BYTES: usize = 32 << 20;
+
+fn writer_properties(hash_columns: &[String]) -> WriterProperties {
+    let level = |l| Compression::ZSTD(ZstdLevel::try_new(l).unwrap_or_default());
+    let mut builder = WriterProperties::builder()
+        .set_compression(level(3))
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES));
+    for c in hash_columns {
+        let path = deltalake::parquet::schema::types::ColumnPath::from(c.as_str());
+        builder = builder
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_compression(path, level(1));
+    }
+    builder.build()
 }
 
 /// Whether a value of `from` always fits `to` (a widening the table can absorb).
@@ -166,17 +194,8 @@ impl Lake {
     ) -> Result<WriteMetrics, Error> {
         let table = self.open(name).await?;
         let existing = table.version().is_some();
-        if let (Some((app, n)), true) = (&opts.txn, existing) {
-            if let Some(v) = self.txn_version(&table, app).await? {
-                if v >= *n {
-                    tracing::info!(table = name, app = %app, version = n, "commit already landed; skipping");
-                    return Ok(WriteMetrics {
-                        skipped: true,
-                        version: table.version().unwrap_or(0),
-                        ..Default::default()
-                    });
-                }
-            }
+        if let Some(skipped) = self.landed(name, &table, opts).await? {
+            return Ok(skipped);
         }
         for c in spec.partition_by.iter().chain(&spec.key) {
             if df.schema().field_with_unqualified_name(c).is_err() {
@@ -194,10 +213,7 @@ impl Lake {
                 )));
             }
         }
-        let mut commit = CommitProperties::default().with_metadata(opts.metadata.clone());
-        if let Some((app, n)) = &opts.txn {
-            commit = commit.with_application_transaction(Transaction::new(app, *n));
-        }
+        let commit = commit_properties(opts);
         let table_schema: Option<SchemaRef> = if existing {
             Some(
                 table
@@ -259,7 +275,19 @@ impl Lake {
             (spec.mode, existing, &spec.replace_where, &table_schema)
         {
             if let Some(df) = same_columns(df.clone(), ts, &spec.partition_by, &table)? {
-                return self.overwrite_parallel(name, table, ctx, df, commit).await;
+                let batches = df
+                    .execute_stream()
+                    .await
+                    .map_err(df_err("running the write"))?
+                    .map_err({
+                        let name = name.to_string();
+                        move |e| Error::user(format!("writing `{name}`: {e}"))
+                    })
+                    .boxed();
+                let writers = ctx.state().config().target_partitions();
+                return self
+                    .overwrite_parallel(name, table, batches, writers, &spec.hash_columns, commit)
+                    .await;
             }
         }
 
@@ -267,7 +295,7 @@ impl Lake {
             .write(Vec::new())
             .with_input_plan(df.logical_plan().clone())
             .with_session_state(Arc::new(ctx.state()))
-            .with_writer_properties(writer_properties())
+            .with_writer_properties(writer_properties(&spec.hash_columns))
             .with_commit_properties(commit);
         if !existing && !spec.partition_by.is_empty() {
             builder = builder.with_partition_columns(spec.partition_by.clone());
@@ -346,30 +374,92 @@ impl Lake {
         })
     }
 
-    /// Replaces every row of an existing unpartitioned table with `df` (already in the
-    /// table's schema), one Parquet writer per input partition: delta-rs encodes an
-    /// unpartitioned write on a single core. The new files and the removal of the old ones
-    /// are one commit.
+    /// The metrics of a skipped write when the commit `opts.txn` names has landed already.
+    async fn landed(
+        &self,
+        name: &str,
+        table: &deltalake::DeltaTable,
+        opts: &WriteOptions,
+    ) -> Result<Option<WriteMetrics>, Error> {
+        let Some((app, n)) = &opts.txn else {
+            return Ok(None);
+        };
+        match self.txn_version(table, app).await? {
+            Some(v) if v >= *n => {
+                tracing::info!(table = name, app = %app, version = n, "commit already landed; skipping");
+                Ok(Some(WriteMetrics {
+                    skipped: true,
+                    version: table.version().unwrap_or(0),
+                    ..Default::default()
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Replaces every row of the existing unpartitioned table `name` with `batches`, which
+    /// are in the table's schema exactly (its column names, order and types), in one
+    /// commit carrying `opts`, once per txn version. For rows produced outside a single
+    /// DataFusion plan; `writers` Parquet writers encode in parallel.
+    pub async fn overwrite_batches(
+        &self,
+        name: &str,
+        batches: futures::stream::BoxStream<'static, Result<RecordBatch, Error>>,
+        writers: usize,
+        hash_columns: &[String],
+        opts: &WriteOptions,
+    ) -> Result<WriteMetrics, Error> {
+        let table = self.open_existing(name).await?;
+        if let Some(skipped) = self.landed(name, &table, opts).await? {
+            return Ok(skipped);
+        }
+        let partitioned = table
+            .snapshot()
+            .map(|s| !s.metadata().partition_columns().is_empty())
+            .map_err(|e| delta_error(name, e))?;
+        if partitioned {
+            return Err(Error::internal(format!(
+                "overwrite_batches on partitioned table `{name}`"
+            )));
+        }
+        let schema = table
+            .snapshot()
+            .map_err(|e| delta_error(name, e))?
+            .snapshot()
+            .arrow_schema();
+        let batches = batches
+            .and_then(move |b| std::future::ready(conform(b, &schema)))
+            .boxed();
+        self.overwrite_parallel(
+            name,
+            table,
+            batches,
+            writers,
+            hash_columns,
+            commit_properties(opts),
+        )
+        .await
+    }
+
+    /// Replaces every row of an existing unpartitioned table with `batches` (already in
+    /// the table's schema), one Parquet writer per core: delta-rs encodes an unpartitioned
+    /// write on a single core. The new files and the removal of the old ones are one
+    /// commit.
     async fn overwrite_parallel(
         &self,
         name: &str,
         table: deltalake::DeltaTable,
-        ctx: &SessionContext,
-        df: DataFrame,
+        mut stream: futures::stream::BoxStream<'static, Result<RecordBatch, Error>>,
+        writers: usize,
+        hash_columns: &[String],
         commit: CommitProperties,
     ) -> Result<WriteMetrics, Error> {
         use deltalake::kernel::transaction::CommitBuilder;
         use deltalake::kernel::Action;
         use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-        use futures::{StreamExt, TryStreamExt};
-        // The plan runs on every core as usual; its batches are dealt round-robin to one
-        // writer per core (the plan's own partitions may be few or uneven: one big file
-        // scanned as one).
-        let writers = ctx.state().config().target_partitions().max(1);
-        let mut stream = df
-            .execute_stream()
-            .await
-            .map_err(df_err("running the write"))?;
+        // The batches are dealt round-robin to one writer per core (the plan's own
+        // partitions may be few or uneven: one big file scanned as one).
+        let writers = writers.max(1);
         let mut tasks = tokio::task::JoinSet::new();
         let mut senders = Vec::new();
         for _ in 0..writers {
@@ -377,7 +467,7 @@ impl Lake {
             senders.push(tx);
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| delta_error(format!("writing `{name}`"), e))?
-                .with_writer_properties(writer_properties());
+                .with_writer_properties(writer_properties(hash_columns));
             let context = format!("writing `{name}`");
             tasks.spawn(async move {
                 let mut rows = 0u64;
@@ -394,7 +484,7 @@ impl Lake {
         }
         let mut next = 0;
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|e| Error::user(format!("writing `{name}`: {e}")))?;
+            let batch = batch?;
             if batch.num_rows() == 0 {
                 continue;
             }
@@ -543,7 +633,7 @@ impl Lake {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(Arc::new(ctx.state()))
-            .with_writer_properties(writer_properties())
+            .with_writer_properties(writer_properties(&spec.hash_columns))
             .with_commit_properties(commit)
             .with_merge_schema(add_columns);
         if deletes.is_some() {
@@ -617,6 +707,36 @@ fn same_columns(
     df.select(exprs)
         .map(Some)
         .map_err(|e| Error::internal(format!("projecting to table schema: {e}")))
+}
+
+/// `batch` in `schema`: the same columns in the same order, cast where the types differ
+/// (a scan may read strings as views, say).
+fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Error> {
+    let names = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect::<Vec<_>>()
+    };
+    if names(&batch.schema()) != names(schema) {
+        return Err(Error::internal(format!(
+            "columns {:?} written into a table of {:?}",
+            names(&batch.schema()),
+            names(schema)
+        )));
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| match c.data_type() == f.data_type() {
+            true => Ok(c.clone()),
+            false => arrow::compute::cast(c, f.data_type()),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::internal(format!("casting rows to the table's types: {e}")))?;
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::internal(format!("rows in the table's schema: {e}")))
 }
 
 /// `p1 = v1 AND p2 = v2 OR ...` over the distinct partition values of `df`.

@@ -652,6 +652,7 @@ async fn write_delta(
         partition_by: sink.partition_by.clone(),
         evolution: sink.schema_evolution,
         replace_where: load.replace_where.map(str::to_string),
+        hash_columns: Vec::new(),
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
 }
