@@ -14,7 +14,7 @@ resident memory is measured per process (wait4).
 
 Usage: python3 bench/scd2.py [--rows N] [--weir PATH]
 """
-import argparse, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
 
 def run(cmd, **kw):
@@ -120,7 +120,18 @@ def main():
         select i, 'name ' || i, 'city ' || (i % 5000), 'smb', 1, timestamp '2024-06-01 12:00:00'
         from range({n}, {n + new}) t(i)
     ) to '{batch}' (format parquet, compression zstd)""")
-    print(f"dimension: {n:,} keys; batch: {changed:,} changed + {new:,} new keys; {os.cpu_count()} cores")
+    # A late batch: 0.1% of the changed keys get a change dated between their two versions.
+    late = os.path.join(work, "late.parquet")
+    late_n = n // 1000
+    duckdb.sql(f"""copy (
+        select i * 97 % {n} as id, 'name ' || (i * 97 % {n}) as name, 'late ' || (i % 13) as city,
+               ['retail', 'smb', 'enterprise'][1 + (i * 97 % {n}) % 3] as segment,
+               cast((i * 97 % {n}) % 1000 as integer) as score,
+               timestamp '2024-03-01' + to_seconds(i % 86400) as updated_at
+        from range({late_n}) t(i)
+    ) to '{late}' (format parquet, compression zstd)""")
+    print(f"dimension: {n:,} keys; batch: {changed:,} changed + {new:,} new keys; "
+          f"late batch: {late_n:,} keys; {os.cpu_count()} cores")
 
     # weir: a pipeline loads the files into a type 2 dimension.
     proj = os.path.join(work, "proj")
@@ -134,6 +145,8 @@ def main():
     w0, w0_rss = run(weir_cmd)
     shutil.copy(batch, os.path.join(data, "1.parquet"))
     w1, w1_rss = run(weir_cmd)
+    shutil.copy(late, os.path.join(data, "2.parquet"))
+    w2, w2_rss = run(weir_cmd)
 
     # DuckDB: the initial state (log and dimension) in Parquet, then the batch.
     log0 = os.path.join(work, "log0.parquet")
@@ -145,27 +158,51 @@ def main():
     kept = f"union all select d.* from read_parquet('{dim0}') d anti join touched using (id)"
     d1, d1_rss = duck(SAME_LOGIC.format(seq=1 << 32, batch=batch, logs=f"'{log0}', '{log1}'",
                                         log_next=log1, kept=kept, dim_next=dim1), work)
+    dim2 = os.path.join(work, "dim2.parquet")
+    log2 = os.path.join(work, "log2.parquet")
+    kept2 = f"union all select d.* from read_parquet('{dim1}') d anti join touched using (id)"
+    d3, d3_rss = duck(SAME_LOGIC.format(seq=2 << 32, batch=late, logs=f"'{log0}', '{log1}', '{log2}'",
+                                        log_next=log2, kept=kept2, dim_next=dim2), work)
     dim1b = os.path.join(work, "dim1b.parquet")
     d2, d2_rss = duck(IN_ORDER.format(batch=batch, dim=dim0, dim_next=dim1b), work)
 
     expect = (n + changed + new, n + new)
+    expect_late = (n + changed + new + late_n, n + new)
     got_duck = duck_scalar(f"select count(*), count(*) filter (where is_current) from '{dim1}'")
     got_duck_b = duck_scalar(f"select count(*), count(*) filter (where is_current) from '{dim1b}'")
+    got_duck_late = duck_scalar(f"select count(*), count(*) filter (where is_current) from '{dim2}'")
     out = subprocess.run([a.weir, "--project", proj, "query", "--format", "json",
                           "select count(*) as n, sum(case when is_current then 1 else 0 end) as c from dim.customers"],
                          stdout=subprocess.PIPE, check=True).stdout.decode()
-    import json
     r = json.loads(out)[0]
     got_weir = (int(r["n"]), int(r["c"]))
-    for name, got in [("weir", got_weir), ("duckdb", got_duck), ("duckdb in-order", got_duck_b)]:
-        if tuple(got) != expect:
-            sys.exit(f"{name}: {got} rows/current, expected {expect}")
-    print(f"result checked: {expect[0]:,} rows, {expect[1]:,} current in all three")
+    checks = [("weir, both batches", got_weir, expect_late), ("duckdb", got_duck, expect),
+              ("duckdb in-order", got_duck_b, expect), ("duckdb, late batch", got_duck_late, expect_late)]
+    for name, got, want in checks:
+        if tuple(got) != want:
+            sys.exit(f"{name}: {got} rows/current, expected {want}")
+    # The late versions sit between the two versions of their key, in both engines.
+    wrong = duck_scalar(f"""select count(*) from (
+        select id, city, lead(city) over (partition by id order by valid_from) as next_city,
+               valid_to = lead(valid_from) over (partition by id order by valid_from) as joined
+        from '{dim2}') where city like 'late %' and (next_city not like 'moved %' or not joined)""")[0]
+    out = subprocess.run([a.weir, "--project", proj, "query", "--format", "json",
+                          "select count(*) as n from (select id, city, lead(city) over (partition by id order by valid_from) as next_city, "
+                          "valid_to = lead(valid_from) over (partition by id order by valid_from) as joined from dim.customers) "
+                          "where city like 'late %' and (next_city not like 'moved %' or not joined)"],
+                         stdout=subprocess.PIPE, check=True).stdout.decode()
+    wrong_weir = int(json.loads(out)[0]["n"])
+    if wrong or wrong_weir:
+        sys.exit(f"late versions out of place: duckdb {wrong}, weir {wrong_weir}")
+    print(f"results checked: {expect[0]:,} rows and {expect[1]:,} current after the batch (DuckDB), "
+          f"{expect_late[0]:,} rows after the late batch (weir, DuckDB), late versions in place")
     print()
     print(f"{'':34} {'weir':>9} {'duckdb':>9} {'ratio':>7}")
     print(f"{'initial load (s)':34} {w0:9.2f} {d0:9.2f} {w0 / d0:7.2f}")
     print(f"{'apply the batch, same logic (s)':34} {w1:9.2f} {d1:9.2f} {w1 / d1:7.2f}")
     print(f"{'  peak RSS (MiB)':34} {w1_rss:9.0f} {d1_rss:9.0f} {w1_rss / d1_rss:7.2f}")
+    print(f"{'apply a late batch (s)':34} {w2:9.2f} {d3:9.2f} {w2 / d3:7.2f}")
+    print(f"{'  peak RSS (MiB)':34} {w2_rss:9.0f} {d3_rss:9.0f} {w2_rss / d3_rss:7.2f}")
     print(f"{'duckdb in-order SCD2 (s)':34} {'':9} {d2:9.2f} {w1 / d2:7.2f}")
     print(f"{'  peak RSS (MiB)':34} {'':9} {d2_rss:9.0f}")
     print(f"{'initial load peak RSS (MiB)':34} {w0_rss:9.0f} {d0_rss:9.0f}")

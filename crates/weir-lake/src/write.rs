@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::{col, lit, Expr};
 use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::kernel::transaction::CommitProperties;
@@ -14,21 +13,11 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
-use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use weir_common::Error;
 use weir_config::{SchemaEvolution, WriteMode};
 
 use crate::{delta_error, Lake};
-
-/// The commit properties of a write: its metadata and idempotency token.
-fn commit_properties(opts: &WriteOptions) -> CommitProperties {
-    let commit = CommitProperties::default().with_metadata(opts.metadata.clone());
-    match &opts.txn {
-        Some((app, n)) => commit.with_application_transaction(Transaction::new(app, *n)),
-        None => commit,
-    }
-}
 
 /// How rows are written into a table.
 #[derive(Debug, Clone, Default)]
@@ -194,8 +183,17 @@ impl Lake {
     ) -> Result<WriteMetrics, Error> {
         let table = self.open(name).await?;
         let existing = table.version().is_some();
-        if let Some(skipped) = self.landed(name, &table, opts).await? {
-            return Ok(skipped);
+        if let (Some((app, n)), true) = (&opts.txn, existing) {
+            if let Some(v) = self.txn_version(&table, app).await? {
+                if v >= *n {
+                    tracing::info!(table = name, app = %app, version = n, "commit already landed; skipping");
+                    return Ok(WriteMetrics {
+                        skipped: true,
+                        version: table.version().unwrap_or(0),
+                        ..Default::default()
+                    });
+                }
+            }
         }
         for c in spec.partition_by.iter().chain(&spec.key) {
             if df.schema().field_with_unqualified_name(c).is_err() {
@@ -213,7 +211,10 @@ impl Lake {
                 )));
             }
         }
-        let commit = commit_properties(opts);
+        let mut commit = CommitProperties::default().with_metadata(opts.metadata.clone());
+        if let Some((app, n)) = &opts.txn {
+            commit = commit.with_application_transaction(Transaction::new(app, *n));
+        }
         let table_schema: Option<SchemaRef> = if existing {
             Some(
                 table
@@ -275,18 +276,8 @@ impl Lake {
             (spec.mode, existing, &spec.replace_where, &table_schema)
         {
             if let Some(df) = same_columns(df.clone(), ts, &spec.partition_by, &table)? {
-                let batches = df
-                    .execute_stream()
-                    .await
-                    .map_err(df_err("running the write"))?
-                    .map_err({
-                        let name = name.to_string();
-                        move |e| Error::user(format!("writing `{name}`: {e}"))
-                    })
-                    .boxed();
-                let writers = ctx.state().config().target_partitions();
                 return self
-                    .overwrite_parallel(name, table, batches, writers, &spec.hash_columns, commit)
+                    .overwrite_parallel(name, table, ctx, df, &spec.hash_columns, commit)
                     .await;
             }
         }
@@ -374,92 +365,31 @@ impl Lake {
         })
     }
 
-    /// The metrics of a skipped write when the commit `opts.txn` names has landed already.
-    async fn landed(
-        &self,
-        name: &str,
-        table: &deltalake::DeltaTable,
-        opts: &WriteOptions,
-    ) -> Result<Option<WriteMetrics>, Error> {
-        let Some((app, n)) = &opts.txn else {
-            return Ok(None);
-        };
-        match self.txn_version(table, app).await? {
-            Some(v) if v >= *n => {
-                tracing::info!(table = name, app = %app, version = n, "commit already landed; skipping");
-                Ok(Some(WriteMetrics {
-                    skipped: true,
-                    version: table.version().unwrap_or(0),
-                    ..Default::default()
-                }))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Replaces every row of the existing unpartitioned table `name` with `batches`, which
-    /// are in the table's schema exactly (its column names, order and types), in one
-    /// commit carrying `opts`, once per txn version. For rows produced outside a single
-    /// DataFusion plan; `writers` Parquet writers encode in parallel.
-    pub async fn overwrite_batches(
-        &self,
-        name: &str,
-        batches: futures::stream::BoxStream<'static, Result<RecordBatch, Error>>,
-        writers: usize,
-        hash_columns: &[String],
-        opts: &WriteOptions,
-    ) -> Result<WriteMetrics, Error> {
-        let table = self.open_existing(name).await?;
-        if let Some(skipped) = self.landed(name, &table, opts).await? {
-            return Ok(skipped);
-        }
-        let partitioned = table
-            .snapshot()
-            .map(|s| !s.metadata().partition_columns().is_empty())
-            .map_err(|e| delta_error(name, e))?;
-        if partitioned {
-            return Err(Error::internal(format!(
-                "overwrite_batches on partitioned table `{name}`"
-            )));
-        }
-        let schema = table
-            .snapshot()
-            .map_err(|e| delta_error(name, e))?
-            .snapshot()
-            .arrow_schema();
-        let batches = batches
-            .and_then(move |b| std::future::ready(conform(b, &schema)))
-            .boxed();
-        self.overwrite_parallel(
-            name,
-            table,
-            batches,
-            writers,
-            hash_columns,
-            commit_properties(opts),
-        )
-        .await
-    }
-
-    /// Replaces every row of an existing unpartitioned table with `batches` (already in
-    /// the table's schema), one Parquet writer per core: delta-rs encodes an unpartitioned
-    /// write on a single core. The new files and the removal of the old ones are one
-    /// commit.
+    /// Replaces every row of an existing unpartitioned table with `df` (already in the
+    /// table's schema), one Parquet writer per input partition: delta-rs encodes an
+    /// unpartitioned write on a single core. The new files and the removal of the old ones
+    /// are one commit.
     async fn overwrite_parallel(
         &self,
         name: &str,
         table: deltalake::DeltaTable,
-        mut stream: futures::stream::BoxStream<'static, Result<RecordBatch, Error>>,
-        writers: usize,
+        ctx: &SessionContext,
+        df: DataFrame,
         hash_columns: &[String],
         commit: CommitProperties,
     ) -> Result<WriteMetrics, Error> {
         use deltalake::kernel::transaction::CommitBuilder;
         use deltalake::kernel::Action;
         use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-        // The batches are dealt round-robin to one writer per core (the plan's own
-        // partitions may be few or uneven: one big file scanned as one).
-        let writers = writers.max(1);
+        use futures::{StreamExt, TryStreamExt};
+        // The plan runs on every core as usual; its batches are dealt round-robin to one
+        // writer per core (the plan's own partitions may be few or uneven: one big file
+        // scanned as one).
+        let writers = ctx.state().config().target_partitions().max(1);
+        let mut stream = df
+            .execute_stream()
+            .await
+            .map_err(df_err("running the write"))?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut senders = Vec::new();
         for _ in 0..writers {
@@ -484,7 +414,7 @@ impl Lake {
         }
         let mut next = 0;
         while let Some(batch) = stream.next().await {
-            let batch = batch?;
+            let batch = batch.map_err(|e| Error::user(format!("writing `{name}`: {e}")))?;
             if batch.num_rows() == 0 {
                 continue;
             }
@@ -707,36 +637,6 @@ fn same_columns(
     df.select(exprs)
         .map(Some)
         .map_err(|e| Error::internal(format!("projecting to table schema: {e}")))
-}
-
-/// `batch` in `schema`: the same columns in the same order, cast where the types differ
-/// (a scan may read strings as views, say).
-fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Error> {
-    let names = |s: &Schema| {
-        s.fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect::<Vec<_>>()
-    };
-    if names(&batch.schema()) != names(schema) {
-        return Err(Error::internal(format!(
-            "columns {:?} written into a table of {:?}",
-            names(&batch.schema()),
-            names(schema)
-        )));
-    }
-    let columns = batch
-        .columns()
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| match c.data_type() == f.data_type() {
-            true => Ok(c.clone()),
-            false => arrow::compute::cast(c, f.data_type()),
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::internal(format!("casting rows to the table's types: {e}")))?;
-    RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| Error::internal(format!("rows in the table's schema: {e}")))
 }
 
 /// `p1 = v1 AND p2 = v2 OR ...` over the distinct partition values of `df`.

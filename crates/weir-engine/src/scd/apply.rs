@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, Array, ArrayRef, BooleanArray, Int64Array, StringArray};
+use arrow::array::{new_null_array, ArrayRef, BooleanArray, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use datafusion::prelude::{DataFrame, SessionContext};
@@ -71,9 +71,6 @@ pub struct Applied {
     pub keys: u64,
     /// The dimension's commit.
     pub write: WriteMetrics,
-    /// Applied from the dimension's own rows, without reading the change log (an
-    /// in-order load: see [`InOrder`]).
-    pub in_order: bool,
 }
 
 fn df_err(context: &'static str) -> impl Fn(datafusion::error::DataFusionError) -> Error {
@@ -355,9 +352,8 @@ pub async fn apply(
         rebuild = true;
     }
     if let Some(first) = load_keys.first() {
-        let mem =
-            datafusion::datasource::MemTable::try_new(first.schema(), vec![load_keys.clone()])
-                .map_err(|e| Error::internal(format!("the keys of the load: {e}")))?;
+        let mem = datafusion::datasource::MemTable::try_new(first.schema(), vec![load_keys])
+            .map_err(|e| Error::internal(format!("the keys of the load: {e}")))?;
         let _ = ctx.deregister_table(keys_name);
         ctx.register_table(keys_name, Arc::new(mem))
             .map_err(|e| Error::internal(format!("the keys of the load: {e}")))?;
@@ -396,29 +392,6 @@ pub async fn apply(
             scoped
         }
     };
-    if !rebuild && !appended.skipped && dim.scd == ScdType::Scd2 && dim.inferred_members.is_none() {
-        let range = (base, (n + 1) << 32);
-        if in_order(ctx, all_name, range).await? {
-            let fast = Arc::new(InOrder {
-                table: table.to_string(),
-                dim: dim.clone(),
-                old: old_name.into(),
-                changes: all_name.into(),
-                range,
-                attrs: stored_attrs.clone(),
-            });
-            if let Some(write) = fast.apply(lake, ctx, load_keys.clone(), load).await? {
-                tracing::debug!(table, keys = touched_keys, rows = write.rows_inserted, elapsed = ?started.elapsed(), "scd: in-order load written");
-                deregister(ctx, &[input_name, all_name, old_name, keys_name]);
-                return Ok(Applied {
-                    changes: appended.rows_inserted,
-                    keys: touched_keys as u64,
-                    write,
-                    in_order: true,
-                });
-            }
-        }
-    }
     let mut rows = dimension_rows(ctx, table, dim, &scoped(rebuild), &stored_attrs).await?;
     // A dimension whose columns changed (a new input column, other options) is rebuilt.
     if !rebuild {
@@ -481,311 +454,20 @@ pub async fn apply(
         )
         .await?;
     tracing::debug!(table, rows = write.rows_inserted, elapsed = ?started.elapsed(), "scd: dimension written");
-    deregister(
-        ctx,
-        &[
-            input_name,
-            all_name,
-            old_name,
-            keys_name,
-            "__weir_scd_history",
-        ],
-    );
+    for name in [
+        input_name,
+        all_name,
+        old_name,
+        keys_name,
+        "__weir_scd_history",
+    ] {
+        let _ = ctx.deregister_table(name);
+    }
     Ok(Applied {
         changes: appended.rows_inserted,
         keys: keys_touched,
         write,
-        in_order: false,
     })
-}
-
-fn deregister(ctx: &SessionContext, names: &[&str]) {
-    for name in names {
-        let _ = ctx.deregister_table(*name);
-    }
-}
-
-/// Whether every change of the load (`__weir_seq` in `range`) is at or after every
-/// earlier change of the dimension, none without a time: then the load only extends the
-/// history of its keys.
-async fn in_order(ctx: &SessionContext, changes: &str, range: (i64, i64)) -> Result<bool, Error> {
-    let (ts, seq) = (ident(TS), ident(SEQ));
-    let sql = format!(
-        "select coalesce(min(case when new then {ts} end) >= max(case when not new then {ts} end), true)            and count(*) = count({ts})          from (select {ts}, {seq} >= {} and {seq} < {} as new from {changes})",
-        range.0, range.1
-    );
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(df_err("ordering the changes"))?
-        .collect()
-        .await
-        .map_err(df_err("ordering the changes"))?;
-    Ok(batches
-        .first()
-        .and_then(|b| b.column(0).as_any().downcast_ref::<BooleanArray>())
-        .is_some_and(|a| a.len() == 1 && a.is_valid(0) && a.value(0)))
-}
-
-/// An in-order load of a type 2 dimension, applied without the change log.
-///
-/// When every change of a load is at or after every stored change, the history before
-/// the load stands, and each touched key's versions are all the walk needs: a version is
-/// a change at its `valid_from` (order `2 * version`), and a version closed by a delete
-/// (type 2 `close`: no next version at its `valid_to`, or a next version that hashes the
-/// same, which only a delete in between allows) is also a delete at its `valid_to` (order
-/// `2 * version + 1`). The load's changes come after them (their order is above `2^32`);
-/// the history of these changes is the history of all of the key's changes.
-///
-/// ```text
-///  dimension ──scan once──► key in the load? ──no──► kept rows ────────────┐
-///                                  │                                       ├──► one overwrite commit
-///                                  └─yes─► versions as changes + the load ─► history ─┘
-/// ```
-struct InOrder {
-    table: String,
-    dim: Dimension,
-    /// The registered dimension.
-    old: String,
-    /// The registered change log, this load's changes included.
-    changes: String,
-    /// The load's `__weir_seq` range.
-    range: (i64, i64),
-    /// The attribute columns of the change log.
-    attrs: Vec<String>,
-}
-
-impl InOrder {
-    /// The changes of the touched keys: their versions as changes, then the load's.
-    fn changes_sql(&self, touched: &str) -> String {
-        let cols: Vec<String> = self.attrs.iter().map(|c| ident(c)).collect();
-        let cols = cols.join(", ");
-        let keys: Vec<String> = self.dim.key.iter().map(|k| ident(k)).collect();
-        let (ts, seq, del) = (ident(TS), ident(SEQ), ident(DELETED));
-        let versions = match self.dim.deletes {
-            DeleteMode::Close => format!(
-                "select {cols}, valid_from as {ts}, 2 * version as {seq}, false as {del} from t                  union all                  select {cols}, valid_to as {ts}, 2 * version + 1 as {seq}, true as {del} from t                  where valid_to is not null                    and (__weir_nf is null or __weir_nf <> valid_to or __weir_nh = row_hash)"
-            ),
-            DeleteMode::Marker => format!(
-                "select {cols}, valid_from as {ts}, 2 * version as {seq}, is_deleted as {del} from t"
-            ),
-        };
-        format!(
-            "with t as (select *, lead(valid_from) over w as __weir_nf, lead(row_hash) over w as __weir_nh                         from {touched} window w as (partition by {} order by version))              {versions}              union all              select {cols}, {ts}, {seq}, {del} from {changes} where {seq} >= {lo} and {seq} < {hi}",
-            keys.join(", "),
-            changes = self.changes,
-            lo = self.range.0,
-            hi = self.range.1,
-        )
-    }
-
-    /// Writes the dimension; `None` when the dimension's columns are not those the
-    /// changes give (a new input column, other options): that needs a rebuild.
-    async fn apply(
-        self: Arc<Self>,
-        lake: &Lake,
-        ctx: &SessionContext,
-        load_keys: Vec<RecordBatch>,
-        load: &Load,
-    ) -> Result<Option<WriteMetrics>, Error> {
-        use arrow::row::{RowConverter, SortField};
-        use futures::StreamExt;
-        const TOUCHED: &str = "__weir_scd_touched";
-        let old = ctx
-            .table(self.old.as_str())
-            .await
-            .map_err(df_err("the dimension"))?;
-        let schema: arrow::datatypes::SchemaRef = Arc::new(old.schema().as_arrow().clone());
-        // The plan over no touched rows shows the columns the new rows will have.
-        register_batches(ctx, TOUCHED, schema.clone(), Vec::new())?;
-        let probe = self.rows(ctx).await?;
-        let names = |s: &datafusion::common::DFSchema| {
-            s.fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect::<Vec<_>>()
-        };
-        if names(probe.schema()) != names(old.schema()) {
-            return Ok(None);
-        }
-
-        // The load's keys in the dimension's key types, as rows of the key columns.
-        let key_idx: Vec<usize> = self
-            .dim
-            .key
-            .iter()
-            .map(|k| schema.index_of(k))
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::internal(format!("the dimension's key: {e}")))?;
-        let fields: Vec<SortField> = key_idx
-            .iter()
-            .map(|i| SortField::new(schema.field(*i).data_type().clone()))
-            .collect();
-        let converter =
-            RowConverter::new(fields.clone()).map_err(|e| Error::internal(e.to_string()))?;
-        let mut keys = std::collections::HashSet::new();
-        for b in &load_keys {
-            let cols = key_idx
-                .iter()
-                .zip(&self.dim.key)
-                .map(|(i, k)| {
-                    let c = b
-                        .column_by_name(k)
-                        .ok_or_else(|| Error::internal(format!("load keys without `{k}`")))?;
-                    arrow::compute::cast(c, schema.field(*i).data_type())
-                        .map_err(|e| Error::user(format!("key `{k}` of `{}`: {e}", self.table)))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let rows = converter
-                .convert_columns(&cols)
-                .map_err(|e| Error::internal(e.to_string()))?;
-            keys.extend(rows.iter().map(|r| Box::<[u8]>::from(r.as_ref())));
-        }
-        let keys = Arc::new(keys);
-
-        // One router per partition of the scan: untouched rows go to the writer, the
-        // touched keys' rows are kept (a small share) for their history.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, Error>>(4);
-        let streams = old
-            .execute_stream_partitioned()
-            .await
-            .map_err(df_err("reading the dimension"))?;
-        let mut routers = tokio::task::JoinSet::new();
-        for mut stream in streams {
-            let (tx, keys, key_idx) = (tx.clone(), keys.clone(), key_idx.clone());
-            let converter =
-                RowConverter::new(fields.clone()).map_err(|e| Error::internal(e.to_string()))?;
-            routers.spawn(async move {
-                let mut touched = Vec::new();
-                while let Some(batch) = stream.next().await {
-                    let batch = batch.map_err(df_err("reading the dimension"))?;
-                    let cols: Vec<ArrayRef> =
-                        key_idx.iter().map(|i| batch.column(*i).clone()).collect();
-                    let rows = converter
-                        .convert_columns(&cols)
-                        .map_err(|e| Error::internal(e.to_string()))?;
-                    let hit: BooleanArray = rows
-                        .iter()
-                        .map(|r| Some(keys.contains(r.as_ref())))
-                        .collect();
-                    // The unknown member (null key) is added again after the rows.
-                    let first_key = &cols[0];
-                    let kept: BooleanArray = (0..batch.num_rows())
-                        .map(|i| Some(!hit.value(i) && first_key.is_valid(i)))
-                        .collect();
-                    let filter = |mask: &BooleanArray| {
-                        arrow::compute::filter_record_batch(&batch, mask)
-                            .map_err(|e| Error::internal(format!("routing rows: {e}")))
-                    };
-                    if hit.true_count() > 0 {
-                        touched.push(compact(filter(&hit)?)?);
-                    }
-                    let kept = filter(&kept)?;
-                    if kept.num_rows() > 0 && tx.send(Ok(kept)).await.is_err() {
-                        break; // the writer failed; its error is reported
-                    }
-                }
-                Ok::<_, Error>(touched)
-            });
-        }
-        let producer = {
-            let (ctx, this) = (ctx.clone(), self.clone());
-            tokio::spawn(async move {
-                let result = async {
-                    let mut touched = Vec::new();
-                    while let Some(done) = routers.join_next().await {
-                        touched.extend(done.map_err(|e| Error::internal(format!("router: {e}")))??);
-                    }
-                    register_batches(&ctx, TOUCHED, schema.clone(), touched)?;
-                    let mut rows = this.rows(&ctx).await?;
-                    if this.dim.unknown_member {
-                        let unknown = ctx
-                            .read_batch(unknown_member(&this.dim, rows.schema().as_arrow())?)
-                            .map_err(df_err("the unknown member"))?;
-                        rows = rows
-                            .union(unknown)
-                            .map_err(df_err("the dimension's rows"))?;
-                    }
-                    let mut stream = rows
-                        .execute_stream()
-                        .await
-                        .map_err(df_err("the new rows"))?;
-                    while let Some(batch) = stream.next().await {
-                        let batch = batch.map_err(df_err("the new rows"));
-                        let failed = batch.is_err();
-                        if tx.send(batch).await.is_err() || failed {
-                            break;
-                        }
-                    }
-                    Ok::<_, Error>(())
-                }
-                .await;
-                if let Err(e) = result {
-                    let _ = tx.send(Err(e)).await;
-                }
-                let _ = ctx.deregister_table(TOUCHED);
-            })
-        };
-        let batches = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
-        let writers = ctx.state().config().target_partitions();
-        let written = lake
-            .overwrite_batches(
-                &self.table,
-                batches,
-                writers,
-                &[self.dim.surrogate_key.clone(), "row_hash".into()],
-                &WriteOptions {
-                    txn: Some(load.txn.clone()),
-                    metadata: load.metadata.clone(),
-                },
-            )
-            .await;
-        producer.abort();
-        written.map(Some)
-    }
-
-    /// The new rows of the touched keys (registered as `__weir_scd_touched`).
-    async fn rows(&self, ctx: &SessionContext) -> Result<DataFrame, Error> {
-        dimension_rows(
-            ctx,
-            &self.table,
-            &self.dim,
-            &self.changes_sql("__weir_scd_touched"),
-            &self.attrs,
-        )
-        .await
-    }
-}
-
-/// `batch` with its string and binary views copied out of the pages they point into: a
-/// few rows kept from every page would otherwise hold every decoded page in memory.
-fn compact(batch: RecordBatch) -> Result<RecordBatch, Error> {
-    use arrow::array::AsArray;
-    let columns: Vec<ArrayRef> = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
-            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
-            _ => c.clone(),
-        })
-        .collect();
-    RecordBatch::try_new(batch.schema(), columns)
-        .map_err(|e| Error::internal(format!("compacting rows: {e}")))
-}
-
-fn register_batches(
-    ctx: &SessionContext,
-    name: &str,
-    schema: arrow::datatypes::SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<(), Error> {
-    let mem = datafusion::datasource::MemTable::try_new(schema, vec![batches])
-        .map_err(|e| Error::internal(format!("{name}: {e}")))?;
-    let _ = ctx.deregister_table(name);
-    ctx.register_table(name, Arc::new(mem))
-        .map(|_| ())
-        .map_err(|e| Error::internal(format!("registering {name}: {e}")))
 }
 
 /// One inferred change per key of `src` that the dimension has never seen (neither in
