@@ -203,6 +203,48 @@ enum TableCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Compact small files into files of the target size, in one commit; rows unchanged.
+    Optimize {
+        name: String,
+        /// Also cluster the rows by these columns (z-order), so filters on them skip
+        /// more files: `--zorder customer_id,order_date`.
+        #[arg(long, value_delimiter = ',')]
+        zorder: Vec<String>,
+        /// The file size to aim for, in MiB (default 100).
+        #[arg(long, value_name = "MIB")]
+        target_size_mib: Option<u64>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Delete the files a table no longer references, once removed longer than --retain
+    /// ago. Versions older than the retention can no longer be read or restored.
+    Vacuum {
+        name: String,
+        /// How long removed files are kept: `7d`, `36h`.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        retain: std::time::Duration,
+        /// List the files that would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow a retention under 7 days (only when no reader or writer can be running).
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Make a table hold what it held at an earlier version, in a new commit.
+    Restore {
+        name: String,
+        #[arg(long)]
+        version: u64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+fn open_lake(project: &std::path::Path) -> Result<weir_lake::Lake, weir_common::Error> {
+    let project = weir_config::load_project(project)?;
+    Ok(weir_lake::Lake::new(project.lake_root()))
 }
 
 fn main() -> ExitCode {
@@ -549,6 +591,81 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let lake = weir_lake::Lake::new(project.lake_root());
             let history = lake.history(&name, limit).await?;
             output::print_history(&history, format == Format::Json);
+            Ok(0)
+        }
+        Command::Table {
+            command:
+                TableCommand::Optimize {
+                    name,
+                    zorder,
+                    target_size_mib,
+                    format,
+                },
+        } => {
+            let lake = open_lake(&cli.project)?;
+            let spec = weir_lake::OptimizeSpec {
+                zorder,
+                target_size: target_size_mib.map(|m| m << 20),
+            };
+            let m = lake.optimize(&name, &spec).await?;
+            output::print_record(
+                serde_json::to_value(&m).unwrap_or_default(),
+                format == Format::Json,
+                &format!(
+                    "{name}: {} files -> {} ({} removed, {} added; {} -> {}), version {}",
+                    m.files_before,
+                    m.files_after,
+                    m.files_removed,
+                    m.files_added,
+                    output::human_bytes(m.bytes_removed),
+                    output::human_bytes(m.bytes_added),
+                    m.version
+                ),
+            );
+            Ok(0)
+        }
+        Command::Table {
+            command:
+                TableCommand::Vacuum {
+                    name,
+                    retain,
+                    dry_run,
+                    force,
+                    format,
+                },
+        } => {
+            let lake = open_lake(&cli.project)?;
+            let m = lake.vacuum(&name, retain, dry_run, force).await?;
+            let verb = if m.dry_run { "would delete" } else { "deleted" };
+            let mut text = format!("{name}: {verb} {} file(s)", m.files.len());
+            for f in &m.files {
+                text.push_str(&format!("\n  {f}"));
+            }
+            output::print_record(
+                serde_json::to_value(&m).unwrap_or_default(),
+                format == Format::Json,
+                &text,
+            );
+            Ok(0)
+        }
+        Command::Table {
+            command:
+                TableCommand::Restore {
+                    name,
+                    version,
+                    format,
+                },
+        } => {
+            let lake = open_lake(&cli.project)?;
+            let m = lake.restore(&name, version).await?;
+            output::print_record(
+                serde_json::to_value(&m).unwrap_or_default(),
+                format == Format::Json,
+                &format!(
+                    "{name}: restored version {} as version {} ({} files restored, {} removed)",
+                    m.restored_version, m.version, m.files_restored, m.files_removed
+                ),
+            );
             Ok(0)
         }
         Command::Demo {

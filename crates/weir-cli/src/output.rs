@@ -351,6 +351,18 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
     );
 }
 
+/// One result: JSON on stdout with `json`, else the text line(s).
+pub fn print_record(record: serde_json::Value, json: bool, text: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&record).unwrap_or_default()
+        );
+    } else {
+        println!("{text}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

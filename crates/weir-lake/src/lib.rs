@@ -15,9 +15,13 @@
 //! `N` equals the committed txn version is trusted, so the table stays the single source of
 //! truth for progress (ARCHITECTURE section 4). Vacuum never deletes `_`-prefixed paths.
 
+mod maintenance;
 mod table;
 mod write;
 
+pub use maintenance::{
+    OptimizeMetrics, OptimizeSpec, RestoreMetrics, VacuumMetrics, MIN_RETENTION,
+};
 pub use table::{HistoryEntry, Lake, TableStats};
 pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};
 

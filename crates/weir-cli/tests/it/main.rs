@@ -6,6 +6,7 @@ mod demo;
 mod dimensions;
 mod errors;
 mod loads;
+mod maintenance;
 mod orchestration;
 mod partitions;
 mod postgres;
