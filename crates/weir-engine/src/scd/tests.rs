@@ -332,22 +332,10 @@ async fn loaded(loads: &[Vec<Change>], mode: DeleteMode) -> Vec<Row> {
 
 #[tokio::test]
 async fn loads_in_any_split_and_order_give_the_reference_history() {
-    let values = [None, Some(""), Some("x"), Some("y")];
     for seed in 1..=24u64 {
         let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let n = 1 + rng.below(30) as usize;
-        let changes: Vec<Change> = (0..n)
-            .map(|_| {
-                change(
-                    rng.below(5) as i64,
-                    values[rng.below(values.len() as u64) as usize],
-                    [None, Some(1)][rng.below(2) as usize],
-                    rng.below(10) as i64,
-                    0,
-                    rng.below(5) == 0,
-                )
-            })
-            .collect();
+        let changes = random_changes(&mut rng, n, 5, 10);
         // Random loads: each change goes to one of up to 4 loads; the loads then arrive
         // in a random order, so many changes are late.
         let parts = 1 + rng.below(4) as usize;
@@ -359,16 +347,7 @@ async fn loads_in_any_split_and_order_give_the_reference_history() {
             loads.swap(i, rng.below(i as u64 + 1) as usize);
         }
         loads.retain(|l| !l.is_empty());
-        // Arrival order: load number, then position in the load.
-        let mut arrived = Vec::new();
-        for (n, load) in loads.iter_mut().enumerate() {
-            for (i, c) in load.iter_mut().enumerate() {
-                c.seq = i as i64 + 1;
-                let mut a = c.clone();
-                a.seq = ((n as i64 + 1) << 32) + i as i64 + 1;
-                arrived.push(a);
-            }
-        }
+        let arrived = arrivals(&mut loads);
         let mode = if seed % 2 == 0 {
             DeleteMode::Close
         } else {
@@ -380,6 +359,24 @@ async fn loads_in_any_split_and_order_give_the_reference_history() {
             "seed {seed}, {mode:?}: {loads:#?}"
         );
     }
+}
+
+/// `n` random changes of `keys` keys at `times` times: values with null and `''`, one
+/// in five a delete.
+fn random_changes(rng: &mut Rng, n: usize, keys: u64, times: u64) -> Vec<Change> {
+    let values = [None, Some(""), Some("x"), Some("y")];
+    (0..n)
+        .map(|_| {
+            change(
+                rng.below(keys) as i64,
+                values[rng.below(values.len() as u64) as usize],
+                [None, Some(1)][rng.below(2) as usize],
+                rng.below(times) as i64,
+                0,
+                rng.below(5) == 0,
+            )
+        })
+        .collect()
 }
 
 /// Arrival order of `loads`: load number, then position in the load.
@@ -400,22 +397,10 @@ fn arrivals(loads: &mut [Vec<Change>]) -> Vec<Change> {
 /// two of them swapped: the same history as all changes at once.
 #[tokio::test]
 async fn loads_in_time_order_give_the_reference_history() {
-    let values = [None, Some(""), Some("x"), Some("y")];
     for seed in 1..=24u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let n = 2 + rng.below(40) as usize;
-        let mut changes: Vec<Change> = (0..n)
-            .map(|_| {
-                change(
-                    rng.below(6) as i64,
-                    values[rng.below(values.len() as u64) as usize],
-                    [None, Some(1)][rng.below(2) as usize],
-                    rng.below(12) as i64,
-                    0,
-                    rng.below(5) == 0,
-                )
-            })
-            .collect();
+        let mut changes = random_changes(&mut rng, n, 6, 12);
         changes.sort_by_key(|c| c.ts);
         // Consecutive slices of the time-ordered changes: a boundary time may be shared.
         let mut loads: Vec<Vec<Change>> = Vec::new();
