@@ -570,8 +570,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             Ok(if failed > 0 { 1 } else { 0 })
         }
         Command::Tables { format } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let lake = weir_lake::Lake::new(project.lake_root());
+            let lake = open_lake(&cli.project)?;
             let mut stats = Vec::new();
             for t in lake.list()? {
                 stats.push(lake.stats(&t).await?);
@@ -587,8 +586,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                     format,
                 },
         } => {
-            let project = weir_config::load_project(&cli.project)?;
-            let lake = weir_lake::Lake::new(project.lake_root());
+            let lake = open_lake(&cli.project)?;
             let history = lake.history(&name, limit).await?;
             output::print_history(&history, format == Format::Json);
             Ok(0)

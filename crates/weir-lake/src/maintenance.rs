@@ -72,7 +72,7 @@ impl Lake {
         spec: &OptimizeSpec,
     ) -> Result<OptimizeMetrics, Error> {
         let table = self.open_existing(name).await?;
-        let files_before = self.stats(name).await?.files;
+        let files_before = file_count(&table);
         if !spec.zorder.is_empty() {
             let schema = self
                 .schema(name)
@@ -98,10 +98,7 @@ impl Lake {
         let (table, m) = builder
             .await
             .map_err(|e| delta_error(format!("optimizing `{name}`"), e))?;
-        let files_after = table
-            .snapshot()
-            .map(|s| s.log_data().iter().count() as u64)
-            .unwrap_or(files_before);
+        let files_after = file_count(&table);
         Ok(OptimizeMetrics {
             files_before,
             files_after,
@@ -143,6 +140,8 @@ impl Lake {
             .with_dry_run(dry_run)
             .await
             .map_err(|e| delta_error(format!("vacuuming `{name}`"), e))?;
+        // delta-rs lists a dry run's files relative to the table and a real run's as
+        // store paths: both are shown relative to the table.
         let root = self.table_url(name)?.to_string();
         let mut files: Vec<String> = m
             .files_deleted
@@ -190,6 +189,14 @@ impl Lake {
             files_restored: m.num_restored_file as u64,
         })
     }
+}
+
+/// The data files of the table's current version.
+fn file_count(table: &deltalake::DeltaTable) -> u64 {
+    table
+        .snapshot()
+        .map(|s| s.log_data().iter().count() as u64)
+        .unwrap_or(0)
 }
 
 /// `7d`, `12h`, `90s`: the largest whole unit.

@@ -6,8 +6,12 @@ use std::path::Path;
 
 use crate::{ok, query, weir, write};
 
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_str(ok(out).trim()).unwrap()
+/// `weir table COMMAND raw.events ARGS --format json`, parsed.
+fn table_json(d: &Path, command: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["table", command, "raw.events"];
+    all.extend_from_slice(args);
+    all.extend(["--format", "json"]);
+    serde_json::from_str(ok(&weir(d, &all)).trim()).unwrap()
 }
 
 fn rows(d: &Path) -> Vec<serde_json::Value> {
@@ -47,10 +51,7 @@ fn optimize_restore_and_vacuum() {
     assert_eq!(before.len(), 300);
     assert_eq!(data_files(d).len(), 6);
 
-    let m = json(&weir(
-        d,
-        &["table", "optimize", "raw.events", "--format", "json"],
-    ));
+    let m = table_json(d, "optimize", &[]);
     assert_eq!(m["files_before"], 6, "{m}");
     assert_eq!(m["files_after"], 1, "{m}");
     assert_eq!(m["files_removed"], 6, "{m}");
@@ -58,18 +59,7 @@ fn optimize_restore_and_vacuum() {
     assert_eq!(rows(d), before, "optimize changed the rows");
 
     // Version 2 held the first three files.
-    let r = json(&weir(
-        d,
-        &[
-            "table",
-            "restore",
-            "raw.events",
-            "--version",
-            "2",
-            "--format",
-            "json",
-        ],
-    ));
+    let r = table_json(d, "restore", &["--version", "2"]);
     assert_eq!(r["version"], 7, "{r}");
     assert_eq!(rows(d), before[..150].to_vec());
     ok(&weir(
@@ -79,39 +69,13 @@ fn optimize_restore_and_vacuum() {
     assert_eq!(rows(d), before);
 
     // Nothing was removed an hour ago: a 1h retention deletes nothing.
-    let v = json(&weir(
-        d,
-        &[
-            "table",
-            "vacuum",
-            "raw.events",
-            "--retain",
-            "1h",
-            "--force",
-            "--dry-run",
-            "--format",
-            "json",
-        ],
-    ));
+    let v = table_json(d, "vacuum", &["--retain", "1h", "--force", "--dry-run"]);
     assert_eq!(v["files"].as_array().unwrap().len(), 0, "{v}");
     // With no retention, the six small files (the current version reads only the
     // compacted one) would go; the dry run deletes nothing.
     let on_disk = data_files(d);
     assert_eq!(on_disk.len(), 7);
-    let dry = json(&weir(
-        d,
-        &[
-            "table",
-            "vacuum",
-            "raw.events",
-            "--retain",
-            "0s",
-            "--force",
-            "--dry-run",
-            "--format",
-            "json",
-        ],
-    ));
+    let dry = table_json(d, "vacuum", &["--retain", "0s", "--force", "--dry-run"]);
     let listed: Vec<String> = dry["files"]
         .as_array()
         .unwrap()
@@ -119,20 +83,9 @@ fn optimize_restore_and_vacuum() {
         .map(|f| f.as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed.len(), 6, "{dry}");
+    assert!(listed.iter().all(|f| on_disk.contains(f)), "{dry}");
     assert_eq!(data_files(d), on_disk, "a dry run deleted files");
-    let real = json(&weir(
-        d,
-        &[
-            "table",
-            "vacuum",
-            "raw.events",
-            "--retain",
-            "0s",
-            "--force",
-            "--format",
-            "json",
-        ],
-    ));
+    let real = table_json(d, "vacuum", &["--retain", "0s", "--force"]);
     assert_eq!(
         real["files"], dry["files"],
         "the dry run and the real run differ"

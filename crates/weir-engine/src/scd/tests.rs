@@ -347,17 +347,7 @@ async fn loads_in_any_split_and_order_give_the_reference_history() {
             loads.swap(i, rng.below(i as u64 + 1) as usize);
         }
         loads.retain(|l| !l.is_empty());
-        let arrived = arrivals(&mut loads);
-        let mode = if seed % 2 == 0 {
-            DeleteMode::Close
-        } else {
-            DeleteMode::Marker
-        };
-        assert_eq!(
-            loaded(&loads, mode).await,
-            reference(&arrived, mode),
-            "seed {seed}, {mode:?}: {loads:#?}"
-        );
+        loads_match_the_reference(seed, loads).await;
     }
 }
 
@@ -377,6 +367,22 @@ fn random_changes(rng: &mut Rng, n: usize, keys: u64, times: u64) -> Vec<Change>
             )
         })
         .collect()
+}
+
+/// Applies `loads` in order (close deletes for even seeds, markers for odd) and compares
+/// the dimension with the reference over every change at once.
+async fn loads_match_the_reference(seed: u64, mut loads: Vec<Vec<Change>>) {
+    let arrived = arrivals(&mut loads);
+    let mode = if seed.is_multiple_of(2) {
+        DeleteMode::Close
+    } else {
+        DeleteMode::Marker
+    };
+    assert_eq!(
+        loaded(&loads, mode).await,
+        reference(&arrived, mode),
+        "seed {seed}, {mode:?}: {loads:#?}"
+    );
 }
 
 /// Arrival order of `loads`: load number, then position in the load.
@@ -414,17 +420,7 @@ async fn loads_in_time_order_give_the_reference_history() {
             let i = 1 + rng.below(loads.len() as u64 - 1) as usize;
             loads.swap(i, i - 1);
         }
-        let arrived = arrivals(&mut loads);
-        let mode = if seed % 2 == 0 {
-            DeleteMode::Close
-        } else {
-            DeleteMode::Marker
-        };
-        assert_eq!(
-            loaded(&loads, mode).await,
-            reference(&arrived, mode),
-            "seed {seed}, {mode:?}: {loads:#?}"
-        );
+        loads_match_the_reference(seed, loads).await;
     }
 }
 
