@@ -143,9 +143,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Run SQL over the lake's tables (`schema.table`) and print the result.
+    /// Run SQL over the lake's tables (`schema.table`) and print the result. A table as it
+    /// was at a version or a time: `raw.events@v3`, `raw.events@'2026-11-29 10:00:00'`.
     Query {
         sql: String,
+        /// Read every table the query names as it was at this version (`3`) or time
+        /// (`2026-11-29T10:00:00Z`, UTC unless an offset is given).
+        #[arg(long, value_name = "VERSION|TIME")]
+        as_of: Option<String>,
+        /// Print the plan and how many files of each table it reads instead of the rows.
+        #[arg(long)]
+        explain: bool,
+        /// With --explain: run the query and add each step's metrics (rows, time, row
+        /// groups and pages pruned) to the plan.
+        #[arg(long, requires = "explain")]
+        analyze: bool,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -210,9 +222,9 @@ enum TableCommand {
         /// more files: `--zorder customer_id,order_date`.
         #[arg(long, value_delimiter = ',')]
         zorder: Vec<String>,
-        /// The file size to aim for, in MiB (default 100).
-        #[arg(long, value_name = "MIB")]
-        target_size_mib: Option<u64>,
+        /// The file size to aim for: `128MiB`, `512KiB`, `1GiB` (default 100MiB).
+        #[arg(long, value_name = "SIZE", value_parser = output::parse_size)]
+        target_size: Option<u64>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -497,11 +509,28 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             eprintln!("worker stopped: {done} runs executed, {failed} failed");
             Ok(if failed > 0 { 1 } else { 0 })
         }
-        Command::Query { sql, format } => {
+        Command::Query {
+            sql,
+            as_of,
+            explain,
+            analyze,
+            format,
+        } => {
             let project = weir_config::load_project(&cli.project)?;
             let lake = weir_lake::Lake::new(project.lake_root());
             let graph = weir_engine::Graph::build(&project)?;
             let ctx = weir_orchestrator::project_session(&project, &lake, &graph).await?;
+            let as_of = as_of.as_deref().map(weir_lake::AsOf::parse).transpose()?;
+            let (sql, scanned) = weir_engine::travel::prepare(&ctx, &lake, &sql, as_of).await?;
+            if explain {
+                let e = weir_engine::explain::explain(&ctx, &sql, &scanned, analyze).await?;
+                output::print_record(
+                    serde_json::to_value(&e).unwrap_or_default(),
+                    format == Format::Json,
+                    weir_engine::explain::render(&e).trim_end(),
+                );
+                return Ok(0);
+            }
             let df = ctx.sql(&sql).await.map_err(|e| query_error(&lake, e))?;
             let batches = df.collect().await.map_err(|e| query_error(&lake, e))?;
             output::print_batches(&batches, format == Format::Csv, format == Format::Json)?;
@@ -596,14 +625,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 TableCommand::Optimize {
                     name,
                     zorder,
-                    target_size_mib,
+                    target_size,
                     format,
                 },
         } => {
             let lake = open_lake(&cli.project)?;
             let spec = weir_lake::OptimizeSpec {
                 zorder,
-                target_size: target_size_mib.map(|m| m << 20),
+                target_size,
             };
             let m = lake.optimize(&name, &spec).await?;
             output::print_record(

@@ -305,11 +305,11 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
         );
         return;
     }
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
     let rows: Vec<Vec<String>> = history
         .iter()
         .map(|h| {
-            let m = &h.metrics;
-            let get = |k: &str| m.get(k).map(|v| v.to_string()).unwrap_or_default();
+            let c = &h.counts;
             let source = h
                 .weir
                 .get("weir.pipeline")
@@ -326,9 +326,10 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
                     .and_then(|v| v.as_str())
                     .unwrap_or("")
                     .to_string(),
-                get("num_added_rows"),
-                get("num_added_files"),
-                get("num_removed_files"),
+                format!("+{} -{}", c.files_added, c.files_removed),
+                format!("+{} -{}", c.rows_added, opt(c.rows_removed)),
+                opt(c.files),
+                opt(c.rows),
                 source,
             ]
         })
@@ -341,14 +342,39 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
                 "timestamp",
                 "operation",
                 "mode",
-                "rows_added",
-                "files_added",
-                "files_removed",
+                "files_changed",
+                "rows_changed",
+                "files",
+                "rows",
                 "by"
             ],
             &rows
         )
     );
+}
+
+/// A size in bytes from `100MiB`, `512KiB`, `2GB` (units are powers of 1024) or `4096`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size: write e.g. 128MiB or 512KiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit `{other}`: use KiB, MiB or GiB")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if bytes < 1.0 {
+        return Err(format!("`{text}` is below one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// One result: JSON on stdout with `json`, else the text line(s).
@@ -385,5 +411,16 @@ mod tests {
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(thousands(12), "12");
         assert_eq!(human_bytes(2048), "2.0 KiB");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("512 kb"), Ok(512 << 10));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").unwrap_err().contains("parsecs"));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("0").is_err());
     }
 }

@@ -2,11 +2,13 @@
 //! which every lake table is a table (`schema.table`) and every view model a view.
 
 pub mod checks;
+pub mod explain;
 pub mod graph;
 pub mod model;
 pub mod scd;
 pub mod session;
 pub mod stream;
+pub mod travel;
 
 pub use graph::{Asset, AssetKind, Graph};
 pub use model::{render_model, CompiledModel, RenderMode};

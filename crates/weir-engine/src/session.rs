@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::TableReference;
 use datafusion::prelude::SessionContext;
 use weir_common::Error;
 use weir_lake::Lake;
@@ -27,6 +28,17 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, name: &str) -> Re
         .ok_or_else(|| Error::internal(format!("bad table name {name}")))?;
     ensure_schema(ctx, schema)?;
     let table = lake.open_existing(name).await?;
+    register_provider(ctx, &table, name, TableReference::from(name)).await
+}
+
+/// Registers the loaded `table` (lake table `name`, at whatever version it was loaded)
+/// as `target`, replacing what was registered there.
+pub(crate) async fn register_provider(
+    ctx: &SessionContext,
+    table: &deltalake::DeltaTable,
+    name: &str,
+    target: TableReference,
+) -> Result<(), Error> {
     table
         .update_datafusion_session(&ctx.state())
         .map_err(|e| weir_lake::delta_error(name, e))?;
@@ -34,8 +46,8 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, name: &str) -> Re
         .table_provider()
         .await
         .map_err(|e| Error::internal(format!("table provider for `{name}`: {e}")))?;
-    let _ = ctx.deregister_table(name);
-    ctx.register_table(name, provider)
+    let _ = ctx.deregister_table(target.clone());
+    ctx.register_table(target, provider)
         .map_err(|e| Error::internal(format!("registering `{name}`: {e}")))?;
     Ok(())
 }

@@ -15,14 +15,18 @@
 //! `N` equals the committed txn version is trusted, so the table stays the single source of
 //! truth for progress (ARCHITECTURE section 4). Vacuum never deletes `_`-prefixed paths.
 
+mod log;
 mod maintenance;
 mod table;
+mod travel;
 mod write;
 
+pub use log::VersionCounts;
 pub use maintenance::{
     OptimizeMetrics, OptimizeSpec, RestoreMetrics, VacuumMetrics, MIN_RETENTION,
 };
 pub use table::{HistoryEntry, Lake, TableStats};
+pub use travel::AsOf;
 pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};
 
 use weir_common::Error;

@@ -50,6 +50,9 @@ pub struct HistoryEntry {
     pub parameters: serde_json::Value,
     pub metrics: serde_json::Value,
     pub weir: serde_json::Value,
+    /// Files and rows this commit added and removed, and the table's size after it.
+    #[serde(flatten)]
+    pub counts: crate::log::VersionCounts,
 }
 
 impl Lake {
@@ -256,6 +259,8 @@ impl Lake {
     ) -> Result<Vec<HistoryEntry>, Error> {
         let t = self.open_existing(name).await?;
         let latest = t.version().unwrap_or(0);
+        let mut counts: std::collections::HashMap<u64, crate::log::VersionCounts> =
+            crate::log::replay(&t, name).await?.into_iter().collect();
         let infos: Vec<_> = t
             .history(limit)
             .try_collect()
@@ -276,11 +281,12 @@ impl Lake {
                     .filter(|(k, _)| k.starts_with("weir."))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
+                let version = c
+                    .read_version
+                    .map(|v| v + 1)
+                    .unwrap_or(latest.saturating_sub(i as u64));
                 HistoryEntry {
-                    version: c
-                        .read_version
-                        .map(|v| v + 1)
-                        .unwrap_or(latest.saturating_sub(i as u64)),
+                    version,
                     timestamp: c
                         .timestamp
                         .and_then(chrono::DateTime::from_timestamp_millis)
@@ -290,6 +296,7 @@ impl Lake {
                         .unwrap_or_default(),
                     metrics,
                     weir: serde_json::Value::Object(weir),
+                    counts: counts.remove(&version).unwrap_or_default(),
                 }
             })
             .collect())

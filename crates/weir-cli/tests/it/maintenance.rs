@@ -30,7 +30,7 @@ fn data_files(d: &Path) -> Vec<String> {
 }
 
 #[test]
-fn optimize_restore_and_vacuum() {
+fn optimize_restore_time_travel_and_vacuum() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write(d, "weir.yaml", "name: t\n");
@@ -57,6 +57,67 @@ fn optimize_restore_and_vacuum() {
     assert_eq!(m["files_removed"], 6, "{m}");
     assert_eq!(m["version"], 6, "{m}");
     assert_eq!(rows(d), before, "optimize changed the rows");
+
+    // History: what each version changed, and the table after it.
+    let h: serde_json::Value = serde_json::from_str(&ok(&weir(
+        d,
+        &["table", "history", "raw.events", "--format", "json"],
+    )))
+    .unwrap();
+    let v6 = &h[0];
+    assert_eq!(
+        (&v6["version"], &v6["operation"]),
+        (&6.into(), &"OPTIMIZE".into()),
+        "{v6}"
+    );
+    assert_eq!(
+        (&v6["files_added"], &v6["files_removed"], &v6["files"]),
+        (&1.into(), &6.into(), &1.into()),
+        "{v6}"
+    );
+    assert_eq!(
+        (&v6["rows"], &v6["rows_removed"]),
+        (&300.into(), &300.into())
+    );
+    assert_eq!((&h[4]["version"], &h[4]["rows"]), (&2.into(), &150.into()));
+
+    // Time travel: by version in SQL or for the whole query, and by time.
+    let count = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["query"];
+        all.extend_from_slice(args);
+        all.extend(["--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(ok(&weir(d, &all)).trim()).unwrap();
+        v[0]["n"].clone()
+    };
+    assert_eq!(count(&["select count(*) n from raw.events@v2"]), 150);
+    assert_eq!(
+        count(&["select count(*) n from raw.events", "--as-of", "2"]),
+        150
+    );
+    let v3_time = h[3]["timestamp"].as_str().unwrap();
+    assert_eq!(
+        count(&["select count(*) n from raw.events", "--as-of", v3_time]),
+        200
+    );
+    assert_eq!(
+        count(&[&format!("select count(*) n from raw.events@'{v3_time}'")]),
+        200
+    );
+    // Two versions of one table in one query: the rows version 4 added.
+    assert_eq!(
+        count(&["select count(*) n from raw.events@v4 a \
+                 left join raw.events@v3 b on a.id = b.id where b.id is null"]),
+        50
+    );
+    let out = weir(d, &["query", "select * from raw.events@v60"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no version 60") && err.contains("history"),
+        "{err}"
+    );
+    let out = weir(d, &["query", "select 1", "--as-of", "last tuesday"]);
+    assert_eq!(out.status.code(), Some(2));
 
     // Version 2 held the first three files.
     let r = table_json(d, "restore", &["--version", "2"]);
@@ -109,5 +170,84 @@ fn optimize_restore_and_vacuum() {
     assert!(
         err.contains("below the safe minimum of 7 days") && err.contains("--force"),
         "{err}"
+    );
+}
+
+/// `weir query --explain --format json`: how many of `raw.points`' files the query reads.
+fn files_scanned(d: &Path, sql: &str) -> (u64, u64) {
+    let e: serde_json::Value =
+        serde_json::from_str(ok(&weir(d, &["query", sql, "--explain", "--format", "json"])).trim())
+            .unwrap();
+    let t = &e["tables"][0];
+    assert_eq!(t["table"], "raw.points", "{e}");
+    (
+        t["files_scanned"].as_u64().unwrap(),
+        t["files_total"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn zorder_keeps_rows_and_skips_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "weir.yaml", "name: t\n");
+    write(
+        d,
+        "pipelines/points.yaml",
+        "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.points\n  mode: append\n",
+    );
+    // Eight files of points scattered over a 1000 x 1000 square: each file's x and y
+    // span the whole range, so statistics cannot skip any of them.
+    let mut seed: u64 = 7;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % 1000
+    };
+    for f in 0..8 {
+        let mut csv = vec!["id,x,y".to_string()];
+        for i in 0..4000 {
+            csv.push(format!("{},{},{}", f * 4000 + i, next(), next()));
+        }
+        write(d, &format!("data/{f}.csv"), &csv.join("\n"));
+        ok(&weir(d, &["run", "--quiet"]));
+    }
+    let corner = "select count(*) n from raw.points where x < 100 and y < 100";
+    let all = "select * from raw.points order by id";
+    let before = query(d, all);
+    assert_eq!(before.len(), 32_000);
+    let expected = query(d, corner);
+    let (scanned, total) = files_scanned(d, corner);
+    assert_eq!((scanned, total), (8, 8), "every file spans the corner");
+
+    let m: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            d,
+            &[
+                "table",
+                "optimize",
+                "raw.points",
+                "--zorder",
+                "x,y",
+                "--target-size",
+                "64KiB",
+                "--format",
+                "json",
+            ],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    let files_after = m["files_after"].as_u64().unwrap();
+    assert!(files_after >= 4, "{m}");
+    assert_eq!(query(d, all), before, "z-order changed the rows");
+    assert_eq!(query(d, corner), expected);
+    let (scanned, total) = files_scanned(d, corner);
+    assert_eq!(total, files_after);
+    // The corner is 1% of the square: clustered files mostly lie elsewhere.
+    assert!(
+        scanned * 2 < total,
+        "z-order should let the filter skip most files: {scanned} of {total} scanned"
     );
 }
