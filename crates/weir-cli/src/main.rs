@@ -244,6 +244,20 @@ enum TableCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Files, sizes, small-file share, partitions, rows, compression, versions and the
+    /// bytes a vacuum would free, with suggested maintenance; every table without NAME.
+    Stats {
+        name: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Write a checkpoint of the Delta log at the current version, so readers start from
+    /// it instead of replaying every commit (weir writes one every 100 commits anyway).
+    Checkpoint {
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Make a table hold what it held at an earlier version, in a new commit.
     Restore {
         name: String,
@@ -672,6 +686,33 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 serde_json::to_value(&m).unwrap_or_default(),
                 format == Format::Json,
                 &text,
+            );
+            Ok(0)
+        }
+        Command::Table {
+            command: TableCommand::Stats { name, format },
+        } => {
+            let lake = open_lake(&cli.project)?;
+            let names = match name {
+                Some(n) => vec![n],
+                None => lake.list()?,
+            };
+            let mut report = Vec::new();
+            for n in &names {
+                report.push(lake.health(n).await?);
+            }
+            output::print_health(&report, format == Format::Json);
+            Ok(0)
+        }
+        Command::Table {
+            command: TableCommand::Checkpoint { name, format },
+        } => {
+            let lake = open_lake(&cli.project)?;
+            let version = lake.checkpoint(&name).await?;
+            output::print_record(
+                serde_json::json!({ "table": name, "version": version }),
+                format == Format::Json,
+                &format!("{name}: checkpoint written at version {version}"),
             );
             Ok(0)
         }

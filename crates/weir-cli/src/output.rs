@@ -353,6 +353,63 @@ pub fn print_history(history: &[HistoryEntry], json: bool) {
     );
 }
 
+/// `weir table stats`: one row per table, then each table's suggested actions.
+pub fn print_health(tables: &[weir_lake::TableHealth], json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(tables).unwrap_or_default()
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = tables
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                thousands(h.files),
+                human_bytes(h.bytes),
+                human_bytes(h.avg_file_bytes),
+                format!("{:.0}%", h.small_file_share * 100.0),
+                thousands(h.partitions),
+                thousands(h.rows),
+                h.compression_ratio
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+                thousands(h.versions),
+                h.last_checkpoint
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                human_bytes(h.reclaimable_bytes),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        text_table(
+            &[
+                "table",
+                "files",
+                "size",
+                "avg_file",
+                "small",
+                "partitions",
+                "rows",
+                "compression",
+                "versions",
+                "checkpoint",
+                "reclaimable"
+            ],
+            &rows
+        )
+    );
+    for h in tables {
+        for s in &h.suggestions {
+            println!("{}: {s}", h.name);
+        }
+    }
+}
+
 /// A size in bytes from `100MiB`, `512KiB`, `2GB` (units are powers of 1024) or `4096`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();

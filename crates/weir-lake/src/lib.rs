@@ -15,12 +15,14 @@
 //! `N` equals the committed txn version is trusted, so the table stays the single source of
 //! truth for progress (ARCHITECTURE section 4). Vacuum never deletes `_`-prefixed paths.
 
+mod health;
 mod log;
 mod maintenance;
 mod table;
 mod travel;
 mod write;
 
+pub use health::{TableHealth, SMALL_FILE};
 pub use log::VersionCounts;
 pub use maintenance::{
     OptimizeMetrics, OptimizeSpec, RestoreMetrics, VacuumMetrics, MIN_RETENTION,

@@ -51,12 +51,43 @@ fn optimize_restore_time_travel_and_vacuum() {
     assert_eq!(before.len(), 300);
     assert_eq!(data_files(d).len(), 6);
 
+    // The health report sees six small files and suggests compacting them.
+    let s = &table_json(d, "stats", &[])[0];
+    assert_eq!(
+        (&s["files"], &s["rows"], &s["versions"]),
+        (&6.into(), &300.into(), &6.into()),
+        "{s}"
+    );
+    assert_eq!(s["small_file_share"], 1.0, "{s}");
+    assert!(s["compression_ratio"].as_f64().unwrap() > 1.0, "{s}");
+    assert!(
+        s["suggestions"][0]
+            .as_str()
+            .unwrap()
+            .contains("weir table optimize raw.events"),
+        "{s}"
+    );
+
     let m = table_json(d, "optimize", &[]);
     assert_eq!(m["files_before"], 6, "{m}");
     assert_eq!(m["files_after"], 1, "{m}");
     assert_eq!(m["files_removed"], 6, "{m}");
     assert_eq!(m["version"], 6, "{m}");
     assert_eq!(rows(d), before, "optimize changed the rows");
+    let s = &table_json(d, "stats", &[])[0];
+    assert_eq!((&s["files"], &s["rows"]), (&1.into(), &300.into()), "{s}");
+    // The six compacted files stay for time travel until a vacuum.
+    assert_eq!(
+        (&s["retained_files"], &s["reclaimable_files"]),
+        (&6.into(), &0.into()),
+        "{s}"
+    );
+    assert_eq!(s["suggestions"].as_array().unwrap().len(), 0, "{s}");
+    assert_eq!(s["last_checkpoint"], serde_json::Value::Null);
+    let c = table_json(d, "checkpoint", &[]);
+    assert_eq!(c["version"], 6, "{c}");
+    assert_eq!(table_json(d, "stats", &[])[0]["last_checkpoint"], 6);
+    assert_eq!(rows(d), before, "the checkpoint changed what readers see");
 
     // History: what each version changed, and the table after it.
     let h: serde_json::Value = serde_json::from_str(&ok(&weir(
