@@ -33,12 +33,17 @@ struct Live {
     bytes: u64,
 }
 
-/// The counts of every version from 0 to the table's current one, oldest first; versions
-/// whose commit file is gone are left out.
-pub(crate) async fn replay(
-    table: &DeltaTable,
-    name: &str,
-) -> Result<Vec<(u64, VersionCounts)>, Error> {
+/// One commit: its number, its `commitInfo` action and its counts.
+pub(crate) struct Commit {
+    pub version: u64,
+    pub info: serde_json::Map<String, serde_json::Value>,
+    pub counts: VersionCounts,
+}
+
+/// Every commit from version 0 to the table's current one, oldest first; versions whose
+/// commit file is gone are left out. The version is the commit file's number: a writer
+/// that retried after a concurrent commit records an older read version in its info.
+pub(crate) async fn replay(table: &DeltaTable, name: &str) -> Result<Vec<Commit>, Error> {
     let latest = table.version().unwrap_or(0);
     let store = table.log_store();
     let mut live: HashMap<String, Live> = HashMap::new();
@@ -57,11 +62,14 @@ pub(crate) async fn replay(
             rows_removed: Some(0),
             ..Default::default()
         };
+        let mut info = serde_json::Map::new();
         for line in bytes.split(|b| *b == b'\n') {
             let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
                 continue;
             };
-            if let Some(add) = action.get("add") {
+            if let Some(serde_json::Value::Object(i)) = action.get("commitInfo") {
+                info = i.clone();
+            } else if let Some(add) = action.get("add") {
                 let path = add["path"].as_str().unwrap_or_default().to_string();
                 let rows = add["stats"]
                     .as_str()
@@ -86,7 +94,33 @@ pub(crate) async fn replay(
             c.rows = Some(live.values().map(|l| l.rows).sum());
             c.bytes = Some(live.values().map(|l| l.bytes).sum());
         }
-        out.push((version, c));
+        out.push(Commit {
+            version,
+            info,
+            counts: c,
+        });
     }
     Ok(out)
+}
+
+/// The `commitInfo` of commit `version` (empty when the commit file is gone).
+pub(crate) async fn commit_info(
+    table: &DeltaTable,
+    name: &str,
+    version: u64,
+) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+    let bytes = table
+        .log_store()
+        .read_commit_entry(version)
+        .await
+        .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?;
+    Ok(bytes
+        .iter()
+        .flat_map(|b| b.split(|c| *c == b'\n'))
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .find_map(|a| match a.get("commitInfo") {
+            Some(serde_json::Value::Object(i)) => Some(i.clone()),
+            _ => None,
+        })
+        .unwrap_or_default())
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use arrow::datatypes::SchemaRef;
 use deltalake::DeltaTable;
-use futures::TryStreamExt;
 use serde::Serialize;
 use url::Url;
 use weir_common::Error;
@@ -251,52 +250,46 @@ impl Lake {
         })
     }
 
-    /// Commits of a table, newest first.
+    /// The time of a table's latest commit.
+    pub async fn last_commit_time(&self, name: &str) -> Result<Option<i64>, Error> {
+        let t = self.open_existing(name).await?;
+        let info = crate::log::commit_info(&t, name, t.version().unwrap_or(0)).await?;
+        Ok(info.get("timestamp").and_then(|t| t.as_i64()))
+    }
+
+    /// Commits of a table, newest first. Every commit is read, for the running totals.
     pub async fn history(
         &self,
         name: &str,
         limit: Option<usize>,
     ) -> Result<Vec<HistoryEntry>, Error> {
         let t = self.open_existing(name).await?;
-        let latest = t.version().unwrap_or(0);
-        let mut counts: std::collections::HashMap<u64, crate::log::VersionCounts> =
-            crate::log::replay(&t, name).await?.into_iter().collect();
-        let infos: Vec<_> = t
-            .history(limit)
-            .try_collect()
-            .await
-            .map_err(|e| delta_error(format!("reading history of `{name}`"), e))?;
-        Ok(infos
+        let commits = crate::log::replay(&t, name).await?;
+        Ok(commits
             .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let metrics = c
-                    .info
-                    .get("operationMetrics")
-                    .cloned()
-                    .unwrap_or(serde_json::Value::Null);
+            .rev()
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|c| {
+                let field = |k: &str| c.info.get(k).cloned().unwrap_or(serde_json::Value::Null);
                 let weir: serde_json::Map<String, serde_json::Value> = c
                     .info
                     .iter()
                     .filter(|(k, _)| k.starts_with("weir."))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                let version = c
-                    .read_version
-                    .map(|v| v + 1)
-                    .unwrap_or(latest.saturating_sub(i as u64));
                 HistoryEntry {
-                    version,
+                    version: c.version,
                     timestamp: c
-                        .timestamp
+                        .info
+                        .get("timestamp")
+                        .and_then(|t| t.as_i64())
                         .and_then(chrono::DateTime::from_timestamp_millis)
                         .map(|d| d.to_rfc3339()),
-                    operation: c.operation.unwrap_or_default(),
-                    parameters: serde_json::to_value(c.operation_parameters.unwrap_or_default())
-                        .unwrap_or_default(),
-                    metrics,
+                    operation: field("operation").as_str().unwrap_or_default().to_string(),
+                    parameters: field("operationParameters"),
+                    metrics: field("operationMetrics"),
                     weir: serde_json::Value::Object(weir),
-                    counts: counts.remove(&version).unwrap_or_default(),
+                    counts: c.counts,
                 }
             })
             .collect())

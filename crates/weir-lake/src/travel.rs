@@ -8,7 +8,6 @@
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use deltalake::DeltaTable;
-use futures::TryStreamExt;
 use weir_common::Error;
 
 use crate::{delta_error, Lake};
@@ -102,25 +101,16 @@ impl Lake {
         name: &str,
         at: DateTime<Utc>,
     ) -> Result<u64, Error> {
-        let latest = table.version().unwrap_or(0);
-        let commits: Vec<_> = table
-            .history(None)
-            .try_collect()
-            .await
-            .map_err(|e| delta_error(format!("reading history of `{name}`"), e))?;
+        let commits = crate::log::replay(table, name).await?;
         let target = at.timestamp_millis();
-        let mut first: Option<i64> = None;
-        // Newest first: the first commit at or before the target is the one.
-        for (i, c) in commits.iter().enumerate() {
-            let version = c
-                .read_version
-                .map(|v| v + 1)
-                .unwrap_or(latest.saturating_sub(i as u64));
-            let Some(ts) = c.timestamp else { continue };
-            first = Some(ts);
-            if ts <= target {
-                return Ok(version);
-            }
+        let stamp = |c: &crate::log::Commit| c.info.get("timestamp").and_then(|t| t.as_i64());
+        let first = commits.iter().find_map(stamp);
+        if let Some(c) = commits
+            .iter()
+            .rev()
+            .find(|c| stamp(c).is_some_and(|ts| ts <= target))
+        {
+            return Ok(c.version);
         }
         let created = first
             .and_then(DateTime::from_timestamp_millis)

@@ -352,11 +352,11 @@ impl Lake {
             .await
             .map_err(|e| delta_error(format!("writing `{name}`"), e))?;
         let version = table.version().unwrap_or(0);
-        let rows = self
-            .history(name, Some(1))
+        let rows = crate::log::commit_info(&table, name, version)
             .await?
-            .first()
-            .and_then(|h| h.metrics.get("num_added_rows").and_then(|v| v.as_u64()))
+            .get("operationMetrics")
+            .and_then(|m| m.get("num_added_rows"))
+            .and_then(|v| v.as_u64())
             .unwrap_or(0);
         Ok(WriteMetrics {
             rows_inserted: rows,

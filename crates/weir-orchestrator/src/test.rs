@@ -47,13 +47,7 @@ pub async fn test(project: &Project, selector: Option<&str>) -> Result<Vec<Check
             .iter()
             .filter(|c| c.check == CheckKind::Freshness && c.column.is_none())
         {
-            let last = lake
-                .history(&asset.table, Some(1))
-                .await?
-                .first()
-                .and_then(|h| h.timestamp.clone())
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                .map(|t| t.timestamp_millis());
+            let last = lake.last_commit_time(&asset.table).await?;
             out.push(last_load_freshness(&asset.name, &asset.table, c, last));
         }
     }
