@@ -93,12 +93,17 @@ pub fn add_postgres(dir: &Path) -> Result<(), Error> {
     )
 }
 
-/// Writes the demo project into `dir` unless it already has one. Returns whether it wrote.
-pub fn write_demo(dir: &Path) -> Result<bool, Error> {
+/// Writes the demo project into `dir` unless it already has one, with its lake at `lake`
+/// (default: `lake` in the project). Returns whether it wrote.
+pub fn write_demo(dir: &Path, lake: Option<&str>) -> Result<bool, Error> {
     if dir.join("weir.yaml").exists() {
         return Ok(false);
     }
-    write(dir, "weir.yaml", DEMO_PROJECT.as_bytes())?;
+    let project = match lake {
+        Some(url) => DEMO_PROJECT.replacen("lake: lake\n", &format!("lake: {url}\n"), 1),
+        None => DEMO_PROJECT.to_string(),
+    };
+    write(dir, "weir.yaml", project.as_bytes())?;
     write(dir, ".gitignore", GITIGNORE.as_bytes())?;
     for (rel, text) in DEMO_FILES {
         write(dir, rel, text.as_bytes())?;
@@ -263,7 +268,7 @@ pub fn write_day_two(dir: &Path) -> Result<bool, Error> {
 
 /// After a successful demo run: a few queries that show what was built.
 pub async fn print_tour(project: &weir_config::Project, dir: &Path) -> Result<(), Error> {
-    let lake = weir_lake::Lake::new(project.lake_root());
+    let lake = weir_lake::Lake::for_project(project);
     let ctx = weir_engine::lake_session(&lake).await?;
     let df = ctx
         .sql("select order_date, orders, items, revenue from marts.daily_revenue order by order_date")

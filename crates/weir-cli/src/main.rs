@@ -183,6 +183,10 @@ enum Command {
         /// (`postgresql://user:password@host/db`).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// Where the new project's lake goes: a directory or an `s3://bucket/path` URL
+        /// (credentials and endpoint from the `AWS_*` environment variables).
+        #[arg(long, value_name = "DIR|URL")]
+        lake: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -270,7 +274,7 @@ enum TableCommand {
 
 fn open_lake(project: &std::path::Path) -> Result<weir_lake::Lake, weir_common::Error> {
     let project = weir_config::load_project(project)?;
-    Ok(weir_lake::Lake::new(project.lake_root()))
+    Ok(weir_lake::Lake::for_project(&project))
 }
 
 fn main() -> ExitCode {
@@ -531,7 +535,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             format,
         } => {
             let project = weir_config::load_project(&cli.project)?;
-            let lake = weir_lake::Lake::new(project.lake_root());
+            let lake = weir_lake::Lake::for_project(&project);
             let graph = weir_engine::Graph::build(&project)?;
             let ctx = weir_orchestrator::project_session(&project, &lake, &graph).await?;
             let as_of = as_of.as_deref().map(weir_lake::AsOf::parse).transpose()?;
@@ -545,8 +549,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 );
                 return Ok(0);
             }
-            let df = ctx.sql(&sql).await.map_err(|e| query_error(&lake, e))?;
-            let batches = df.collect().await.map_err(|e| query_error(&lake, e))?;
+            let df = match ctx.sql(&sql).await {
+                Ok(df) => df,
+                Err(e) => return Err(query_error(&lake, e).await),
+            };
+            let batches = match df.collect().await {
+                Ok(b) => b,
+                Err(e) => return Err(query_error(&lake, e).await),
+            };
             output::print_batches(&batches, format == Format::Csv, format == Format::Json)?;
             Ok(0)
         }
@@ -615,7 +625,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Tables { format } => {
             let lake = open_lake(&cli.project)?;
             let mut stats = Vec::new();
-            for t in lake.list()? {
+            for t in lake.list().await? {
                 stats.push(lake.stats(&t).await?);
             }
             output::print_tables(&stats, format == Format::Json);
@@ -695,7 +705,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let lake = open_lake(&cli.project)?;
             let names = match name {
                 Some(n) => vec![n],
-                None => lake.list()?,
+                None => lake.list().await?,
             };
             let mut report = Vec::new();
             for n in &names {
@@ -740,9 +750,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             dir,
             format,
             postgres,
+            lake,
         } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("weir-demo"));
-            let created = demo::write_demo(&dir)?;
+            let created = demo::write_demo(&dir, lake.as_deref())?;
             if let Some(url) = &postgres {
                 if let Ok(u) = url::Url::parse(url) {
                     if let Some(pw) = u.password() {
@@ -773,11 +784,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
     }
 }
 
-fn query_error(lake: &weir_lake::Lake, e: datafusion::error::DataFusionError) -> Error {
+async fn query_error(lake: &weir_lake::Lake, e: datafusion::error::DataFusionError) -> Error {
     let text = e.to_string();
     let mut err = Error::user(format!("query failed: {text}"));
     if text.contains("not found") {
-        let tables = lake.list().unwrap_or_default();
+        let tables = lake.list().await.unwrap_or_default();
         err = err.with_hint(format!(
             "tables are named `schema.table`; this lake has: {}",
             tables.join(", ")

@@ -15,6 +15,12 @@ pub struct ProjectConfig {
     /// Lake root: a local directory (relative to the project) or an object-store URL.
     #[serde(default = "default_lake")]
     pub lake: String,
+    /// Object-store options of an `s3://` lake (delta-rs storage options such as
+    /// `aws_endpoint_url`, `aws_region`, `aws_access_key_id`, `aws_secret_access_key`,
+    /// `aws_allow_http`). Unset ones come from the environment (`AWS_*`). Write secrets as
+    /// `${env:NAME}`.
+    #[serde(default)]
+    pub lake_options: BTreeMap<String, String>,
     /// Values for `var('name')` in models.
     #[serde(default)]
     pub vars: BTreeMap<String, serde_json::Value>,
@@ -898,6 +904,7 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
     const KEYS: &'static [&'static str] = &[
         "name",
         "lake",
+        "lake_options",
         "vars",
         "models",
         "retry",

@@ -11,11 +11,11 @@ use weir_lake::Lake;
 /// A session with every lake table registered as `schema.table`.
 pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
     let ctx = weir_lake::new_session();
-    for name in lake.list()? {
+    for name in lake.list().await? {
         register_table(&ctx, lake, &name).await?;
     }
     // weir's own tables (`_weir.*`) are left out of listings but can be queried.
-    if lake.exists("_weir.metrics") {
+    if lake.exists("_weir.metrics").await {
         register_table(&ctx, lake, "_weir.metrics").await?;
     }
     Ok(ctx)

@@ -74,7 +74,7 @@ pub async fn prepare(
         };
         let name = format!("{schema}.{table}");
         let seen = scanned.iter().any(|s| s.table == name && s.as_of == as_of);
-        if table.contains('@') || seen || !lake.exists(&name) {
+        if table.contains('@') || seen || !lake.exists(&name).await {
             continue;
         }
         let target = TableReference::partial(schema, table);

@@ -2,8 +2,13 @@
 
 use std::path::PathBuf;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use arrow::datatypes::SchemaRef;
-use deltalake::DeltaTable;
+use deltalake::{DeltaTable, DeltaTableBuilder, ObjectStore, Path as ObjectPath};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 use url::Url;
 use weir_common::Error;
@@ -22,10 +27,28 @@ fn has_commit(dir: &std::path::Path) -> bool {
     })
 }
 
+/// Whether the table under `prefix` of `store` holds a commit.
+async fn store_has_commit(store: &Arc<dyn ObjectStore>, prefix: &ObjectPath) -> bool {
+    let log = match prefix.as_ref() {
+        "" => ObjectPath::from("_delta_log"),
+        p => ObjectPath::from(format!("{p}/_delta_log")),
+    };
+    let mut entries = store.list(Some(&log));
+    while let Some(Ok(meta)) = entries.next().await {
+        let n = meta.location.filename().unwrap_or_default();
+        if n.ends_with(".json") || n.ends_with(".checkpoint.parquet") {
+            return true;
+        }
+    }
+    false
+}
+
 /// The lake: a root directory or object-store URL holding `schema/table` Delta tables.
 #[derive(Debug, Clone)]
 pub struct Lake {
     root: String,
+    /// Object-store options (delta-rs storage options); the environment fills the rest.
+    options: HashMap<String, String>,
 }
 
 /// Size and shape of a table, for `weir tables`.
@@ -56,7 +79,49 @@ pub struct HistoryEntry {
 
 impl Lake {
     pub fn new(root: impl Into<String>) -> Self {
-        Self { root: root.into() }
+        Self::with_options(root, HashMap::new())
+    }
+
+    /// A lake at `root` with object-store `options` (`aws_endpoint_url`, ...).
+    pub fn with_options(root: impl Into<String>, options: HashMap<String, String>) -> Self {
+        Self {
+            root: root.into(),
+            options,
+        }
+    }
+
+    /// The lake of a project: its `lake:` root and `lake_options:`.
+    pub fn for_project(project: &weir_config::Project) -> Self {
+        let options = project
+            .config
+            .lake_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self::with_options(project.lake_root(), options)
+    }
+
+    /// A table builder for `url` with the lake's options.
+    fn builder(&self, url: Url) -> Result<DeltaTableBuilder, Error> {
+        Ok(DeltaTableBuilder::from_url(url.clone())
+            .map_err(|e| delta_error(format!("opening {url}"), e))?
+            .with_storage_options(self.options.clone()))
+    }
+
+    /// The object store rooted at `url`.
+    fn store_at(&self, url: Url) -> Result<Arc<dyn ObjectStore>, Error> {
+        Ok(self
+            .builder(url.clone())?
+            .build_storage()
+            .map_err(|e| delta_error(format!("connecting to {url}"), e))?
+            .object_store(None))
+    }
+
+    /// The lake root as a directory URL.
+    fn root_url(&self) -> Result<Url, Error> {
+        let base = self.root.trim_end_matches('/');
+        Url::parse(&format!("{base}/"))
+            .map_err(|e| Error::user(format!("invalid lake URL `{}`: {e}", self.root)))
     }
 
     pub fn root(&self) -> &str {
@@ -72,21 +137,22 @@ impl Lake {
     }
 
     /// The statistics (`numRecords`, `nullCount`, `minValues`, `maxValues`) of the data
-    /// files commit `version` of table `name` added (local lakes; empty elsewhere).
-    pub fn added_file_stats(
+    /// files commit `version` of table `name` added.
+    pub async fn added_file_stats(
         &self,
         name: &str,
         version: u64,
     ) -> Result<Vec<serde_json::Value>, Error> {
-        let Some(dir) = self.local_dir(name) else {
-            return Ok(vec![]);
-        };
-        let log = dir.join("_delta_log").join(format!("{version:020}.json"));
-        let text = std::fs::read_to_string(&log)
-            .map_err(|e| Error::io(format!("reading {}", log.display()), e))?;
-        Ok(text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        let table = self.open_existing(name).await?;
+        let bytes = table
+            .log_store()
+            .read_commit_entry(version)
+            .await
+            .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?
+            .unwrap_or_default();
+        Ok(bytes
+            .split(|b| *b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
             .filter_map(|a| {
                 a.pointer("/add/stats")
                     .and_then(|s| s.as_str())
@@ -125,41 +191,46 @@ impl Lake {
     }
 
     /// Whether a Delta table exists at `name`, without creating directories.
-    pub fn exists(&self, name: &str) -> bool {
+    pub async fn exists(&self, name: &str) -> bool {
         match self.local_dir(name) {
             Some(dir) => has_commit(&dir),
-            None => true,
+            None => match self.table_url(name).and_then(|u| self.store_at(u)) {
+                Ok(store) => store_has_commit(&store, &ObjectPath::from("")).await,
+                Err(_) => false,
+            },
         }
     }
 
     /// Opens table `name`; the returned table has no version if it does not exist yet.
     pub async fn open(&self, name: &str) -> Result<DeltaTable, Error> {
         let url = self.table_url(name)?;
-        if !self.exists(name) {
+        let builder = self.builder(url)?;
+        if !self.exists(name).await {
             // Not a table yet: an unloaded handle that writes create.
-            return deltalake::DeltaTableBuilder::from_url(url)
-                .and_then(|b| b.build())
+            return builder
+                .build()
                 .map_err(|e| delta_error(format!("opening table `{name}`"), e));
         }
-        DeltaTable::try_from_url(url)
+        builder
+            .load()
             .await
             .map_err(|e| delta_error(format!("opening table `{name}`"), e))
     }
 
     /// Opens table `name`, failing with a hint when it does not exist.
     pub async fn open_existing(&self, name: &str) -> Result<DeltaTable, Error> {
-        if !self.exists(name) {
-            return Err(self.missing(name));
+        if !self.exists(name).await {
+            return Err(self.missing(name).await);
         }
         let t = self.open(name).await?;
         if t.version().is_none() {
-            return Err(self.missing(name));
+            return Err(self.missing(name).await);
         }
         Ok(t)
     }
 
-    fn missing(&self, name: &str) -> Error {
-        let known = self.list().unwrap_or_default();
+    async fn missing(&self, name: &str) -> Error {
+        let known = self.list().await.unwrap_or_default();
         let hint = match weir_config::closest(name, &known) {
             Some(c) => format!("did you mean `{c}`? `weir tables` lists the lake's tables"),
             None => "`weir tables` lists the lake's tables; `weir run` creates them".to_string(),
@@ -169,7 +240,7 @@ impl Lake {
 
     /// The arrow schema of a table, if it exists.
     pub async fn schema(&self, name: &str) -> Result<Option<SchemaRef>, Error> {
-        if !self.exists(name) {
+        if !self.exists(name).await {
             return Ok(None);
         }
         let t = self.open(name).await?;
@@ -180,10 +251,35 @@ impl Lake {
         Ok(Some(snap.snapshot().arrow_schema()))
     }
 
-    /// All tables in a local lake, as `schema.table`, sorted.
-    pub fn list(&self) -> Result<Vec<String>, Error> {
+    /// All tables in the lake, as `schema.table`, sorted.
+    pub async fn list(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
         if !self.is_local() {
+            let store = self.store_at(self.root_url()?)?;
+            let listed = |e: object_store::Error| {
+                Error::external(format!("listing the lake {}: {e}", self.root))
+            };
+            let schemas = store.list_with_delimiter(None).await.map_err(listed)?;
+            for schema in schemas.common_prefixes {
+                let Some(sname) = schema.filename().map(str::to_string) else {
+                    continue;
+                };
+                if sname.starts_with(['.', '_']) {
+                    continue;
+                }
+                let tables = store
+                    .list_with_delimiter(Some(&schema))
+                    .await
+                    .map_err(listed)?;
+                for t in tables.common_prefixes {
+                    if store_has_commit(&store, &t).await {
+                        if let Some(tname) = t.filename() {
+                            out.push(format!("{sname}.{tname}"));
+                        }
+                    }
+                }
+            }
+            out.sort();
             return Ok(out);
         }
         let root = self.local_root();
@@ -295,59 +391,58 @@ impl Lake {
             .collect())
     }
 
-    fn manifest_path(&self, table: &str, app: &str, n: i64) -> Option<PathBuf> {
-        self.local_dir(table).map(|d| {
-            d.join("_weir")
-                .join("positions")
-                .join(app)
-                .join(format!("{n}.json"))
-        })
+    fn manifest_path(app: &str, n: i64) -> ObjectPath {
+        ObjectPath::from(format!("_weir/positions/{app}/{n}.json"))
     }
 
-    /// Writes the position manifest for commit `n` of `app` (before that commit).
-    pub fn write_manifest(
+    /// Writes the position manifest for commit `n` of `app` (before that commit). The
+    /// put is atomic: a reader sees the whole manifest or none.
+    pub async fn write_manifest(
         &self,
         table: &str,
         app: &str,
         n: i64,
         value: &serde_json::Value,
     ) -> Result<(), Error> {
-        let Some(path) = self.manifest_path(table, app, n) else {
-            return Err(
-                Error::user("file positions on object-store lakes are not supported yet")
-                    .with_hint("use a local lake directory for incremental file loads"),
-            );
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        }
-        let tmp = path.with_extension("json.tmp");
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::manifest_path(app, n);
         let text =
             serde_json::to_vec(value).map_err(|e| Error::internal(format!("manifest: {e}")))?;
-        std::fs::write(&tmp, text)
-            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        store.put(&path, text.into()).await.map_err(|e| {
+            Error::external(format!(
+                "writing position manifest {path} of `{table}`: {e}"
+            ))
+        })?;
+        Ok(())
     }
 
     /// Reads the manifest of commit `n`: it must exist, as it was written before the commit.
-    pub fn read_manifest(
+    pub async fn read_manifest(
         &self,
         table: &str,
         app: &str,
         n: i64,
     ) -> Result<serde_json::Value, Error> {
-        let Some(path) = self.manifest_path(table, app, n) else {
-            return Err(Error::user(
-                "file positions on object-store lakes are not supported yet",
-            ));
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::manifest_path(app, n);
+        let missing = |e: object_store::Error| {
+            let gone = matches!(e, object_store::Error::NotFound { .. });
+            let err = Error::external(format!("reading position manifest {path} of `{table}`: {e}"))
+                .with_hint("the table records a load whose manifest is gone; rebuild with `weir run --full-refresh`");
+            if gone {
+                err.not_retryable()
+            } else {
+                err
+            }
         };
-        let text = std::fs::read(&path).map_err(|e| {
-            Error::io(format!("reading position manifest {}", path.display()), e)
-                .with_hint("the table records a load whose manifest is gone; rebuild with `weir run --full-refresh`")
-        })?;
-        serde_json::from_slice(&text)
-            .map_err(|e| Error::internal(format!("corrupt manifest {}: {e}", path.display())))
+        let bytes = store
+            .get(&path)
+            .await
+            .map_err(missing)?
+            .bytes()
+            .await
+            .map_err(missing)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::internal(format!("corrupt manifest {path} of `{table}`: {e}")))
     }
 }

@@ -160,7 +160,7 @@ fn df_err(context: &str) -> impl Fn(datafusion::error::DataFusionError) -> Error
 impl Lake {
     /// Deletes the rows of table `name` matching the SQL `predicate`, if it has any.
     pub async fn delete_where(&self, name: &str, predicate: &str) -> Result<(), Error> {
-        if !self.exists(name) {
+        if !self.exists(name).await {
             return Ok(());
         }
         let table = self.open(name).await?;

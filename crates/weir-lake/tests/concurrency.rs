@@ -80,7 +80,27 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn appends_merges_and_optimize_lose_no_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(dir.path().to_string_lossy().to_string());
+    concurrent_writers(Lake::new(dir.path().to_string_lossy().to_string())).await;
+}
+
+/// On S3 the commits race through conditional puts (`If-None-Match: *`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_merges_and_optimize_lose_no_commit_on_s3() {
+    let server = weir_test::S3Server::shared();
+    let options = server
+        .options()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let root = format!(
+        "s3://{}/concurrency-{}",
+        weir_test::S3Server::BUCKET,
+        std::process::id()
+    );
+    concurrent_writers(Lake::with_options(root, options)).await;
+}
+
+async fn concurrent_writers(lake: Lake) {
     write(&lake, batch(0..BASE, 0), WriteMode::Append)
         .await
         .unwrap();

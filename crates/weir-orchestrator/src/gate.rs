@@ -219,7 +219,7 @@ async fn metric_history(
     asset: &str,
     c: &CheckSpec,
 ) -> Result<Vec<f64>, Error> {
-    if !lake.exists(METRICS_TABLE) {
+    if !lake.exists(METRICS_TABLE).await {
         return Ok(vec![]);
     }
     weir_engine::session::register_table(ctx, lake, METRICS_TABLE).await?;
@@ -326,7 +326,7 @@ pub async fn record_version_metrics(
     version: u64,
     rows: u64,
 ) -> Result<(), Error> {
-    let stats = lake.added_file_stats(table, version)?;
+    let stats = lake.added_file_stats(table, version).await?;
     let mut metrics = vec![Metric {
         metric: "row_count".into(),
         column: String::new(),

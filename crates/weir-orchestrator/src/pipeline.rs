@@ -135,7 +135,7 @@ pub async fn run_pipeline(
     result.units = plan.units.len();
     let loaded_before = match &pg_sink {
         Some(_) => committed > 0,
-        None => lake.exists(table),
+        None => lake.exists(table).await,
     };
     // An empty partition from files is a file not there yet, not a partition to empty.
     if let (Some((w, _)), true, weir_config::SourceKind::Files) =
@@ -154,7 +154,7 @@ pub async fn run_pipeline(
 
     let n = committed + 1;
     if pg_sink.is_none() && window.is_none() {
-        lake.write_manifest(table, &app, n, &plan.next.0)?;
+        lake.write_manifest(table, &app, n, &plan.next.0).await?;
     }
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
@@ -279,14 +279,14 @@ async fn committed(
             Ok((n, pos.map(Position)))
         }
         None => {
-            let committed = if lake.exists(table) {
+            let committed = if lake.exists(table).await {
                 let t = lake.open(table).await?;
                 lake.txn_version(&t, app).await?.unwrap_or(0)
             } else {
                 0
             };
             let position = if committed > 0 && with_position {
-                Some(Position(lake.read_manifest(table, app, committed)?))
+                Some(Position(lake.read_manifest(table, app, committed).await?))
             } else {
                 None
             };
@@ -349,7 +349,7 @@ async fn run_lake_source(
     let m = match pg_sink {
         Some(sink) => write_postgres(sink, p, df, &load, &app, &next).await?,
         None => {
-            lake.write_manifest(table, &app, n, &next)?;
+            lake.write_manifest(table, &app, n, &next).await?;
             let mut metadata = std::collections::HashMap::new();
             metadata.insert("weir.pipeline".to_string(), serde_json::json!(p.name));
             metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
@@ -637,7 +637,7 @@ async fn write_delta(
     let _staging;
     let df = match mode {
         weir_config::WriteMode::Merge | weir_config::WriteMode::ReplacePartitions
-            if !rereadable && lake.exists(&sink.table) =>
+            if !rereadable && lake.exists(&sink.table).await =>
         {
             let (dir, staged) = stage(ctx, df, &p.name).await?;
             _staging = dir;

@@ -80,7 +80,7 @@ pub async fn write(t: &Target<'_>, scope: Scope, bad: &[BadRow]) -> Result<(), E
     let df = ctx
         .read_batch(q)
         .map_err(|e| Error::internal(format!("quarantine frame: {e}")))?;
-    let spec = if t.lake.exists(t.table) && has_load {
+    let spec = if t.lake.exists(t.table).await && has_load {
         WriteSpec {
             mode: weir_config::WriteMode::Overwrite,
             replace_where: Some(this_load),

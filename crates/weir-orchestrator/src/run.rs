@@ -359,7 +359,7 @@ async fn execute_planned(
     selected: Vec<usize>,
 ) -> Result<RunSummary, Error> {
     let started = Instant::now();
-    let lake = Lake::new(project.lake_root());
+    let lake = Lake::for_project(project);
     let progress: ProgressFn = opts
         .progress
         .clone()
@@ -771,7 +771,7 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
         return Ok(result);
     }
     let ctx = project_session(project, lake, graph).await?;
-    let exists = lake.exists(&asset.table);
+    let exists = lake.exists(&asset.table).await;
     let incremental = (mat == Materialized::Incremental || mat.scd().is_some())
         && exists
         && !full_refresh

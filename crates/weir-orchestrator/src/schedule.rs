@@ -284,8 +284,8 @@ fn files_cursor(project: &Project, glob: &str) -> Result<Option<String>, Error> 
 
 /// The table's current version as text; `None` while the table does not exist.
 async fn table_cursor(project: &Project, table: &str) -> Result<Option<String>, Error> {
-    let lake = weir_lake::Lake::new(project.lake_root());
-    if !lake.exists(table) {
+    let lake = weir_lake::Lake::for_project(project);
+    if !lake.exists(table).await {
         return Ok(None);
     }
     let t = lake.open(table).await?;

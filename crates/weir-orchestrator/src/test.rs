@@ -11,7 +11,7 @@ use weir_lake::Lake;
 pub async fn test(project: &Project, selector: Option<&str>) -> Result<Vec<CheckResult>, Error> {
     let graph = Graph::build(project)?;
     let selected = graph.select(selector)?;
-    let lake = Lake::new(project.lake_root());
+    let lake = Lake::for_project(project);
     let ctx = lake_session(&lake).await?;
     let mut out = Vec::new();
     for i in selected {
@@ -35,7 +35,7 @@ pub async fn test(project: &Project, selector: Option<&str>) -> Result<Vec<Check
         if checks.is_empty() {
             continue;
         }
-        if !lake.exists(&asset.table) {
+        if !lake.exists(&asset.table).await {
             return Err(Error::user(format!(
                 "`{}` has checks but its table `{}` has not been built",
                 asset.name, asset.table

@@ -4,7 +4,12 @@
 //! (`initdb`, `pg_ctl`): its own temporary directory, a free loopback port, logical WAL on.
 //! [`PgServer::shared`] gives every test in a test binary the same cluster; a watchdog
 //! stops it when the test process ends, however it ends.
+//!
+//! [`S3Server`] is an S3-compatible server on loopback (moto's server mode, in memory),
+//! with one bucket, for the tests that run the lake on object storage.
 
 mod pg;
+mod s3;
 
 pub use pg::PgServer;
+pub use s3::S3Server;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{ok, query, scalar, weir};
+use crate::{ok, query, scalar, weir, LakeAt};
 
 fn asset<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     summary["assets"]
@@ -21,19 +21,29 @@ fn counts(summary: &serde_json::Value, name: &str) -> (u64, u64, u64) {
     )
 }
 
-fn demo(dir: &Path) -> serde_json::Value {
-    let out = weir(
-        Path::new("."),
-        &["demo", dir.to_str().unwrap(), "--format", "json"],
-    );
+fn demo_at(dir: &Path, lake: &LakeAt) -> serde_json::Value {
+    let mut args = vec!["demo", dir.to_str().unwrap(), "--format", "json"];
+    let extra = lake.demo_args();
+    args.extend(extra.iter().map(String::as_str));
+    let out = weir(Path::new("."), &args);
     serde_json::from_str(&ok(&out)).expect("run summary is JSON")
 }
 
 #[test]
 fn demo_golden_rerun_and_new_file() {
+    golden(LakeAt::local());
+}
+
+/// The same end-to-end run with the lake on the S3-compatible test server.
+#[test]
+fn demo_golden_rerun_and_new_file_on_s3() {
+    golden(LakeAt::s3("golden"));
+}
+
+fn golden(lake: LakeAt) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let s = demo(&dir);
+    let s = demo_at(&dir, &lake);
     assert_eq!(s["ok"], true);
     // read == written + quarantined for every pipeline.
     assert_eq!(counts(&s, "customers"), (52, 50, 2));
@@ -225,13 +235,23 @@ fn demo_golden_rerun_and_new_file() {
     );
 
     // Another engine reads the same rows.
-    other_reader_agrees(&dir);
+    other_reader_agrees(&dir, &lake);
 }
 
 #[test]
 fn demo_star_schema_and_a_second_day_of_history() {
+    star_schema(LakeAt::local());
+}
+
+#[test]
+fn demo_star_schema_and_a_second_day_of_history_on_s3() {
+    star_schema(LakeAt::s3("star"));
+}
+
+fn star_schema(lake: LakeAt) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
+    let demo = |dir: &Path| demo_at(dir, &lake);
     let s = demo(&dir);
     for m in ["dim_customer", "dim_product", "dim_date", "fct_sales"] {
         assert_eq!(asset(&s, m)["status"], "succeeded", "{m}");
@@ -343,7 +363,7 @@ fn demo_star_schema_and_a_second_day_of_history() {
 }
 
 /// Reads raw.orders with the `deltalake` Python package and compares with weir.
-fn other_reader_agrees(dir: &Path) {
+fn other_reader_agrees(dir: &Path, lake: &LakeAt) {
     let have = std::process::Command::new("python3")
         .args(["-c", "import deltalake, pyarrow"])
         .status()
@@ -359,13 +379,23 @@ fn other_reader_agrees(dir: &Path) {
     }
     let script = r#"
 import os, sys, json, deltalake, pyarrow.compute as pc
-t = deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table()
+t = deltalake.DeltaTable(sys.argv[1], storage_options=json.loads(sys.argv[2])).to_pyarrow_table()
 print(json.dumps({"rows": t.num_rows, "sum": pc.sum(t["order_id"]).as_py(), "dates": sorted({str(d) for d in t["order_date"].to_pylist()})}), flush=True)
 # pyarrow's thread pools can abort at interpreter shutdown (apache/arrow#34314): skip it.
 os._exit(0)
 "#;
+    let (uri, options) = lake.table_uri(dir, "raw.orders");
+    let options: serde_json::Map<String, serde_json::Value> = options
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
     let out = std::process::Command::new("python3")
-        .args(["-c", script, dir.join("lake/raw/orders").to_str().unwrap()])
+        .args([
+            "-c",
+            script,
+            &uri,
+            &serde_json::Value::Object(options).to_string(),
+        ])
         .output()
         .unwrap();
     assert!(

@@ -12,11 +12,115 @@ mod partitions;
 mod postgres;
 mod progress;
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::process::{Command, Output};
 
+thread_local! {
+    /// Environment every `weir` of this test gets: the S3 server's endpoint and keys when
+    /// the test's lake is on it.
+    static ENV: RefCell<Vec<(&'static str, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where a test's lake lives: the project's `lake` directory, or a fresh prefix of the
+/// S3-compatible test server's bucket. The same test runs on both.
+pub struct LakeAt {
+    url: Option<String>,
+}
+
+impl LakeAt {
+    pub fn local() -> Self {
+        Self { url: None }
+    }
+
+    /// A new prefix on the shared S3 server; this thread's `weir` calls get its options.
+    pub fn s3(test: &str) -> Self {
+        let server = weir_test::S3Server::shared();
+        ENV.with(|e| *e.borrow_mut() = server.options());
+        Self {
+            url: Some(format!(
+                "s3://{}/{test}-{}/lake",
+                weir_test::S3Server::BUCKET,
+                uuid::Uuid::new_v4().simple()
+            )),
+        }
+    }
+
+    /// The `lake:` line of weir.yaml (none for the default local lake).
+    pub fn yaml(&self) -> String {
+        self.url
+            .as_ref()
+            .map(|u| format!("lake: {u}\n"))
+            .unwrap_or_default()
+    }
+
+    /// `weir demo` arguments that put the lake here.
+    pub fn demo_args(&self) -> Vec<String> {
+        self.url
+            .iter()
+            .flat_map(|u| ["--lake".to_string(), u.clone()])
+            .collect()
+    }
+
+    /// Table `schema.table`'s location and the storage options to read it with.
+    pub fn table_uri(&self, project: &Path, table: &str) -> (String, Vec<(&'static str, String)>) {
+        let rel = table.replace('.', "/");
+        match &self.url {
+            Some(u) => (format!("{u}/{rel}"), ENV.with(|e| e.borrow().clone())),
+            None => (
+                project
+                    .join("lake")
+                    .join(rel)
+                    .to_string_lossy()
+                    .into_owned(),
+                vec![],
+            ),
+        }
+    }
+
+    /// The Parquet files directly under table `schema.table`, sorted.
+    pub fn data_files(&self, project: &Path, table: &str) -> Vec<String> {
+        let (uri, options) = self.table_uri(project, table);
+        let mut files: Vec<String> = match &self.url {
+            None => std::fs::read_dir(&uri)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect(),
+            Some(_) => {
+                let (bucket, prefix) = uri
+                    .strip_prefix("s3://")
+                    .and_then(|r| r.split_once('/'))
+                    .unwrap();
+                let script = "import sys, boto3\n\
+                    s3 = boto3.client('s3')\n\
+                    pages = s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], Prefix=sys.argv[2] + '/', Delimiter='/')\n\
+                    for p in pages:\n    for o in p.get('Contents', []): print(o['Key'].rsplit('/', 1)[1])\n";
+                let out = Command::new("python3")
+                    .args(["-c", script, bucket, prefix])
+                    .envs(options)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            }
+        };
+        files.retain(|n| n.ends_with(".parquet"));
+        files.sort();
+        files
+    }
+}
+
 pub fn weir(project: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
+        .envs(ENV.with(|e| e.borrow().clone()))
         .arg("--project")
         .arg(project)
         .args(args)

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::{ok, query, weir, write};
+use crate::{ok, query, weir, write, LakeAt};
 
 /// `weir table COMMAND raw.events ARGS --format json`, parsed.
 fn table_json(d: &Path, command: &str, args: &[&str]) -> serde_json::Value {
@@ -18,22 +18,21 @@ fn rows(d: &Path) -> Vec<serde_json::Value> {
     query(d, "select * from raw.events order by id")
 }
 
-fn data_files(d: &Path) -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(d.join("lake/raw/events"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".parquet"))
-        .collect();
-    files.sort();
-    files
+#[test]
+fn optimize_restore_time_travel_and_vacuum() {
+    maintenance_on(LakeAt::local());
 }
 
 #[test]
-fn optimize_restore_time_travel_and_vacuum() {
+fn optimize_restore_time_travel_and_vacuum_on_s3() {
+    maintenance_on(LakeAt::s3("maintenance"));
+}
+
+fn maintenance_on(lake: LakeAt) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(d, "weir.yaml", "name: t\n");
+    let data_files = |d: &Path| lake.data_files(d, "raw.events");
+    write(d, "weir.yaml", &format!("name: t\n{}", lake.yaml()));
     write(
         d,
         "pipelines/events.yaml",
@@ -219,9 +218,18 @@ fn files_scanned(d: &Path, sql: &str) -> (u64, u64) {
 
 #[test]
 fn zorder_keeps_rows_and_skips_files() {
+    zorder_on(LakeAt::local());
+}
+
+#[test]
+fn zorder_keeps_rows_and_skips_files_on_s3() {
+    zorder_on(LakeAt::s3("zorder"));
+}
+
+fn zorder_on(lake: LakeAt) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(d, "weir.yaml", "name: t\n");
+    write(d, "weir.yaml", &format!("name: t\n{}", lake.yaml()));
     write(
         d,
         "pipelines/points.yaml",

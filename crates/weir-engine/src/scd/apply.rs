@@ -215,7 +215,7 @@ pub async fn apply(
 
     // The changes of later loads without their dimension: the dimension was removed, and
     // loading again would skip this input as already stored.
-    if !lake.exists(table) && lake.exists(&changes) {
+    if !lake.exists(table).await && lake.exists(&changes).await {
         let stored = lake.open(&changes).await?;
         if let Some(c) = lake.txn_version(&stored, app).await?.filter(|c| *c > n) {
             return Err(Error::user(format!(
@@ -314,7 +314,7 @@ pub async fn apply(
     // 2. The affected keys' history.
     let all_name = "__weir_scd_changes";
     register_lake_table(ctx, lake, &changes, all_name).await?;
-    let exists = lake.exists(table);
+    let exists = lake.exists(table).await;
     let old_name = "__weir_scd_old";
     let mut rebuild = load.rebuild || dim.scd == ScdType::Snapshot || !exists;
     if exists {
@@ -507,7 +507,7 @@ async fn inferred_changes(
         "select s.* from ({sql}) s left anti join (select distinct {keys} from {input_name}) i on {}",
         on("i")
     );
-    if lake.exists(changes) {
+    if lake.exists(changes).await {
         register_lake_table(ctx, lake, changes, "__weir_scd_known").await?;
         sql = format!(
             "select s.* from ({sql}) s left anti join (select distinct {keys} from __weir_scd_known) k on {}",
