@@ -227,7 +227,7 @@ enum TableCommand {
         #[arg(long, value_delimiter = ',')]
         zorder: Vec<String>,
         /// The file size to aim for: `128MiB`, `512KiB`, `1GiB` (default 100MiB).
-        #[arg(long, value_name = "SIZE", value_parser = output::parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = weir_config::parse_size)]
         target_size: Option<u64>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -252,6 +252,17 @@ enum TableCommand {
     /// bytes a vacuum would free, with suggested maintenance; every table without NAME.
     Stats {
         name: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Apply the tables' maintenance policies (`maintenance:` in weir.yaml) now: retention,
+    /// compaction when enough files are small, vacuum when due. Every table with a policy
+    /// without NAME.
+    Maintain {
+        name: Option<String>,
+        /// Say what each policy would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -712,6 +723,48 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 report.push(lake.health(n).await?);
             }
             output::print_health(&report, format == Format::Json);
+            Ok(0)
+        }
+        Command::Table {
+            command:
+                TableCommand::Maintain {
+                    name,
+                    dry_run,
+                    format,
+                },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let named = name.is_some();
+            let names = match name {
+                Some(n) => vec![n],
+                None => lake.list().await?,
+            };
+            let mut reports = Vec::new();
+            for n in &names {
+                let Some(policy) = project.maintenance_for(n) else {
+                    if named {
+                        return Err(Error::user(format!("`{n}` has no maintenance policy"))
+                            .with_hint(
+                                "add one under `maintenance:` in weir.yaml (docs/lake.md)",
+                            ));
+                    }
+                    continue;
+                };
+                reports.push(lake.maintain(n, policy, dry_run).await?);
+            }
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).unwrap_or_default()
+                );
+            } else if reports.is_empty() {
+                eprintln!("no table has a maintenance policy: see `maintenance:` in docs/lake.md");
+            } else {
+                for r in &reports {
+                    println!("{}: {}", r.table, output::maintenance_summary(r));
+                }
+            }
             Ok(0)
         }
         Command::Table {

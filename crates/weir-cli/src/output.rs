@@ -216,6 +216,19 @@ pub fn run_table(s: &RunSummary) -> String {
                 out.push_str(&format!("    warn {}: {}\n", c.name, c.message));
             }
         }
+        if let Some(m) = &a.maintenance {
+            let done = maintenance_summary(m);
+            if !done.is_empty() {
+                out.push_str(&format!("  {}: maintenance: {done}\n", a.name));
+            }
+        }
+        if let Some(note) = a
+            .note
+            .as_deref()
+            .filter(|n| n.contains("maintenance failed"))
+        {
+            out.push_str(&format!("  {}: {note}\n", a.name));
+        }
         if let Some(e) = &a.error {
             let text = e.replace('\n', "\n    ");
             out.push_str(&format!(
@@ -226,6 +239,34 @@ pub fn run_table(s: &RunSummary) -> String {
         }
     }
     out
+}
+
+/// What a maintenance policy did (or would do), in a few words per step.
+pub fn maintenance_summary(m: &weir_lake::MaintenanceReport) -> String {
+    let (del, comp, vac) = if m.dry_run {
+        ("would delete", "would compact", "would vacuum")
+    } else {
+        ("deleted", "compacted", "vacuumed")
+    };
+    let mut steps = Vec::new();
+    if let Some(r) = &m.retention {
+        steps.push(format!(
+            "retention {del} {} rows in {} files older than {}",
+            r.rows, r.files, r.cutoff
+        ));
+    }
+    if let Some(o) = &m.optimize {
+        steps.push(if m.dry_run {
+            format!("{comp} {} small files", o.files_removed)
+        } else {
+            format!("{comp} {} files into {}", o.files_removed, o.files_added)
+        });
+    }
+    if let Some(v) = &m.vacuum {
+        steps.push(format!("{vac} {} files", v.files.len()));
+    }
+    steps.extend(m.skipped.iter().map(|s| format!("skipped {s}")));
+    steps.join("; ")
 }
 
 pub fn print_batches(batches: &[RecordBatch], csv: bool, json: bool) -> Result<(), Error> {
@@ -410,30 +451,6 @@ pub fn print_health(tables: &[weir_lake::TableHealth], json: bool) {
     }
 }
 
-/// A size in bytes from `100MiB`, `512KiB`, `2GB` (units are powers of 1024) or `4096`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size: write e.g. 128MiB or 512KiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        other => return Err(format!("unknown size unit `{other}`: use KiB, MiB or GiB")),
-    };
-    let bytes = number * (1u64 << shift) as f64;
-    if bytes < 1.0 {
-        return Err(format!("`{text}` is below one byte"));
-    }
-    Ok(bytes as u64)
-}
-
 /// One result: JSON on stdout with `json`, else the text line(s).
 pub fn print_record(record: serde_json::Value, json: bool, text: &str) {
     if json {
@@ -468,16 +485,5 @@ mod tests {
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(thousands(12), "12");
         assert_eq!(human_bytes(2048), "2.0 KiB");
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
-        assert_eq!(parse_size("512 kb"), Ok(512 << 10));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12 parsecs").unwrap_err().contains("parsecs"));
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("0").is_err());
     }
 }

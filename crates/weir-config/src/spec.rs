@@ -48,6 +48,10 @@ pub struct ProjectConfig {
     /// Where failed runs and missed freshness SLAs are reported.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Per-table maintenance (compaction, vacuum, retention), applied after writes and
+    /// by `weir table maintain`.
+    #[serde(default)]
+    pub maintenance: Vec<crate::MaintenancePolicy>,
 }
 
 /// Alerts: a JSON POST to a webhook for every failed run and missed freshness SLA.
@@ -914,6 +918,7 @@ impl crate::yaml::ConfigKeys for ProjectConfig {
         "schedules",
         "sensors",
         "alerts",
+        "maintenance",
         "alerts.webhook",
         "state.connection",
         "state.path",

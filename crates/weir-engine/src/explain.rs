@@ -5,12 +5,9 @@
 //! pages pruned by statistics) appear in the plan.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use datafusion::datasource::physical_plan::FileScanConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
-use datafusion::physical_plan::{displayable, ExecutionPlan};
+use datafusion::physical_plan::displayable;
 use datafusion::prelude::SessionContext;
 use serde::Serialize;
 use weir_common::Error;
@@ -54,7 +51,7 @@ pub async fn explain(
             .map_err(failed)?;
     }
     let mut files = BTreeSet::new();
-    data_files(&plan, &mut files);
+    weir_lake::plan_files(&plan, &mut files);
     let tables = scanned
         .iter()
         .map(|s| {
@@ -81,22 +78,6 @@ pub async fn explain(
         analyzed: analyze,
         plan: shown,
     })
-}
-
-/// The object-store paths of every file the plan's file scans read.
-fn data_files(plan: &Arc<dyn ExecutionPlan>, out: &mut BTreeSet<String>) {
-    if let Some(source) = plan.downcast_ref::<DataSourceExec>() {
-        if let Some(config) = source.data_source().downcast_ref::<FileScanConfig>() {
-            for group in &config.file_groups {
-                for f in group.iter() {
-                    out.insert(f.object_meta.location.to_string());
-                }
-            }
-        }
-    }
-    for child in plan.children() {
-        data_files(child, out);
-    }
 }
 
 /// The text form: one line per table, then the plan.

@@ -18,6 +18,7 @@
 mod health;
 mod log;
 mod maintenance;
+mod policy;
 mod table;
 mod travel;
 mod write;
@@ -27,6 +28,7 @@ pub use log::VersionCounts;
 pub use maintenance::{
     OptimizeMetrics, OptimizeSpec, RestoreMetrics, VacuumMetrics, MIN_RETENTION,
 };
+pub use policy::{plan_files, MaintenanceReport, RetentionMetrics};
 pub use table::{HistoryEntry, Lake, TableStats};
 pub use travel::AsOf;
 pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};

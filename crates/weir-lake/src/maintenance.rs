@@ -200,7 +200,7 @@ fn file_count(table: &deltalake::DeltaTable) -> u64 {
 }
 
 /// `7d`, `12h`, `90s`: the largest whole unit.
-fn duration_text(d: Duration) -> String {
+pub(crate) fn duration_text(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => "0s".into(),

@@ -109,7 +109,7 @@ impl Lake {
     }
 
     /// The object store rooted at `url`.
-    fn store_at(&self, url: Url) -> Result<Arc<dyn ObjectStore>, Error> {
+    pub(crate) fn store_at(&self, url: Url) -> Result<Arc<dyn ObjectStore>, Error> {
         Ok(self
             .builder(url.clone())?
             .build_storage()

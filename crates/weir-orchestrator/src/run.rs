@@ -67,6 +67,9 @@ pub struct AssetResult {
     /// The partition built, for partitioned models.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<String>,
+    /// What the table's maintenance policy did after the write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<weir_lake::MaintenanceReport>,
 }
 
 impl AssetResult {
@@ -100,6 +103,7 @@ impl AssetResult {
             note: None,
             checks: Vec::new(),
             partition: None,
+            maintenance: None,
         }
     }
 }
@@ -634,8 +638,8 @@ impl AssetCtx<'_> {
             }
         };
         let mut r = match outcome {
-            Ok(r) => {
-                self.after_success(i, &r).await;
+            Ok(mut r) => {
+                self.after_success(i, &mut r).await;
                 r
             }
             Err(e) => {
@@ -675,8 +679,9 @@ impl AssetCtx<'_> {
         }
     }
 
-    /// Assets without checks: metrics of what this run committed.
-    async fn after_success(&self, i: usize, r: &AssetResult) {
+    /// Assets without checks: metrics of what this run committed; then the table's
+    /// maintenance policy, if it has one.
+    async fn after_success(&self, i: usize, r: &mut AssetResult) {
         let asset = &self.graph.assets[i];
         let delta = match &asset.kind {
             AssetKind::Pipeline(p) => {
@@ -705,7 +710,38 @@ impl AssetCtx<'_> {
                 tracing::warn!(asset = %asset.name, error = %e, "recording metrics failed");
             }
         }
+        let wrote = r.rows_written > 0 || r.rows_deleted > 0;
+        if let (true, true, Some(policy)) =
+            (delta, wrote, self.project.maintenance_for(&asset.table))
+        {
+            // The data is committed: a maintenance failure is reported, not the asset's.
+            let retry = policy_retry(self.project);
+            match weir_common::retry::retry(
+                &retry,
+                |_, e, _| tracing::warn!(table = %asset.table, error = %e, "maintenance conflicted; retrying"),
+                |_| self.lake.maintain(&asset.table, policy, false),
+            )
+            .await
+            {
+                Ok(report) => r.maintenance = Some(report),
+                Err(e) => {
+                    tracing::warn!(table = %asset.table, error = %e, "maintenance failed");
+                    let note = format!("maintenance failed: {}", e.message);
+                    r.note = Some(match r.note.take() {
+                        Some(n) => format!("{n}; {note}"),
+                        None => note,
+                    });
+                }
+            }
+        }
     }
+}
+
+/// Retries of a maintenance step that conflicted with a concurrent commit.
+fn policy_retry(project: &Project) -> RetryPolicy {
+    let mut p = policy(&project.config.retry);
+    p.max_attempts = p.max_attempts.max(5);
+    p
 }
 
 fn humanize(d: Duration) -> String {

@@ -290,3 +290,97 @@ fn zorder_on(lake: LakeAt) {
         "z-order should let the filter skip most files: {scanned} of {total} scanned"
     );
 }
+
+/// `weir run --format json`, parsed; the summary of asset `name`.
+fn run_asset(d: &Path, name: &str) -> serde_json::Value {
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(&weir(d, &["run", "--format", "json"]))).unwrap();
+    s["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn maintenance_policies_retain_compact_and_vacuum() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let project = "name: t\n";
+    write(d, "weir.yaml", project);
+    write(
+        d,
+        "pipelines/events.yaml",
+        "source:\n  type: files\n  path: data/*.csv\nsink:\n  table: raw.events\n  mode: append\n  partition_by: [day]\n",
+    );
+    let today = chrono::Utc::now().date_naive();
+    let day = |ago: i64| (today - chrono::Duration::days(ago)).to_string();
+    // Five loads, each with rows of a recent day and of a day 100 days back: two
+    // partitions with five small files each.
+    for f in 0..5 {
+        let mut csv = vec!["id,day".to_string()];
+        for i in 0..20 {
+            let ago = if i % 4 == 0 { 100 } else { 1 };
+            csv.push(format!("{},{}", f * 20 + i, day(ago)));
+        }
+        write(d, &format!("data/{f}.csv"), &csv.join("\n"));
+        ok(&weir(d, &["run", "--quiet"]));
+    }
+    assert_eq!(query(d, "select * from raw.events").len(), 100);
+
+    let policy = "maintenance:\n  - tables: [\"raw.*\"]\n    retention: {column: day, keep: 30d}\n    optimize: {min_small_files: 3}\n    vacuum: {every: 7d}\n";
+    write(d, "weir.yaml", &format!("{project}{policy}"));
+    let maintain = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["table", "maintain"];
+        all.extend_from_slice(args);
+        all.extend(["--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(ok(&weir(d, &all)).trim()).unwrap();
+        v[0].clone()
+    };
+    // The dry run predicts; nothing changes.
+    let dry = maintain(&["--dry-run"]);
+    assert_eq!(dry["retention"]["rows"], 25, "{dry}");
+    assert_eq!(dry["retention"]["files"], 5, "{dry}");
+    assert_eq!(dry["optimize"]["files_removed"], 5, "{dry}");
+    assert_eq!(dry["vacuum"]["files"].as_array().unwrap().len(), 0, "{dry}");
+    assert_eq!(query(d, "select * from raw.events").len(), 100);
+
+    // The real run does what the dry run said.
+    let real = maintain(&[]);
+    assert_eq!(real["retention"], dry["retention"], "{real}");
+    assert_eq!(real["optimize"]["files_removed"], 5, "{real}");
+    assert_eq!(real["optimize"]["files_added"], 1, "{real}");
+    let left = query(d, "select id, day from raw.events order by id");
+    assert_eq!(left.len(), 75);
+    assert!(left.iter().all(|r| r["day"] == day(1)), "old rows left");
+    // Vacuum ran (nothing old enough to delete) and is not due again for a week.
+    assert!(real["vacuum"].is_object(), "{real}");
+    let again = maintain(&[]);
+    assert!(again["vacuum"].is_null(), "{again}");
+    assert!(
+        again["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().starts_with("vacuum: last one")),
+        "{again}"
+    );
+
+    // After a write, the policy runs by itself: one more load brings an old row and a
+    // third small file to the recent day... which is not yet enough to compact.
+    let csv = format!("id,day\n500,{}\n501,{}\n", day(200), day(1));
+    write(d, "data/5.csv", &csv);
+    let a = run_asset(d, "events");
+    let m = &a["maintenance"];
+    assert_eq!(m["retention"]["rows"], 1, "{a}");
+    assert!(m["optimize"].is_null(), "{a}");
+    assert_eq!(query(d, "select * from raw.events").len(), 76);
+
+    // A table without a policy, named: a clear error.
+    write(d, "weir.yaml", project);
+    let out = weir(d, &["table", "maintain", "raw.events"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no maintenance policy"));
+}
