@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|orchestration|all] [args...]`.
+# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|tpch|orchestration|all] [args...]`.
 # Not part of the test suite; numbers go to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ weir="$CARGO_TARGET_DIR/release/weir"
 if [ "$which" = csv ] || [ "$which" = all ]; then python3 bench/ingest_csv.py --weir "$weir" "$@"; fi
 if [ "$which" = pg ] || [ "$which" = all ]; then python3 bench/pg.py --weir "$weir" "$@"; fi
 if [ "$which" = checks ] || [ "$which" = all ]; then python3 bench/checks.py --weir "$weir" "$@"; fi
+if [ "$which" = tpch ] || [ "$which" = all ]; then python3 bench/tpch.py --weir "$weir" "$@"; fi
 if [ "$which" = orchestration ] || [ "$which" = all ]; then
   python3 -c "import dagster" 2>/dev/null || python3 -m pip install --quiet dagster
   python3 bench/orchestration.py --weir "$weir" "$@"

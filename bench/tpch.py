@@ -97,16 +97,27 @@ def load(weir, work, src):
 
 
 def small_files(weir, work, files):
-    import deltalake, pyarrow as pa
+    import json, deltalake, pyarrow as pa, pyarrow.parquet as pq
+    from deltalake.transaction import AddAction, create_table_with_add_actions
     rows_per_file = 100
     n = files * rows_per_file
-    table = pa.table({"id": pa.array(range(n), pa.int64()),
-                      "v": pa.array([i % 97 for i in range(n)], pa.int64())})
     base = os.path.join(work, "small", "lake", "bench", "events")
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    # One commit of `files` files: a table that many small appends leave behind.
-    deltalake.write_deltalake(base, table, max_rows_per_file=rows_per_file,
-                              max_rows_per_group=rows_per_file, min_rows_per_group=rows_per_file)
+    os.makedirs(base, exist_ok=True)
+    # One commit of `files` files of 100 rows: what many small appends leave behind.
+    adds, now = [], int(time.time() * 1000)
+    for i in range(files):
+        lo = i * rows_per_file
+        part = pa.table({"id": pa.array(range(lo, lo + rows_per_file), pa.int64()),
+                         "v": pa.array([j % 97 for j in range(lo, lo + rows_per_file)], pa.int64())})
+        name = f"part-{i:05}.parquet"
+        pq.write_table(part, os.path.join(base, name), compression="zstd")
+        stats = {"numRecords": rows_per_file,
+                 "minValues": {"id": lo, "v": 0}, "maxValues": {"id": lo + rows_per_file - 1, "v": 96},
+                 "nullCount": {"id": 0, "v": 0}}
+        adds.append(AddAction(name, os.path.getsize(os.path.join(base, name)), {}, now, True,
+                              json.dumps(stats)))
+    schema = deltalake.Schema.from_arrow(part.schema)
+    create_table_with_add_actions(base, schema, adds, mode="error")
     got = len(deltalake.DeltaTable(base).file_uris())
     other = os.path.join(work, "small-copy")
     shutil.copytree(base, other)

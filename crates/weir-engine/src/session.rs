@@ -42,8 +42,12 @@ pub(crate) async fn register_provider(
     table
         .update_datafusion_session(&ctx.state())
         .map_err(|e| weir_lake::delta_error(name, e))?;
+    // With the session, the scan takes its Parquet settings: no row-level filter pushdown
+    // (DataFusion's default), which reads TPC-H's selective scans faster than decoding
+    // with the filter, and file skipping by the log's statistics stays.
     let provider = table
         .table_provider()
+        .with_session(Arc::new(ctx.state()))
         .await
         .map_err(|e| Error::internal(format!("table provider for `{name}`: {e}")))?;
     let _ = ctx.deregister_table(target.clone());

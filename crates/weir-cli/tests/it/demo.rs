@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{ok, query, scalar, weir, LakeAt};
+use crate::{ok, python, query, scalar, weir, LakeAt};
 
 fn asset<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     summary["assets"]
@@ -389,21 +389,9 @@ os._exit(0)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            script,
-            &uri,
-            &serde_json::Value::Object(options).to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let options = serde_json::Value::Object(options).to_string();
+    let out = python(script, &[&uri, &options], vec![]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["rows"], scalar(dir, "select count(*) from raw.orders"));
     assert_eq!(
         v["sum"],

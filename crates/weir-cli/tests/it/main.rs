@@ -96,17 +96,7 @@ impl LakeAt {
                     s3 = boto3.client('s3')\n\
                     pages = s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], Prefix=sys.argv[2] + '/', Delimiter='/')\n\
                     for p in pages:\n    for o in p.get('Contents', []): print(o['Key'].rsplit('/', 1)[1])\n";
-                let out = Command::new("python3")
-                    .args(["-c", script, bucket, prefix])
-                    .envs(options)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&python(script, &[bucket, prefix], options))
                     .lines()
                     .map(str::to_string)
                     .collect()
@@ -116,6 +106,23 @@ impl LakeAt {
         files.sort();
         files
     }
+}
+
+/// Runs a Python script with `args` and `envs`; its standard output (it must succeed).
+pub fn python(script: &str, args: &[&str], envs: Vec<(&str, String)>) -> Vec<u8> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .envs(envs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 pub fn weir(project: &Path, args: &[&str]) -> Output {
