@@ -21,7 +21,8 @@ pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
 pub use dimension::{DeleteMode, Dimension, ScdType, DEFAULT_SURROGATE_KEY, UNKNOWN_MEMBER};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};
 pub use maintenance::{
-    parse_size, table_matches, MaintenancePolicy, OptimizePolicy, RetentionPolicy, VacuumPolicy,
+    parse_size, table_matches, MaintenancePolicy, OptimizePolicy, RetentionPolicy, TieringPolicy,
+    VacuumPolicy,
 };
 pub use partition::{mentions_partition, PartitionEvery, PartitionWindow, PartitionsConfig};
 pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};

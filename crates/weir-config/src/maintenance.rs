@@ -7,6 +7,7 @@
 //!     optimize: {min_small_files: 10, target_size: 128MiB, zorder: [customer_id]}
 //!     vacuum: {every: 7d, retain: 7d}
 //!     retention: {column: event_date, keep: 400d}
+//!     tiering: {column: event_date, after: 90d, to: /mnt/cold/lake}
 //! ```
 
 use std::time::Duration;
@@ -30,6 +31,22 @@ pub struct MaintenancePolicy {
     /// Delete rows older than a duration (whole files, when `column` partitions the table).
     #[serde(default)]
     pub retention: Option<RetentionPolicy>,
+    /// Move the files of old partitions to a cold location; the table keeps reading them.
+    #[serde(default)]
+    pub tiering: Option<TieringPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TieringPolicy {
+    /// A date or timestamp column that partitions the table.
+    pub column: String,
+    /// Partitions older than this move (`90d`).
+    #[serde(deserialize_with = "de_duration")]
+    pub after: Duration,
+    /// The cold location: an absolute directory or an object-store URL (on S3, in the
+    /// lake's bucket); the table's files go under `<to>/<schema>/<table>/`.
+    pub to: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

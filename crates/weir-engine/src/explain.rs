@@ -55,7 +55,7 @@ pub async fn explain(
     let tables = scanned
         .iter()
         .map(|s| {
-            let read = files.iter().filter(|f| f.starts_with(&s.root)).count() as u64;
+            let read = files.iter().filter(|f| s.paths.contains(*f)).count() as u64;
             TableScan {
                 table: s.table.clone(),
                 as_of: s.as_of.map(|a| a.to_string()),

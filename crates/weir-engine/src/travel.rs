@@ -22,8 +22,9 @@ pub struct Scanned {
     pub version: u64,
     /// Its data files at that version.
     pub files: u64,
-    /// Its root, as object-store paths of its files start (`tmp/lake/raw/events/`).
-    pub root: String,
+    /// Its data files at that version, as the object-store paths a plan reads (tiered
+    /// files included, wherever they are).
+    pub paths: std::collections::BTreeSet<String>,
 }
 
 /// One `table@point` reference found in SQL.
@@ -98,11 +99,23 @@ async fn register_at(
     if let Some(schema) = target.schema() {
         ensure_schema(ctx, schema)?;
     }
-    let files = table
-        .snapshot()
-        .map(|s| s.log_data().iter().count() as u64)
-        .unwrap_or(0);
     let root = table.table_url().path().trim_start_matches('/').to_string();
+    let paths: std::collections::BTreeSet<String> = table
+        .snapshot()
+        .map(|s| {
+            s.log_data()
+                .iter()
+                .map(|f| {
+                    let p = f.path();
+                    match url::Url::parse(&p) {
+                        Ok(u) if p.contains("://") => u.path().trim_start_matches('/').to_string(),
+                        _ => format!("{root}{p}"),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let files = paths.len() as u64;
     let version = table.version().unwrap_or(0);
     register_provider(ctx, &table, name, target).await?;
     Ok(Scanned {
@@ -110,7 +123,7 @@ async fn register_at(
         as_of,
         version,
         files,
-        root,
+        paths,
     })
 }
 

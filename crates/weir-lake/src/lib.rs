@@ -20,6 +20,7 @@ mod log;
 mod maintenance;
 mod policy;
 mod table;
+mod tier;
 mod travel;
 mod write;
 
@@ -30,6 +31,7 @@ pub use maintenance::{
 };
 pub use policy::{plan_files, MaintenanceReport, RetentionMetrics};
 pub use table::{HistoryEntry, Lake, TableStats};
+pub use tier::TieringMetrics;
 pub use travel::AsOf;
 pub use write::{cast_to_table, WriteMetrics, WriteOptions, WriteSpec};
 

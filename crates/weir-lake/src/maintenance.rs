@@ -87,6 +87,9 @@ impl Lake {
                 }
             }
         }
+        // Partitions holding tiered (cold) files are left alone: compacting them would
+        // bring their rows back to the hot location.
+        let cold = cold_partitions(&table);
         let mut builder = table.optimize().with_type(if spec.zorder.is_empty() {
             OptimizeType::Compact
         } else {
@@ -94,6 +97,19 @@ impl Lake {
         });
         if let Some(size) = spec.target_size.and_then(NonZeroU64::new) {
             builder = builder.with_target_size(size);
+        }
+        let filters: Vec<deltalake::FilterLiteral<'_>> = cold
+            .iter()
+            .map(|(column, values)| {
+                (
+                    column.as_str(),
+                    deltalake::FilterOp::NotIn,
+                    deltalake::FilterValue::Set(values.iter().map(String::as_str).collect()),
+                )
+            })
+            .collect();
+        if !filters.is_empty() {
+            builder = builder.with_filters(&filters);
         }
         let (table, m) = builder
             .await
@@ -189,6 +205,31 @@ impl Lake {
             files_restored: m.num_restored_file as u64,
         })
     }
+}
+
+/// For each partition column, the values of the partitions that hold files at absolute
+/// (tiered) locations.
+pub(crate) fn cold_partitions(
+    table: &deltalake::DeltaTable,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let Ok(snap) = table.snapshot() else {
+        return out;
+    };
+    for f in snap.log_data().iter() {
+        if !f.path().contains("://") {
+            continue;
+        }
+        for (column, value) in f.partition_values_map() {
+            if let Some(v) = value {
+                let values = out.entry(column).or_default();
+                if !values.contains(&v) {
+                    values.push(v);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The data files of the table's current version.

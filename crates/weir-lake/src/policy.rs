@@ -34,6 +34,8 @@ pub struct MaintenanceReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionMetrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiering: Option<crate::tier::TieringMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub optimize: Option<OptimizeMetrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vacuum: Option<VacuumMetrics>,
@@ -64,20 +66,44 @@ impl Lake {
             report.retention = Some(m);
             gone = files;
         }
+        // Files tiering moves (in a dry run) are left out of compaction too.
+        let mut moving: Vec<String> = Vec::new();
+        if let Some(rule) = &policy.tiering {
+            let m = self.tier(name, rule, dry_run).await?;
+            if dry_run {
+                moving = m.files.clone();
+            }
+            report.tiering = Some(m);
+        }
         if let Some(o) = &policy.optimize {
             let table = self.open_existing(name).await?;
             let snap = table.snapshot().map_err(|e| delta_error(name, e))?;
+            // Partitions with cold files are never compacted (that would bring them back);
+            // in a dry run, those tiering would move count as cold.
+            let mut cold: Vec<std::collections::HashMap<String, Option<String>>> = Vec::new();
+            for f in snap.log_data().iter() {
+                let path = f.path().to_string();
+                if path.contains("://") || moving.contains(&path) {
+                    cold.push(f.partition_values_map());
+                }
+            }
             // Small files by partition: a partition's lone small file stays as it is.
             let mut by_partition: std::collections::BTreeMap<Vec<(String, Option<String>)>, u64> =
                 Default::default();
             for f in snap.log_data().iter() {
                 let path = f.path().to_string();
+                let values = f.partition_values_map();
+                // As optimize filters: a partition value that a cold file has.
+                let in_cold = values
+                    .iter()
+                    .any(|(c, v)| v.is_some() && cold.iter().any(|m| m.get(c) == Some(v)));
                 if (f.size().max(0) as u64) >= o.small_file_size
+                    || in_cold
                     || gone.iter().any(|g| g.ends_with(&path))
                 {
                     continue;
                 }
-                let mut key: Vec<_> = f.partition_values_map().into_iter().collect();
+                let mut key: Vec<_> = values.into_iter().collect();
                 key.sort();
                 *by_partition.entry(key).or_default() += 1;
             }

@@ -381,7 +381,14 @@ impl Lake {
                         .and_then(|t| t.as_i64())
                         .and_then(chrono::DateTime::from_timestamp_millis)
                         .map(|d| d.to_rfc3339()),
-                    operation: field("operation").as_str().unwrap_or_default().to_string(),
+                    // weir's own operations (TIER) ride on a Delta one.
+                    operation: c
+                        .info
+                        .get("weir.operation")
+                        .unwrap_or(&field("operation"))
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     parameters: field("operationParameters"),
                     metrics: field("operationMetrics"),
                     weir: serde_json::Value::Object(weir),
