@@ -550,7 +550,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let graph = weir_engine::Graph::build(&project)?;
             let ctx = weir_orchestrator::project_session(&project, &lake, &graph).await?;
             let as_of = as_of.as_deref().map(weir_lake::AsOf::parse).transpose()?;
-            let (sql, scanned) = weir_engine::travel::prepare(&ctx, &lake, &sql, as_of).await?;
+            let (sql, scanned) =
+                weir_engine::travel::prepare(&ctx, &lake, &sql, as_of, explain).await?;
             if explain {
                 let e = weir_engine::explain::explain(&ctx, &sql, &scanned, analyze).await?;
                 output::print_record(

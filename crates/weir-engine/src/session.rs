@@ -1,24 +1,155 @@
 //! DataFusion sessions over the lake.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 
-use datafusion::catalog::MemorySchemaProvider;
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, TableProvider};
 use datafusion::common::TableReference;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::SessionContext;
 use weir_common::Error;
 use weir_lake::Lake;
 
-/// A session with every lake table registered as `schema.table`.
+/// A session in which every lake table is `schema.table`. Tables open on first use, so a
+/// query over a lake of hundreds of tables reads the logs of the ones it names only.
 pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
     let ctx = weir_lake::new_session();
-    for name in lake.list().await? {
-        register_table(&ctx, lake, &name).await?;
-    }
+    let mut names = lake.list().await?;
     // weir's own tables (`_weir.*`) are left out of listings but can be queried.
     if lake.exists("_weir.metrics").await {
-        register_table(&ctx, lake, "_weir.metrics").await?;
+        names.push("_weir.metrics".into());
+    }
+    let mut schemas: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in names {
+        if let Some((schema, table)) = name.split_once('.') {
+            schemas
+                .entry(schema.to_string())
+                .or_default()
+                .push(table.to_string());
+        }
+    }
+    let catalog = ctx
+        .catalog("weir")
+        .ok_or_else(|| Error::internal("catalog missing"))?;
+    let state = ctx.state();
+    for (schema, known) in schemas {
+        let provider = LakeSchema {
+            lake: lake.clone(),
+            schema: schema.clone(),
+            known,
+            config: state.config().clone(),
+            runtime: state.runtime_env().clone(),
+            tables: Default::default(),
+        };
+        catalog
+            .register_schema(&schema, Arc::new(provider))
+            .map_err(|e| Error::internal(format!("schema `{schema}`: {e}")))?;
     }
     Ok(ctx)
+}
+
+/// A schema of the lake: its tables open when a query first names them; tables
+/// registered in the session (re-registered after a write, views) take precedence.
+struct LakeSchema {
+    lake: Lake,
+    schema: String,
+    /// The lake's tables in this schema when the session started.
+    known: Vec<String>,
+    /// What a scan needs from the session (kept apart from it: the session holds this).
+    config: datafusion::prelude::SessionConfig,
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    tables: RwLock<HashMap<String, Arc<dyn TableProvider>>>,
+}
+
+impl std::fmt::Debug for LakeSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeSchema")
+            .field("schema", &self.schema)
+            .field("known", &self.known)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl SchemaProvider for LakeSchema {
+    fn table_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.known.clone();
+        if let Ok(t) = self.tables.read() {
+            names.extend(t.keys().filter(|k| !self.known.contains(k)).cloned());
+        }
+        names
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        if let Some(t) = self.tables.read().ok().and_then(|t| t.get(name).cloned()) {
+            return Ok(Some(t));
+        }
+        if !self.known.iter().any(|k| k == name) {
+            return Ok(None);
+        }
+        let full = format!("{}.{name}", self.schema);
+        let external = |e: Error| DataFusionError::External(Box::new(e));
+        let table = self.lake.open_existing(&full).await.map_err(external)?;
+        let provider = provider_for(&self.config, &self.runtime, &table, &full)
+            .await
+            .map_err(external)?;
+        if let Ok(mut t) = self.tables.write() {
+            t.entry(name.to_string())
+                .or_insert_with(|| provider.clone());
+        }
+        Ok(Some(provider))
+    }
+
+    fn register_table(
+        &self,
+        name: String,
+        table: Arc<dyn TableProvider>,
+    ) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let mut t = self
+            .tables
+            .write()
+            .map_err(|_| DataFusionError::Internal("lake schema lock poisoned".into()))?;
+        Ok(t.insert(name, table))
+    }
+
+    fn deregister_table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let mut t = self
+            .tables
+            .write()
+            .map_err(|_| DataFusionError::Internal("lake schema lock poisoned".into()))?;
+        Ok(t.remove(name))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.known.iter().any(|k| k == name)
+            || self.tables.read().is_ok_and(|t| t.contains_key(name))
+    }
+}
+
+/// A provider for the loaded `table` that scans with the session's settings (given apart
+/// from the session, which will hold the provider).
+async fn provider_for(
+    config: &datafusion::prelude::SessionConfig,
+    runtime: &Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    table: &deltalake::DeltaTable,
+    name: &str,
+) -> Result<Arc<dyn TableProvider>, Error> {
+    let session = SessionStateBuilder::new()
+        .with_config(config.clone())
+        .with_runtime_env(runtime.clone())
+        .build();
+    table
+        .update_datafusion_session(&session)
+        .map_err(|e| weir_lake::delta_error(name, e))?;
+    // With the session, the scan takes its Parquet settings: no row-level filter pushdown
+    // (DataFusion's default), which reads TPC-H's selective scans faster than decoding
+    // with the filter, and file skipping by the log's statistics stays.
+    table
+        .table_provider()
+        .with_session(Arc::new(session))
+        .await
+        .map_err(|e| Error::internal(format!("table provider for `{name}`: {e}")))
 }
 
 /// Registers (or re-registers) one lake table in `ctx`.
@@ -39,17 +170,8 @@ pub(crate) async fn register_provider(
     name: &str,
     target: TableReference,
 ) -> Result<(), Error> {
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| weir_lake::delta_error(name, e))?;
-    // With the session, the scan takes its Parquet settings: no row-level filter pushdown
-    // (DataFusion's default), which reads TPC-H's selective scans faster than decoding
-    // with the filter, and file skipping by the log's statistics stays.
-    let provider = table
-        .table_provider()
-        .with_session(Arc::new(ctx.state()))
-        .await
-        .map_err(|e| Error::internal(format!("table provider for `{name}`: {e}")))?;
+    let state = ctx.state();
+    let provider = provider_for(state.config(), state.runtime_env(), table, name).await?;
     let _ = ctx.deregister_table(target.clone());
     ctx.register_table(target, provider)
         .map_err(|e| Error::internal(format!("registering `{name}`: {e}")))?;

@@ -48,15 +48,21 @@ impl TravelRef {
 
 /// Rewrites the SQL's `table@point` references and registers those tables at their
 /// points; with `as_of`, every lake table the query names is registered at that point.
-/// Returns the SQL to run and the lake tables it reads.
+/// Returns the SQL to run and, with `scans` (for `--explain`) or time travel, the lake
+/// tables it reads.
 pub async fn prepare(
     ctx: &SessionContext,
     lake: &Lake,
     sql: &str,
     as_of: Option<AsOf>,
+    scans: bool,
 ) -> Result<(String, Vec<Scanned>), Error> {
     let (sql, refs) = rewrite(sql)?;
     let mut scanned = Vec::new();
+    if refs.is_empty() && as_of.is_none() && !scans {
+        // Plain references: the session opens them on first use.
+        return Ok((sql, scanned));
+    }
     for r in &refs {
         let name = format!("{}.{}", r.schema, r.table);
         scanned.push(register_at(ctx, lake, &name, Some(r.as_of), r.registered()).await?);
