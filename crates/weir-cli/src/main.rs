@@ -229,6 +229,9 @@ enum TableCommand {
         /// The file size to aim for: `128MiB`, `512KiB`, `1GiB` (default 100MiB).
         #[arg(long, value_name = "SIZE", value_parser = weir_config::parse_size)]
         target_size: Option<u64>,
+        /// Only this partition: `--partition day=2024-01-31` (repeat for several columns).
+        #[arg(long, value_name = "COLUMN=VALUE", value_parser = parse_partition)]
+        partition: Vec<(String, String)>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -281,6 +284,14 @@ enum TableCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+/// `day=2024-01-31` as `("day", "2024-01-31")`.
+fn parse_partition(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((c, v)) if !c.trim().is_empty() => Ok((c.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{text}`: write COLUMN=VALUE, e.g. day=2024-01-31")),
+    }
 }
 
 fn open_lake(project: &std::path::Path) -> Result<weir_lake::Lake, weir_common::Error> {
@@ -662,6 +673,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                     name,
                     zorder,
                     target_size,
+                    partition,
                     format,
                 },
         } => {
@@ -669,6 +681,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let spec = weir_lake::OptimizeSpec {
                 zorder,
                 target_size,
+                partitions: partition,
             };
             let m = lake.optimize(&name, &spec).await?;
             output::print_record(

@@ -31,6 +31,8 @@ pub struct OptimizeSpec {
     pub zorder: Vec<String>,
     /// The file size to aim for (default: delta-rs', 100 MiB).
     pub target_size: Option<u64>,
+    /// Only these partitions: `(column, value)` pairs, all of which must hold.
+    pub partitions: Vec<(String, String)>,
 }
 
 /// What `optimize` did.
@@ -90,6 +92,22 @@ impl Lake {
         // Partitions holding tiered (cold) files are left alone: compacting them would
         // bring their rows back to the hot location.
         let cold = cold_partitions(&table);
+        if !spec.partitions.is_empty() {
+            let columns = table
+                .snapshot()
+                .map_err(|e| delta_error(name, e))?
+                .metadata()
+                .partition_columns()
+                .to_vec();
+            if let Some((c, _)) = spec.partitions.iter().find(|(c, _)| !columns.contains(c)) {
+                return Err(Error::user(format!("`{name}` is not partitioned by `{c}`"))
+                    .with_hint(if columns.is_empty() {
+                        "the table has no partitions: optimize it whole".to_string()
+                    } else {
+                        format!("its partition columns: {}", columns.join(", "))
+                    }));
+            }
+        }
         let mut builder = table.optimize().with_type(if spec.zorder.is_empty() {
             OptimizeType::Compact
         } else {
@@ -107,6 +125,13 @@ impl Lake {
                     deltalake::FilterValue::Set(values.iter().map(String::as_str).collect()),
                 )
             })
+            .chain(spec.partitions.iter().map(|(column, value)| {
+                (
+                    column.as_str(),
+                    deltalake::FilterOp::Eq,
+                    deltalake::FilterValue::Scalar(value.as_str()),
+                )
+            }))
             .collect();
         if !filters.is_empty() {
             builder = builder.with_filters(&filters);

@@ -125,6 +125,7 @@ impl Lake {
                 let spec = OptimizeSpec {
                     zorder: o.zorder.clone(),
                     target_size: o.target_size,
+                    partitions: vec![],
                 };
                 report.optimize = Some(self.optimize(name, &spec).await?);
             }

@@ -329,6 +329,37 @@ fn maintenance_policies_retain_compact_and_vacuum() {
         ok(&weir(d, &["run", "--quiet"]));
     }
     assert_eq!(query(d, "select * from raw.events").len(), 100);
+    // One partition at a time: the old day's five files become one; the recent day's stay.
+    let old = format!("day={}", day(100));
+    let one: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            d,
+            &[
+                "table",
+                "optimize",
+                "raw.events",
+                "--partition",
+                &old,
+                "--format",
+                "json",
+            ],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&one["files_removed"], &one["files_added"]),
+        (&5.into(), &1.into()),
+        "{one}"
+    );
+    assert_eq!(one["files_after"], 6, "{one}");
+    let out = weir(
+        d,
+        &["table", "optimize", "raw.events", "--partition", "id=3"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("partition columns: day"));
+    assert_eq!(query(d, "select * from raw.events").len(), 100);
 
     let policy = "maintenance:\n  - tables: [\"raw.*\"]\n    retention: {column: day, keep: 30d}\n    optimize: {min_small_files: 3}\n    vacuum: {every: 7d}\n";
     write(d, "weir.yaml", &format!("{project}{policy}"));
@@ -342,7 +373,7 @@ fn maintenance_policies_retain_compact_and_vacuum() {
     // The dry run predicts; nothing changes.
     let dry = maintain(&["--dry-run"]);
     assert_eq!(dry["retention"]["rows"], 25, "{dry}");
-    assert_eq!(dry["retention"]["files"], 5, "{dry}");
+    assert_eq!(dry["retention"]["files"], 1, "{dry}");
     assert_eq!(dry["optimize"]["files_removed"], 5, "{dry}");
     assert_eq!(dry["vacuum"]["files"].as_array().unwrap().len(), 0, "{dry}");
     assert_eq!(query(d, "select * from raw.events").len(), 100);
