@@ -158,6 +158,9 @@ enum Command {
         /// groups and pages pruned) to the plan.
         #[arg(long, requires = "explain")]
         analyze: bool,
+        /// A query engine setting for this query: `--set datafusion.execution.batch_size=4096`.
+        #[arg(long, value_name = "KEY=VALUE")]
+        set: Vec<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -554,12 +557,25 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             as_of,
             explain,
             analyze,
+            set,
             format,
         } => {
             let project = weir_config::load_project(&cli.project)?;
             let lake = weir_lake::Lake::for_project(&project);
             let graph = weir_engine::Graph::build(&project)?;
             let ctx = weir_orchestrator::project_session(&project, &lake, &graph).await?;
+            for kv in &set {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::user(format!("--set `{kv}`: write KEY=VALUE")))?;
+                let state = ctx.state_ref();
+                let mut state = state.write();
+                state
+                    .config_mut().options_mut().set(k.trim(), v.trim()).map_err(|e| {
+                    Error::user(format!("--set `{kv}`: {e}"))
+                        .with_hint("the keys are DataFusion's settings, e.g. datafusion.execution.batch_size")
+                })?;
+            }
             let as_of = as_of.as_deref().map(weir_lake::AsOf::parse).transpose()?;
             let (sql, scanned) =
                 weir_engine::travel::prepare(&ctx, &lake, &sql, as_of, explain).await?;

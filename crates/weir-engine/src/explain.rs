@@ -66,12 +66,17 @@ pub async fn explain(
             }
         })
         .collect();
+    let stats = ctx.state().config().options().explain.show_statistics;
     let shown = if analyze {
         DisplayableExecutionPlan::with_metrics(plan.as_ref())
+            .set_show_statistics(stats)
             .indent(false)
             .to_string()
     } else {
-        displayable(plan.as_ref()).indent(false).to_string()
+        displayable(plan.as_ref())
+            .set_show_statistics(stats)
+            .indent(false)
+            .to_string()
     };
     Ok(Explained {
         tables,

@@ -148,6 +148,18 @@ fn maintenance_on(lake: LakeAt) {
     );
     let out = weir(d, &["query", "select 1", "--as-of", "last tuesday"]);
     assert_eq!(out.status.code(), Some(2));
+    // Engine settings per query: applied, and a wrong key named.
+    assert_eq!(
+        count(&[
+            "select count(*) n from raw.events",
+            "--set",
+            "datafusion.execution.batch_size=7"
+        ]),
+        300
+    );
+    let out = weir(d, &["query", "select 1", "--set", "datafusion.nope=1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("datafusion.nope"));
 
     // Version 2 held the first three files.
     let r = table_json(d, "restore", &["--version", "2"]);
