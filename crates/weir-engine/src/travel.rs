@@ -59,13 +59,13 @@ pub async fn prepare(
 ) -> Result<(String, Vec<Scanned>), Error> {
     let (sql, refs) = rewrite(sql)?;
     let mut scanned = Vec::new();
-    if refs.is_empty() && as_of.is_none() && !scans {
-        // Plain references: the session opens them on first use.
-        return Ok((sql, scanned));
-    }
     for r in &refs {
         let name = format!("{}.{}", r.schema, r.table);
         scanned.push(register_at(ctx, lake, &name, Some(r.as_of), r.registered()).await?);
+    }
+    if as_of.is_none() && !scans {
+        // Plain references: the session opens them on first use.
+        return Ok((sql, scanned));
     }
     let state = ctx.state();
     let dialect = state.config().options().sql_parser.dialect;

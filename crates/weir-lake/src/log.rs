@@ -40,21 +40,35 @@ pub(crate) struct Commit {
     pub counts: VersionCounts,
 }
 
+/// The actions of commit `version`, one JSON object each; `None` when the commit file is
+/// gone (cleaned up after a checkpoint).
+pub(crate) async fn commit_actions(
+    table: &DeltaTable,
+    name: &str,
+    version: u64,
+) -> Result<Option<Vec<serde_json::Value>>, Error> {
+    let bytes = table
+        .log_store()
+        .read_commit_entry(version)
+        .await
+        .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?;
+    Ok(bytes.map(|b| {
+        b.split(|c| *c == b'\n')
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect()
+    }))
+}
+
 /// Every commit from version 0 to the table's current one, oldest first; versions whose
 /// commit file is gone are left out. The version is the commit file's number: a writer
 /// that retried after a concurrent commit records an older read version in its info.
 pub(crate) async fn replay(table: &DeltaTable, name: &str) -> Result<Vec<Commit>, Error> {
     let latest = table.version().unwrap_or(0);
-    let store = table.log_store();
     let mut live: HashMap<String, Live> = HashMap::new();
     let mut complete = true;
     let mut out = Vec::new();
     for version in 0..=latest {
-        let bytes = store
-            .read_commit_entry(version)
-            .await
-            .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?;
-        let Some(bytes) = bytes else {
+        let Some(actions) = commit_actions(table, name, version).await? else {
             complete = false;
             continue;
         };
@@ -63,10 +77,7 @@ pub(crate) async fn replay(table: &DeltaTable, name: &str) -> Result<Vec<Commit>
             ..Default::default()
         };
         let mut info = serde_json::Map::new();
-        for line in bytes.split(|b| *b == b'\n') {
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
-                continue;
-            };
+        for action in actions {
             if let Some(serde_json::Value::Object(i)) = action.get("commitInfo") {
                 info = i.clone();
             } else if let Some(add) = action.get("add") {
@@ -109,15 +120,10 @@ pub(crate) async fn commit_info(
     name: &str,
     version: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
-    let bytes = table
-        .log_store()
-        .read_commit_entry(version)
-        .await
-        .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?;
-    Ok(bytes
-        .iter()
-        .flat_map(|b| b.split(|c| *c == b'\n'))
-        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+    Ok(commit_actions(table, name, version)
+        .await?
+        .unwrap_or_default()
+        .into_iter()
         .find_map(|a| match a.get("commitInfo") {
             Some(serde_json::Value::Object(i)) => Some(i.clone()),
             _ => None,

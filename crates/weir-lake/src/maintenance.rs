@@ -91,7 +91,7 @@ impl Lake {
         }
         // Partitions holding tiered (cold) files are left alone: compacting them would
         // bring their rows back to the hot location.
-        let cold = cold_partitions(&table);
+        let cold = cold_partitions(&table, &[]);
         if !spec.partitions.is_empty() {
             let columns = table
                 .snapshot()
@@ -233,16 +233,18 @@ impl Lake {
 }
 
 /// For each partition column, the values of the partitions that hold files at absolute
-/// (tiered) locations.
+/// (tiered) locations, or files in `moving` (about to be tiered).
 pub(crate) fn cold_partitions(
     table: &deltalake::DeltaTable,
+    moving: &[String],
 ) -> std::collections::BTreeMap<String, Vec<String>> {
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let Ok(snap) = table.snapshot() else {
         return out;
     };
     for f in snap.log_data().iter() {
-        if !f.path().contains("://") {
+        let path = f.path();
+        if !path.contains("://") && !moving.iter().any(|m| *m == path) {
             continue;
         }
         for (column, value) in f.partition_values_map() {

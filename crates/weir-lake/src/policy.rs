@@ -80,13 +80,7 @@ impl Lake {
             let snap = table.snapshot().map_err(|e| delta_error(name, e))?;
             // Partitions with cold files are never compacted (that would bring them back);
             // in a dry run, those tiering would move count as cold.
-            let mut cold: Vec<std::collections::HashMap<String, Option<String>>> = Vec::new();
-            for f in snap.log_data().iter() {
-                let path = f.path().to_string();
-                if path.contains("://") || moving.contains(&path) {
-                    cold.push(f.partition_values_map());
-                }
-            }
+            let cold = crate::maintenance::cold_partitions(&table, &moving);
             // Small files by partition: a partition's lone small file stays as it is.
             let mut by_partition: std::collections::BTreeMap<Vec<(String, Option<String>)>, u64> =
                 Default::default();
@@ -94,9 +88,10 @@ impl Lake {
                 let path = f.path().to_string();
                 let values = f.partition_values_map();
                 // As optimize filters: a partition value that a cold file has.
-                let in_cold = values
-                    .iter()
-                    .any(|(c, v)| v.is_some() && cold.iter().any(|m| m.get(c) == Some(v)));
+                let in_cold = values.iter().any(|(c, v)| {
+                    v.as_ref()
+                        .is_some_and(|v| cold.get(c).is_some_and(|vs| vs.contains(v)))
+                });
                 if (f.size().max(0) as u64) >= o.small_file_size
                     || in_cold
                     || gone.iter().any(|g| g.ends_with(&path))

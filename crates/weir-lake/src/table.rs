@@ -144,15 +144,10 @@ impl Lake {
         version: u64,
     ) -> Result<Vec<serde_json::Value>, Error> {
         let table = self.open_existing(name).await?;
-        let bytes = table
-            .log_store()
-            .read_commit_entry(version)
-            .await
-            .map_err(|e| delta_error(format!("reading commit {version} of `{name}`"), e))?
-            .unwrap_or_default();
-        Ok(bytes
-            .split(|b| *b == b'\n')
-            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        let actions = crate::log::commit_actions(&table, name, version).await?;
+        Ok(actions
+            .unwrap_or_default()
+            .into_iter()
             .filter_map(|a| {
                 a.pointer("/add/stats")
                     .and_then(|s| s.as_str())
