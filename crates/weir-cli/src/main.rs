@@ -593,7 +593,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 );
                 return Ok(0);
             }
-            let df = match ctx.sql(&sql).await {
+            let shared = weir_engine::cte::materialize(&ctx, &sql).await;
+            let df = match ctx.sql(&shared.sql).await {
                 Ok(df) => df,
                 Err(e) => return Err(query_error(&lake, e).await),
             };
@@ -601,6 +602,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 Ok(b) => b,
                 Err(e) => return Err(query_error(&lake, e).await),
             };
+            shared.release(&ctx);
             output::print_batches(&batches, format == Format::Csv, format == Format::Json)?;
             Ok(0)
         }

@@ -2,6 +2,7 @@
 //! which every lake table is a table (`schema.table`) and every view model a view.
 
 pub mod checks;
+pub mod cte;
 pub mod explain;
 pub mod graph;
 pub mod model;

@@ -826,6 +826,8 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
     } else {
         compiled.sql.clone()
     };
+    // The session is this model's own: CTEs held in it go with it.
+    let sql = weir_engine::cte::materialize(&ctx, &sql).await.sql;
     let df = ctx.sql(&sql).await.map_err(|e| {
         let file = project
             .models
