@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir-target}"
 which="${1:-all}"; shift || true
-python3 -c "import duckdb, polars, deltalake, pyarrow, connectorx" 2>/dev/null ||
-  python3 -m pip install --quiet duckdb polars deltalake pyarrow connectorx
+python3 -c "import duckdb, polars, deltalake, pyarrow, connectorx, datafusion" 2>/dev/null ||
+  python3 -m pip install --quiet duckdb polars deltalake pyarrow connectorx datafusion==55.0.0
 cargo build --release -p weir-cli
 weir="$CARGO_TARGET_DIR/release/weir"
 if [ "$which" = csv ] || [ "$which" = all ]; then python3 bench/ingest_csv.py --weir "$weir" "$@"; fi

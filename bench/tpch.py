@@ -8,7 +8,9 @@ time to compact a table of 10,000 small files against delta-rs (Python).
    parameters) run through `weir query`, DuckDB and Polars' SQL, each engine reading the
    data files of weir's Delta tables. weir's time is the whole `weir query` process
    (start, open the tables, plan, run, print as CSV); DuckDB and Polars run in this
-   process. Best of --runs.
+   process. Best of --runs. DataFusion's Python package (the engine weir embeds, built
+   with LTO, in this process, two partitions) runs them too when it is installed: the
+   floor for weir's engine, so weir/DataFusion is what weir itself adds.
 4. weir's answers are checked against DuckDB's (same rows, numbers within 1e-6).
 5. A Delta table of 10,000 small files is compacted by `weir table optimize` and by
    `deltalake.DeltaTable.optimize.compact()` on identical copies.
@@ -157,6 +159,14 @@ def main():
         for t in TABLES:
             con.execute(f"create view tpch.{t} as select * from read_parquet({files[t]!r})")
         ctx = pl.SQLContext({t: pl.scan_parquet(files[t]) for t in TABLES})
+        try:
+            import datafusion
+            dfx = datafusion.SessionContext(datafusion.SessionConfig().with_target_partitions(2))
+            dfx.sql("create schema tpch")
+            for t in TABLES:
+                dfx.register_parquet(f"tpch.{t}", os.path.join(lake, t) + "/", file_extension=".parquet")
+        except ImportError:
+            dfx = None
 
         startup, _ = timed(lambda: sh([args.weir, "--project", proj, "query", "select 1"]), args.runs)
         wanted = [int(q) for q in args.queries.split(",") if q] or list(range(1, 23))
@@ -175,24 +185,30 @@ def main():
             except Exception as e:  # Polars' SQL lacks some constructs (correlated subqueries)
                 tp = None
                 print(f"q{n}: Polars SQL cannot run it: {str(e).splitlines()[0][:100]}")
-            rows.append((n, tw, td, tp))
+            tf = timed(lambda: dfx.sql(sql).collect(), args.runs)[0] if dfx else None
+            rows.append((n, tw, td, tp, tf))
             print(f"q{n:02}  weir {tw:6.3f}  duckdb {td:6.3f}  "
-                  f"polars {'n/a' if tp is None else f'{tp:6.3f}'}  ratio {tw / td:5.2f}", flush=True)
+                  f"polars {'n/a' if tp is None else f'{tp:6.3f}'}  "
+                  f"datafusion {'n/a' if tf is None else f'{tf:6.3f}'}  ratio {tw / td:5.2f}", flush=True)
 
         def gmean(xs):
             return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
         print(f"\nSF{args.sf}, best of {args.runs}; weir includes process start "
               f"(`weir query \"select 1\"` takes {startup:.3f} s)")
-        print("| query | weir s | DuckDB s | Polars s | weir/DuckDB | weir/Polars |")
-        print("|---|---|---|---|---|---|")
-        for n, tw, td, tp in rows:
-            print(f"| q{n} | {tw:.3f} | {td:.3f} | {'n/a' if tp is None else f'{tp:.3f}'} | "
-                  f"{tw / td:.2f} | {'n/a' if tp is None else f'{tw / tp:.2f}'} |")
-        g = gmean([tw / td for _, tw, td, _ in rows])
-        polars = [(tw, tp) for _, tw, _, tp in rows if tp is not None]
+        na = lambda x, f="{:.3f}": "n/a" if x is None else f.format(x)
+        print("| query | weir s | DuckDB s | Polars s | DataFusion s | weir/DuckDB | weir/Polars "
+              "| DataFusion/DuckDB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n, tw, td, tp, tf in rows:
+            print(f"| q{n} | {tw:.3f} | {td:.3f} | {na(tp)} | {na(tf)} | {tw / td:.2f} | "
+                  f"{na(tp and tw / tp, '{:.2f}')} | {na(tf and tf / td, '{:.2f}')} |")
+        g = gmean([r[1] / r[2] for r in rows])
+        polars = [(r[1], r[3]) for r in rows if r[3] is not None]
+        fusion = [r[4] / r[2] for r in rows if r[4] is not None]
         print(f"| geometric mean | {gmean([r[1] for r in rows]):.3f} | {gmean([r[2] for r in rows]):.3f} | "
-              f"| {g:.2f} | {gmean([w / p for w, p in polars]):.2f} ({len(polars)} queries) |")
+              f"| | {g:.2f} | {gmean([w / p for w, p in polars]):.2f} ({len(polars)} queries) | "
+              f"{na(fusion and gmean(fusion), '{:.2f}')} |")
         print(f"weir/DuckDB geometric mean {g:.2f} (target: within 1.5)")
         if args.small_files:
             small_files(args.weir, work, args.small_files)
