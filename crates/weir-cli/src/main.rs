@@ -179,6 +179,11 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Run the streams of `streams/*.yaml`.
+    Stream {
+        #[command(subcommand)]
+        command: StreamCommand,
+    },
     /// Check the connections in weir.yaml.
     Connections {
         #[command(subcommand)]
@@ -215,6 +220,20 @@ enum RunsCommand {
 enum ConnectionsCommand {
     /// Connect with each connection (or only NAME) and report the server and latency.
     Test { name: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum StreamCommand {
+    /// Land a stream's Kafka topic in its table, exactly once, until stopped (Ctrl-C or
+    /// SIGTERM commit what is buffered first).
+    Run {
+        name: String,
+        /// Stop once no record has arrived for this long (`5s`), after committing.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        until_idle: Option<std::time::Duration>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -667,6 +686,29 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 eprint!("{}", output::check_report(&results));
             }
             Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Command::Stream {
+            command:
+                StreamCommand::Run {
+                    name,
+                    until_idle,
+                    format,
+                },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let opts = weir_orchestrator::stream::StreamOptions { until_idle };
+            let s = weir_orchestrator::stream::run_stream(&project, &lake, &name, &opts).await?;
+            let text = format!(
+                "stream {}: {} records -> {} rows in {} commits to {}, {} quarantined; next offsets {:?}",
+                s.stream, s.records, s.rows, s.commits, s.table, s.quarantined, s.positions
+            );
+            output::print_record(
+                serde_json::to_value(&s).unwrap_or_default(),
+                format == Format::Json,
+                &text,
+            );
+            Ok(0)
         }
         Command::Tables { format } => {
             let lake = open_lake(&cli.project)?;

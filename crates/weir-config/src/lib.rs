@@ -15,6 +15,7 @@ mod maintenance;
 mod partition;
 mod schedule;
 mod spec;
+mod stream;
 mod yaml;
 
 pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
@@ -27,4 +28,8 @@ pub use maintenance::{
 pub use partition::{mentions_partition, PartitionEvery, PartitionWindow, PartitionsConfig};
 pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};
 pub use spec::*;
+pub use stream::{
+    FlushConfig, KafkaSourceConfig, PayloadFormat, StartAt, Stream, StreamConfig, StreamSinkConfig,
+    StreamSourceKind,
+};
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

@@ -16,6 +16,8 @@ pub struct Project {
     pub config: ProjectConfig,
     pub pipelines: Vec<Pipeline>,
     pub models: Vec<ModelFile>,
+    /// `streams/*.yaml`.
+    pub streams: Vec<crate::Stream>,
 }
 
 /// A pipeline with its resolved name and the file it came from.
@@ -196,11 +198,35 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         }
     }
     validate_triggers(&config, &pipelines)?;
+    let mut streams = Vec::new();
+    for file in list_files(&root.join("streams"), &["yaml", "yml"])? {
+        let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
+        let cfg: crate::StreamConfig = parse_yaml(&shown, &read(&file, &shown)?)?;
+        validate_table_name(&cfg.sink.table, &shown)?;
+        if cfg.flush.rows == 0 {
+            return Err(Error::user(format!(
+                "{}: `flush.rows` must be at least 1",
+                shown.display()
+            )));
+        }
+        let name = cfg.name.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        streams.push(crate::Stream {
+            name,
+            file: shown,
+            config: cfg,
+        });
+    }
     Ok(Project {
         root: root.to_path_buf(),
         config,
         pipelines,
         models,
+        streams,
     })
 }
 

@@ -2,6 +2,7 @@
 //! an implementation. A new connector is one folder plus one line in [`source_for`].
 
 pub mod files;
+pub mod kafka;
 pub mod postgres;
 pub mod types;
 

@@ -41,6 +41,9 @@ pub struct WriteSpec {
 pub struct WriteOptions {
     /// `(app_id, version)`: skip the write when the table already has this version.
     pub txn: Option<(String, i64)>,
+    /// More `(app_id, version)` txn actions recorded in the same commit, not checked:
+    /// source positions such as a Kafka partition's next offset.
+    pub positions: Vec<(String, i64)>,
     /// Extra commit-info entries (`weir.*`).
     pub metadata: HashMap<String, serde_json::Value>,
 }
@@ -213,6 +216,9 @@ impl Lake {
         }
         let mut commit = CommitProperties::default().with_metadata(opts.metadata.clone());
         if let Some((app, n)) = &opts.txn {
+            commit = commit.with_application_transaction(Transaction::new(app, *n));
+        }
+        for (app, n) in &opts.positions {
             commit = commit.with_application_transaction(Transaction::new(app, *n));
         }
         let table_schema: Option<SchemaRef> = if existing {

@@ -16,6 +16,7 @@ mod quarantine;
 mod run;
 pub mod schedule;
 pub mod store;
+pub mod stream;
 mod test;
 pub mod worker;
 

@@ -165,6 +165,7 @@ pub async fn run_pipeline(
     metadata.insert("weir.files".to_string(), serde_json::json!(plan.units));
     let opts = WriteOptions {
         txn: Some((app.clone(), n)),
+        positions: Vec::new(),
         metadata,
     };
 
@@ -355,6 +356,7 @@ async fn run_lake_source(
             metadata.insert("weir.run_id".to_string(), serde_json::json!(run_id));
             let opts = WriteOptions {
                 txn: Some((app.clone(), n)),
+                positions: Vec::new(),
                 metadata,
             };
             // A lake table can be read more than once as it is.

@@ -91,6 +91,7 @@ pub async fn write(t: &Target<'_>, scope: Scope, bad: &[BadRow]) -> Result<(), E
     };
     let opts = WriteOptions {
         txn: None,
+        positions: Vec::new(),
         metadata: t.metadata.clone(),
     };
     t.lake.write(t.table, &ctx, df, &spec, &opts).await?;

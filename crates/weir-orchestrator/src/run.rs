@@ -929,6 +929,7 @@ async fn run_model(c: &AssetCtx<'_>, i: usize) -> Result<AssetResult, Error> {
             &spec,
             &WriteOptions {
                 txn: None,
+                positions: Vec::new(),
                 metadata,
             },
         )

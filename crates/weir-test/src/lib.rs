@@ -7,9 +7,13 @@
 //!
 //! [`S3Server`] is an S3-compatible server on loopback (moto's server mode, in memory),
 //! with one bucket, for the tests that run the lake on object storage.
+//!
+//! [`KafkaBroker`] is a Kafka-protocol broker on loopback (tansu, in memory).
 
+mod kafka;
 mod pg;
 mod s3;
 
+pub use kafka::KafkaBroker;
 pub use pg::PgServer;
 pub use s3::S3Server;

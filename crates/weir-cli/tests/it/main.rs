@@ -11,6 +11,7 @@ mod orchestration;
 mod partitions;
 mod postgres;
 mod progress;
+mod stream;
 
 use std::cell::RefCell;
 use std::path::Path;

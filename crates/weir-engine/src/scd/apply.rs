@@ -304,6 +304,7 @@ pub async fn apply(
             },
             &WriteOptions {
                 txn: Some((app.clone(), n)),
+                positions: Vec::new(),
                 metadata: load.metadata.clone(),
             },
         )
@@ -449,6 +450,7 @@ pub async fn apply(
             },
             &WriteOptions {
                 txn: Some((app.clone(), n)),
+                positions: Vec::new(),
                 metadata: load.metadata.clone(),
             },
         )

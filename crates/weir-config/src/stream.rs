@@ -1,0 +1,163 @@
+//! Streams (`streams/*.yaml`): continuous jobs that read a Kafka topic and land its
+//! records in a lake table, exactly once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One `streams/NAME.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stream name; defaults to the file name without `.yaml`.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub source: KafkaSourceConfig,
+    pub sink: StreamSinkConfig,
+    /// When buffered records are committed to the table.
+    #[serde(default)]
+    pub flush: FlushConfig,
+}
+
+/// A Kafka topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// `kafka`.
+    #[serde(rename = "type")]
+    pub kind: StreamSourceKind,
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    pub topic: String,
+    /// The consumer group; default `weir-<stream>`. Offsets are committed to it after each
+    /// table commit (for monitoring tools); weir itself resumes from the table.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// How record values are decoded: `json` (one object per record; its fields become
+    /// columns) or `raw` (the value as text in `value`).
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Where a partition starts when the table has no position for it.
+    #[serde(default)]
+    pub start: StartAt,
+    /// librdkafka settings passed through, e.g. `security.protocol: SASL_SSL`,
+    /// `sasl.mechanism: SCRAM-SHA-512`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamSourceKind {
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    #[default]
+    Json,
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartAt {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// The table records land in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSinkConfig {
+    /// `schema.table`.
+    pub table: String,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+}
+
+/// A flush commits what is buffered when either limit is reached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushConfig {
+    /// Records per commit.
+    #[serde(default = "default_rows")]
+    pub rows: usize,
+    /// Bytes of record values per commit (`64MiB`); bounds the buffer's memory.
+    #[serde(default = "default_bytes", deserialize_with = "de_size")]
+    pub bytes: u64,
+    /// The longest a record waits before it is committed.
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "crate::spec::de_duration"
+    )]
+    pub interval: Duration,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            rows: default_rows(),
+            bytes: default_bytes(),
+            interval: default_interval(),
+        }
+    }
+}
+
+fn default_rows() -> usize {
+    100_000
+}
+fn default_bytes() -> u64 {
+    64 << 20
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(b) => Ok(b),
+        Size::Text(t) => crate::parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+impl crate::yaml::ConfigKeys for StreamConfig {
+    const KEYS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "source",
+        "sink",
+        "flush",
+        "source.type",
+        "source.brokers",
+        "source.topic",
+        "source.group",
+        "source.format",
+        "source.start",
+        "source.options",
+        "sink.table",
+        "sink.partition_by",
+        "flush.rows",
+        "flush.bytes",
+        "flush.interval",
+    ];
+}
+
+/// A stream with its resolved name and the file it came from.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub name: String,
+    pub file: std::path::PathBuf,
+    pub config: StreamConfig,
+}

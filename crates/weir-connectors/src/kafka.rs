@@ -1,0 +1,321 @@
+//! Kafka: client settings and the decoding of records into Arrow.
+//!
+//! A record becomes a row: the fields of its JSON object (or its value as text, with
+//! `format: raw`) and four columns about the record itself: `_kafka_partition`,
+//! `_kafka_offset`, `_kafka_timestamp` and `_kafka_key`. A record that is not a JSON
+//! object, or whose field does not fit the column's type, is a bad row with the reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use rdkafka::ClientConfig;
+use weir_common::Error;
+use weir_config::{KafkaSourceConfig, PayloadFormat, StartAt};
+use weir_core::BadRow;
+
+/// The columns every row carries about its record.
+pub const META_COLUMNS: [&str; 4] = [
+    "_kafka_partition",
+    "_kafka_offset",
+    "_kafka_timestamp",
+    "_kafka_key",
+];
+
+/// One record as read from the broker.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the epoch (the record's timestamp).
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Consumer settings: the source's, then weir's own (no automatic offset commits: weir
+/// commits offsets itself after the table commit).
+pub fn consumer_config(src: &KafkaSourceConfig, group: &str, buffer_bytes: u64) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // librdkafka's prefetch queue is bounded like weir's own buffer (its default is 64 MiB
+    // per partition), so memory stays bounded whatever the backlog.
+    let kib = (buffer_bytes / 1024).clamp(1024, 2 << 20);
+    c.set("queued.max.messages.kbytes", kib.to_string());
+    for (k, v) in &src.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &src.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match src.start {
+                StartAt::Earliest => "earliest",
+                StartAt::Latest => "latest",
+            },
+        );
+    c
+}
+
+/// Rows from `records`, and the records that could not become rows.
+///
+/// Fields keep the types the table already has (`known`); new fields get the types their
+/// values suggest, and the writer adds them as columns.
+pub fn decode(
+    records: &[Record],
+    format: PayloadFormat,
+    topic: &str,
+    known: Option<&SchemaRef>,
+) -> Result<(RecordBatch, Vec<BadRow>), Error> {
+    let source = |r: &Record| format!("kafka://{topic}/{}", r.partition);
+    let mut bad = Vec::new();
+    let (good, payload): (Vec<&Record>, Vec<(Field, ArrayRef)>) = match format {
+        PayloadFormat::Raw => {
+            let values: StringArray = records
+                .iter()
+                .map(|r| r.value.as_deref().map(String::from_utf8_lossy))
+                .collect();
+            (
+                records.iter().collect(),
+                vec![(Field::new("value", DataType::Utf8, true), Arc::new(values))],
+            )
+        }
+        PayloadFormat::Json => {
+            let mut good = Vec::new();
+            let mut objects = Vec::new();
+            for r in records {
+                let raw = r.value.as_deref().unwrap_or_default();
+                match serde_json::from_slice::<serde_json::Value>(raw) {
+                    Ok(v @ serde_json::Value::Object(_)) => {
+                        good.push(r);
+                        objects.push(v);
+                    }
+                    Ok(_) => bad.push(bad_row(r, "the value is JSON but not an object", source(r))),
+                    Err(e) => bad.push(bad_row(
+                        r,
+                        &format!("the value is not JSON: {e}"),
+                        source(r),
+                    )),
+                }
+            }
+            let schema = json_schema(&objects, known)?;
+            let (kept, rows) = decode_json(&objects, &schema);
+            let mut kept_records = Vec::with_capacity(good.len());
+            for (i, r) in good.into_iter().enumerate() {
+                match &kept[i] {
+                    None => kept_records.push(r),
+                    Some(reason) => bad.push(bad_row(r, reason, source(r))),
+                }
+            }
+            let columns = schema
+                .fields()
+                .iter()
+                .zip(rows.columns())
+                .map(|(f, c)| (f.as_ref().clone(), c.clone()))
+                .collect();
+            (kept_records, columns)
+        }
+    };
+    let mut fields: Vec<Field> = payload.iter().map(|(f, _)| f.clone()).collect();
+    let mut columns: Vec<ArrayRef> = payload.into_iter().map(|(_, c)| c).collect();
+    fields.extend([
+        Field::new(META_COLUMNS[0], DataType::Int32, false),
+        Field::new(META_COLUMNS[1], DataType::Int64, false),
+        Field::new(
+            META_COLUMNS[2],
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new(META_COLUMNS[3], DataType::Utf8, true),
+    ]);
+    columns.push(Arc::new(Int32Array::from_iter_values(
+        good.iter().map(|r| r.partition),
+    )));
+    columns.push(Arc::new(Int64Array::from_iter_values(
+        good.iter().map(|r| r.offset),
+    )));
+    columns.push(Arc::new(
+        TimestampMillisecondArray::from(good.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+            .with_timezone("UTC"),
+    ));
+    columns.push(Arc::new(
+        good.iter()
+            .map(|r| r.key.as_deref().map(String::from_utf8_lossy))
+            .collect::<StringArray>(),
+    ));
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::internal(format!("building rows from `{topic}`: {e}")))?;
+    Ok((batch, bad))
+}
+
+fn bad_row(r: &Record, reason: &str, source: String) -> BadRow {
+    BadRow {
+        reason: reason.to_string(),
+        source,
+        line: r.offset as u64,
+        raw: String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// The payload columns: the table's (without the record columns), then new fields in
+/// the order first seen, typed from their values.
+fn json_schema(objects: &[serde_json::Value], known: Option<&SchemaRef>) -> Result<Schema, Error> {
+    let inferred = arrow::json::reader::infer_json_schema_from_iterator(
+        objects
+            .iter()
+            .map(|v| Ok::<_, arrow::error::ArrowError>(v.clone())),
+    )
+    .map_err(|e| Error::internal(format!("inferring the records' schema: {e}")))?;
+    let mut fields: Vec<Field> = Vec::new();
+    let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+    if let Some(known) = known {
+        for f in known.fields() {
+            if !META_COLUMNS.contains(&f.name().as_str()) {
+                seen.insert(f.name().clone(), ());
+                fields.push(f.as_ref().clone().with_nullable(true));
+            }
+        }
+    }
+    for f in inferred.fields() {
+        if !seen.contains_key(f.name()) && !META_COLUMNS.contains(&f.name().as_str()) {
+            seen.insert(f.name().clone(), ());
+            fields.push(f.as_ref().clone().with_nullable(true));
+        }
+    }
+    Ok(Schema::new(fields))
+}
+
+/// Decodes the objects with `schema`; per object, `None` if it was kept or the reason it
+/// was not. Objects are decoded together, and one by one only when that fails, to find
+/// the ones that do not fit.
+fn decode_json(
+    objects: &[serde_json::Value],
+    schema: &Schema,
+) -> (Vec<Option<String>>, RecordBatch) {
+    let schema = Arc::new(schema.clone());
+    let all = |objs: &[&serde_json::Value]| -> Result<RecordBatch, String> {
+        let mut d = arrow::json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(objs.len().max(1))
+            .build_decoder()
+            .map_err(|e| e.to_string())?;
+        d.serialize(objs).map_err(|e| e.to_string())?;
+        Ok(d.flush()
+            .map_err(|e| e.to_string())?
+            .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+    };
+    let refs: Vec<&serde_json::Value> = objects.iter().collect();
+    if let Ok(batch) = all(&refs) {
+        return (vec![None; objects.len()], batch);
+    }
+    let mut verdicts = Vec::with_capacity(objects.len());
+    let mut fitting = Vec::new();
+    for o in &refs {
+        match all(std::slice::from_ref(o)) {
+            Ok(_) => {
+                verdicts.push(None);
+                fitting.push(*o);
+            }
+            Err(e) => verdicts.push(Some(format!("a field does not fit its column: {e}"))),
+        }
+    }
+    let batch = all(&fitting).unwrap_or_else(|_| RecordBatch::new_empty(schema.clone()));
+    (verdicts, batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(offset: i64, value: &str) -> Record {
+        Record {
+            partition: 1,
+            offset,
+            timestamp: Some(1_700_000_000_000 + offset),
+            key: Some(format!("k{offset}").into_bytes()),
+            value: Some(value.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn json_records_become_rows_and_bad_ones_are_set_aside_with_reasons() {
+        let records = vec![
+            rec(10, r#"{"id": 1, "name": "a"}"#),
+            rec(11, "not json"),
+            rec(12, r#"[1, 2]"#),
+            rec(13, r#"{"id": 2, "extra": true}"#),
+        ];
+        let (batch, bad) = decode(&records, PayloadFormat::Json, "events", None).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        let names: Vec<&str> = batch
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "name",
+                "extra",
+                "_kafka_partition",
+                "_kafka_offset",
+                "_kafka_timestamp",
+                "_kafka_key"
+            ]
+        );
+        assert_eq!(bad.len(), 2);
+        assert_eq!(bad[0].line, 11);
+        assert!(bad[0].reason.contains("not JSON"), "{}", bad[0].reason);
+        assert_eq!(bad[0].raw, "not json");
+        assert_eq!(bad[0].source, "kafka://events/1");
+        assert!(bad[1].reason.contains("not an object"), "{}", bad[1].reason);
+        let offsets = batch
+            .column(4)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(offsets.values(), &[10, 13]);
+    }
+
+    #[test]
+    fn known_columns_keep_their_types_and_misfits_are_bad_rows() {
+        let known: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("_kafka_offset", DataType::Int64, false),
+        ]));
+        let records = vec![
+            rec(1, r#"{"id": 5}"#),
+            rec(2, r#"{"id": "five"}"#),
+            rec(3, r#"{"id": 7}"#),
+        ];
+        let (batch, bad) = decode(&records, PayloadFormat::Json, "t", Some(&known)).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.schema_ref().field(0).data_type(), &DataType::Int64);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].line, 2);
+        assert!(bad[0].reason.contains("does not fit"), "{}", bad[0].reason);
+    }
+
+    #[test]
+    fn raw_records_keep_the_value_as_text() {
+        let (batch, bad) = decode(&[rec(1, "hello")], PayloadFormat::Raw, "t", None).unwrap();
+        assert!(bad.is_empty());
+        let v = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(v.value(0), "hello");
+        let k = batch
+            .column(4)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(k.value(0), "k1");
+    }
+}

@@ -1,0 +1,104 @@
+//! A Kafka-protocol broker on loopback: tansu (from crates.io) with its in-memory storage.
+//!
+//! `scripts/kafka-broker` installs it once under `~/.cache/weir-tools` and prints its
+//! path; `scripts/test` runs it and passes the path in `WEIR_KAFKA_BROKER`.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A running broker.
+pub struct KafkaBroker {
+    port: u16,
+    child: Mutex<Child>,
+}
+
+impl KafkaBroker {
+    /// One broker for the whole test process, started on first use.
+    pub fn shared() -> &'static KafkaBroker {
+        static SHARED: OnceLock<KafkaBroker> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            KafkaBroker::start().unwrap_or_else(|e| panic!("starting the Kafka broker: {e}"))
+        })
+    }
+
+    /// The broker binary: `WEIR_KAFKA_BROKER`, else where `scripts/kafka-broker` puts it.
+    pub fn binary() -> Result<PathBuf, String> {
+        let path = match std::env::var_os("WEIR_KAFKA_BROKER") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
+                PathBuf::from(home).join(".cache/weir-tools/tansu-0.6.0/bin/tansu")
+            }
+        };
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "no broker at {}: run scripts/kafka-broker (it installs tansu once)",
+                path.display()
+            ))
+        }
+    }
+
+    /// Starts a broker on a free loopback port; it stops with the test process.
+    pub fn start() -> Result<KafkaBroker, String> {
+        let bin = Self::binary()?;
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
+            l.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        let url = format!("tcp://127.0.0.1:{port}");
+        // A shell that stops the broker when this process is gone, however it ends.
+        let script = r#"
+"$0" broker --listener-url "$1" --advertised-listener-url "$1" \
+  --storage-engine memory://tansu/ --silent >/dev/null 2>&1 &
+broker=$!
+trap 'kill "$broker" 2>/dev/null; exit 0' TERM
+while kill -0 "$2" 2>/dev/null && kill -0 "$broker" 2>/dev/null; do sleep 1; done
+kill "$broker" 2>/dev/null
+"#;
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .arg(&bin)
+            .arg(&url)
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("sh: {e}"))?;
+        let broker = KafkaBroker {
+            port,
+            child: Mutex::new(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = broker.child.lock().map_err(|e| e.to_string())?.try_wait() {
+                return Err(format!("the broker exited ({status})"));
+            }
+            if Instant::now() > deadline {
+                return Err("the broker did not listen within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(broker)
+    }
+
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.child.lock() {
+            // TERM, which the shell passes on to the broker (a KILL would orphan it).
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
