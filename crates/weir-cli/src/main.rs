@@ -234,6 +234,12 @@ enum StreamCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Per partition: the table's position, the broker's offsets and the lag between them.
+    Status {
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -703,6 +709,40 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 "stream {}: {} records -> {} rows in {} commits to {}, {} quarantined; next offsets {:?}",
                 s.stream, s.records, s.rows, s.commits, s.table, s.quarantined, s.positions
             );
+            output::print_record(
+                serde_json::to_value(&s).unwrap_or_default(),
+                format == Format::Json,
+                &text,
+            );
+            Ok(0)
+        }
+        Command::Stream {
+            command: StreamCommand::Status { name, format },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let s = weir_orchestrator::stream::status(&project, &lake, &name).await?;
+            let mut text = format!(
+                "stream {} ({} -> {}): {} commits, {} rows, last commit {}, lag {}\n\
+                 partition  position  low  high  lag",
+                s.stream,
+                s.topic,
+                s.table,
+                s.epoch,
+                s.rows,
+                s.last_commit.as_deref().unwrap_or("never"),
+                s.lag
+            );
+            for p in &s.partitions {
+                text.push_str(&format!(
+                    "\n{:<9}  {:<8}  {:<3}  {:<4}  {}",
+                    p.partition,
+                    p.position.map_or("-".to_string(), |v| v.to_string()),
+                    p.low_watermark,
+                    p.high_watermark,
+                    p.lag
+                ));
+            }
             output::print_record(
                 serde_json::to_value(&s).unwrap_or_default(),
                 format == Format::Json,

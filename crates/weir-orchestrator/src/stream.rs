@@ -333,3 +333,110 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// Where a stream stands: per partition, the table's position against the broker's end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamStatus {
+    pub stream: String,
+    pub topic: String,
+    pub table: String,
+    /// Commits so far (the stream's epoch).
+    pub epoch: i64,
+    pub rows: u64,
+    /// When the table last changed.
+    pub last_commit: Option<String>,
+    pub partitions: Vec<PartitionStatus>,
+    /// Records on the broker not yet in the table, over all partitions.
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// The next offset the stream reads (none: it has not committed from this partition).
+    pub position: Option<i64>,
+    /// The broker's earliest and next offsets.
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+    pub lag: i64,
+}
+
+/// The status of stream `name`: what the table holds and what the broker has.
+pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<StreamStatus, Error> {
+    let stream = find(project, name)?;
+    let src = &stream.config.source;
+    let table = &stream.config.sink.table;
+    let group = src.group.clone().unwrap_or_else(|| format!("weir-{name}"));
+    let kafka_err = |what: &str, e: rdkafka::error::KafkaError| {
+        Error::external(format!("stream `{name}`: {what}: {e}")).with_hint(format!(
+            "check `source.brokers` ({}) in {}",
+            src.brokers,
+            stream.file.display()
+        ))
+    };
+    let consumer: StreamConsumer = kafka::consumer_config(src, &group, stream.config.flush.bytes)
+        .create()
+        .map_err(|e| kafka_err("creating the consumer", e))?;
+    let mut out = StreamStatus {
+        stream: name.to_string(),
+        topic: src.topic.clone(),
+        table: table.clone(),
+        ..Default::default()
+    };
+    let exists = lake.exists(table).await;
+    let t = match exists {
+        true => Some(lake.open_existing(table).await?),
+        false => None,
+    };
+    if let Some(t) = &t {
+        out.epoch = lake.txn_version(t, &epoch_app(name)).await?.unwrap_or(0);
+        let stats = lake.stats(table).await?;
+        out.rows = stats.rows;
+        out.last_commit = lake
+            .history(table, Some(1))
+            .await?
+            .first()
+            .and_then(|h| h.timestamp.clone());
+    }
+    let topic = src.topic.clone();
+    let (partitions, marks) = tokio::task::block_in_place(|| {
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let ids: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|x| x.name() == topic && x.error().is_none())
+            .flat_map(|x| x.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut marks = Vec::new();
+        for p in &ids {
+            marks.push(consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?);
+        }
+        Ok::<_, rdkafka::error::KafkaError>((ids, marks))
+    })
+    .map_err(|e| kafka_err("reading the topic's offsets", e))?;
+    if partitions.is_empty() {
+        return Err(Error::user(format!(
+            "stream `{name}`: topic `{}` does not exist on {}",
+            src.topic, src.brokers
+        )));
+    }
+    for (p, (low, high)) in partitions.into_iter().zip(marks) {
+        let position = match &t {
+            Some(t) => {
+                lake.txn_version(t, &position_app(name, &src.topic, p))
+                    .await?
+            }
+            None => None,
+        };
+        let lag = (high - position.unwrap_or(low)).max(0);
+        out.lag += lag;
+        out.partitions.push(PartitionStatus {
+            partition: p,
+            position,
+            low_watermark: low,
+            high_watermark: high,
+            lag,
+        });
+    }
+    Ok(out)
+}

@@ -101,6 +101,21 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     produce(&broker, &name, &values);
     let dir = tempfile::tempdir().unwrap();
     project(dir.path(), &broker, &name);
+    let status = |dir: &Path| -> serde_json::Value {
+        let out = ok(&weir(
+            dir,
+            &["stream", "status", "events", "--format", "json"],
+        ));
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let before = status(dir.path());
+    assert_eq!(before["lag"], 2_002, "{before}");
+    assert_eq!(before["epoch"], 0, "{before}");
+    assert!(before["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["position"].is_null()));
 
     let out = ok(&weir(
         dir.path(),
@@ -135,6 +150,16 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     assert_eq!(bad.len(), 2, "{bad:?}");
     assert_eq!(bad[0]["raw"], "not json");
     assert_eq!(bad[1]["raw"], r#"{"id": "not a number"}"#);
+    let after = status(dir.path());
+    assert_eq!(after["lag"], 0, "{after}");
+    assert_eq!(after["rows"], 2_000, "{after}");
+    let positions: i64 = after["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["position"].as_i64().unwrap())
+        .sum();
+    assert_eq!(positions, 2_002, "{after}");
     // Every partition's next offset is in the table: a second run reads nothing again.
     let out = ok(&weir(
         dir.path(),
