@@ -274,12 +274,12 @@ fn peak_rss_while_running(child: &mut std::process::Child) -> u64 {
     }
 }
 
-/// Fails today: the peak grows with the number of commits (debug build, 231 MB backlog,
-/// 4 MiB buffer, 139 commits: 135 MB after 1 s, 218-370 MB at the end). Not librdkafka's
-/// prefetch (bounding its fetches changed nothing); the Delta writes are the suspect.
+/// Fails today: 231 MB backlog, 4 MiB buffer, debug build: a 370 MB peak (218 MB with
+/// MIMALLOC_PURGE_DELAY=0). Not librdkafka's prefetch (bounding its fetches changed
+/// nothing); docs/streams.md has what was measured.
 /// Run it with `cargo test -p weir-cli --test it backlog -- --ignored --nocapture`.
 #[test]
-#[ignore = "memory grows with commits: issue 8, docs/streams.md"]
+#[ignore = "peak memory above the bound: issue 8, docs/streams.md"]
 fn a_backlog_far_larger_than_the_buffer_is_read_in_bounded_memory() {
     let broker = weir_test::KafkaBroker::shared().bootstrap();
     let name = format!("backlog-{}", uuid::Uuid::new_v4().simple());
