@@ -738,7 +738,7 @@ impl AssetCtx<'_> {
 }
 
 /// Retries of a maintenance step that conflicted with a concurrent commit.
-fn policy_retry(project: &Project) -> RetryPolicy {
+pub(crate) fn policy_retry(project: &Project) -> RetryPolicy {
     let mut p = policy(&project.config.retry);
     p.max_attempts = p.max_attempts.max(5);
     p

@@ -45,7 +45,14 @@ pub struct StreamSummary {
     pub positions: BTreeMap<i32, i64>,
     /// Offsets the broker skipped where a partition resumed (see `run_stream`).
     pub skipped_offsets: u64,
+    /// Runs of the table's maintenance policy (`maintenance:` in weir.yaml) and the
+    /// small files they compacted away.
+    pub maintenance_runs: u64,
+    pub files_compacted: u64,
 }
+
+/// The least time between two runs of a streamed table's maintenance policy.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
 /// The app id of the stream's epoch counter.
 fn epoch_app(stream: &str) -> String {
@@ -165,6 +172,9 @@ pub async fn run_stream(
     // fetch inside a batch with the next batch). Reported, not refused: on Kafka itself
     // gaps are normal in compacted and transactional topics.
     let mut expect: BTreeMap<i32, i64> = positions.clone();
+    // Maintenance runs after a commit at most once a minute, and at the end of a run.
+    let mut maintained: Option<Instant> = None;
+    let mut unmaintained = false;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -224,13 +234,47 @@ pub async fn run_stream(
             buffer.clear();
             buffered_bytes = 0;
             oldest = None;
+            unmaintained = true;
+            if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_EVERY) {
+                maintain(project, lake, &table, &mut summary).await;
+                maintained = Some(Instant::now());
+                unmaintained = false;
+            }
         }
         if stopping || idle {
+            if unmaintained {
+                maintain(project, lake, &table, &mut summary).await;
+            }
             break;
         }
     }
     summary.positions = positions;
     Ok(summary)
+}
+
+/// Runs the table's maintenance policy, if it has one (compaction of the many small files
+/// a stream writes, vacuum, retention). The rows are committed: a failure is logged, and
+/// the stream goes on.
+async fn maintain(project: &Project, lake: &Lake, table: &str, summary: &mut StreamSummary) {
+    let Some(policy) = project.maintenance_for(table) else {
+        return;
+    };
+    let retry = crate::run::policy_retry(project);
+    match weir_common::retry::retry(
+        &retry,
+        |_, e, _| tracing::warn!(table, error = %e, "maintenance conflicted; retrying"),
+        |_| lake.maintain(table, policy, false),
+    )
+    .await
+    {
+        Ok(report) => {
+            summary.maintenance_runs += 1;
+            if let Some(o) = &report.optimize {
+                summary.files_compacted += o.files_removed;
+            }
+        }
+        Err(e) => tracing::warn!(table, error = %e, "maintenance failed"),
+    }
 }
 
 /// Commits `records` (epoch `epoch`) to the stream's table with the partitions' next

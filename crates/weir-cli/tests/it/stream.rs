@@ -65,7 +65,11 @@ fn produce(broker: &str, topic: &str, values: &[String]) {
 }
 
 fn project(dir: &Path, broker: &str, topic: &str) {
-    crate::write(dir, "weir.yaml", "name: streams\n");
+    crate::write(
+        dir,
+        "weir.yaml",
+        "name: streams\nmaintenance:\n  - tables: [raw.events]\n    optimize: {min_small_files: 3}\n",
+    );
     crate::write(
         dir,
         "streams/events.yaml",
@@ -134,6 +138,12 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     assert_eq!(summary["rows"], 2_000, "{summary}");
     assert_eq!(summary["quarantined"], 2, "{summary}");
     assert_eq!(summary["skipped_offsets"], 0, "{summary}");
+    // The many small files of its commits were compacted by the table's policy.
+    assert!(summary["commits"].as_u64().unwrap() >= 3, "{summary}");
+    assert!(
+        summary["files_compacted"].as_u64().unwrap() >= 3,
+        "{summary}"
+    );
     assert_eq!(scalar(dir.path(), "select count(*) from raw.events"), 2_000);
     assert_eq!(
         scalar(dir.path(), "select count(distinct id) from raw.events"),
