@@ -79,6 +79,23 @@ pub struct StreamSinkConfig {
     pub table: String,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// A field the table does not have yet: `add_columns` (default) adds it; `strict`
+    /// stops the stream instead.
+    #[serde(default)]
+    pub schema_evolution: crate::SchemaEvolution,
+    /// A field whose value does not fit its column (a string where the table has a
+    /// number): `stop` (default) stops the stream before committing anything of the
+    /// batch; `quarantine` sets the record aside and goes on.
+    #[serde(default)]
+    pub on_incompatible: OnIncompatible,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnIncompatible {
+    #[default]
+    Stop,
+    Quarantine,
 }
 
 /// A flush commits what is buffered when either limit is reached.
@@ -148,6 +165,8 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "source.options",
         "sink.table",
         "sink.partition_by",
+        "sink.schema_evolution",
+        "sink.on_incompatible",
         "flush.rows",
         "flush.bytes",
         "flush.interval",

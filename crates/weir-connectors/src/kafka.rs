@@ -61,6 +61,16 @@ pub fn consumer_config(src: &KafkaSourceConfig, group: &str, buffer_bytes: u64) 
     c
 }
 
+/// Records decoded into rows.
+#[derive(Debug)]
+pub struct Decoded {
+    pub batch: RecordBatch,
+    /// Records that are not a JSON object.
+    pub malformed: Vec<BadRow>,
+    /// Objects with a field that does not fit its column's type.
+    pub misfits: Vec<BadRow>,
+}
+
 /// Rows from `records`, and the records that could not become rows.
 ///
 /// Fields keep the types the table already has (`known`); new fields get the types their
@@ -70,9 +80,10 @@ pub fn decode(
     format: PayloadFormat,
     topic: &str,
     known: Option<&SchemaRef>,
-) -> Result<(RecordBatch, Vec<BadRow>), Error> {
+) -> Result<Decoded, Error> {
     let source = |r: &Record| format!("kafka://{topic}/{}", r.partition);
     let mut bad = Vec::new();
+    let mut misfits = Vec::new();
     let (good, payload): (Vec<&Record>, Vec<(Field, ArrayRef)>) = match format {
         PayloadFormat::Raw => {
             let values: StringArray = records
@@ -108,7 +119,7 @@ pub fn decode(
             for (i, r) in good.into_iter().enumerate() {
                 match &kept[i] {
                     None => kept_records.push(r),
-                    Some(reason) => bad.push(bad_row(r, reason, source(r))),
+                    Some(reason) => misfits.push(bad_row(r, reason, source(r))),
                 }
             }
             let columns = schema
@@ -149,7 +160,11 @@ pub fn decode(
     ));
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| Error::internal(format!("building rows from `{topic}`: {e}")))?;
-    Ok((batch, bad))
+    Ok(Decoded {
+        batch,
+        malformed: bad,
+        misfits,
+    })
 }
 
 fn bad_row(r: &Record, reason: &str, source: String) -> BadRow {
@@ -248,7 +263,9 @@ mod tests {
             rec(12, r#"[1, 2]"#),
             rec(13, r#"{"id": 2, "extra": true}"#),
         ];
-        let (batch, bad) = decode(&records, PayloadFormat::Json, "events", None).unwrap();
+        let d = decode(&records, PayloadFormat::Json, "events", None).unwrap();
+        let (batch, bad) = (d.batch, d.malformed);
+        assert!(d.misfits.is_empty());
         assert_eq!(batch.num_rows(), 2);
         let names: Vec<&str> = batch
             .schema_ref()
@@ -293,7 +310,9 @@ mod tests {
             rec(2, r#"{"id": "five"}"#),
             rec(3, r#"{"id": 7}"#),
         ];
-        let (batch, bad) = decode(&records, PayloadFormat::Json, "t", Some(&known)).unwrap();
+        let d = decode(&records, PayloadFormat::Json, "t", Some(&known)).unwrap();
+        let (batch, bad) = (d.batch, d.misfits);
+        assert!(d.malformed.is_empty());
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.schema_ref().field(0).data_type(), &DataType::Int64);
         assert_eq!(bad.len(), 1);
@@ -303,7 +322,8 @@ mod tests {
 
     #[test]
     fn raw_records_keep_the_value_as_text() {
-        let (batch, bad) = decode(&[rec(1, "hello")], PayloadFormat::Raw, "t", None).unwrap();
+        let d = decode(&[rec(1, "hello")], PayloadFormat::Raw, "t", None).unwrap();
+        let (batch, bad) = (d.batch, d.malformed);
         assert!(bad.is_empty());
         let v = batch
             .column(0)

@@ -290,12 +290,33 @@ async fn flush(
     let cfg = &stream.config;
     let table = &cfg.sink.table;
     let known = lake.schema(table).await?;
-    let (batch, bad) = kafka::decode(
+    let decoded = kafka::decode(
         records,
         cfg.source.format,
         &cfg.source.topic,
         known.as_ref(),
     )?;
+    if let (Some(first), weir_config::OnIncompatible::Stop) =
+        (decoded.misfits.first(), cfg.sink.on_incompatible)
+    {
+        return Err(Error::user(format!(
+            "stream `{}`: the record at {} offset {} does not fit table `{table}`: {}; \
+             nothing of this batch was committed ({} such records in it)",
+            stream.name,
+            first.source,
+            first.line,
+            first.reason,
+            decoded.misfits.len()
+        ))
+        .with_hint(format!(
+            "fix the producer, or set `sink.on_incompatible: quarantine` in {} to set such \
+             records aside; the stream resumes at the same records",
+            stream.file.display()
+        )));
+    }
+    let batch = decoded.batch;
+    let mut bad = decoded.malformed;
+    bad.extend(decoded.misfits);
     let mut next = positions.clone();
     for r in records {
         let e = next.entry(r.partition).or_insert(r.offset + 1);
@@ -328,6 +349,7 @@ async fn flush(
         .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
     let spec = WriteSpec {
         partition_by: cfg.sink.partition_by.clone(),
+        evolution: cfg.sink.schema_evolution,
         ..Default::default()
     };
     let write = WriteOptions {

@@ -65,6 +65,11 @@ fn produce(broker: &str, topic: &str, values: &[String]) {
 }
 
 fn project(dir: &Path, broker: &str, topic: &str) {
+    project_with(dir, broker, topic, "");
+}
+
+/// A project with stream `events` from `topic` into `raw.events`; `sink` adds sink keys.
+fn project_with(dir: &Path, broker: &str, topic: &str, sink: &str) {
     crate::write(
         dir,
         "weir.yaml",
@@ -75,7 +80,7 @@ fn project(dir: &Path, broker: &str, topic: &str) {
         "streams/events.yaml",
         &format!(
             "source:\n  type: kafka\n  brokers: {broker}\n  topic: {topic}\n  format: json\n\
-             sink:\n  table: raw.events\nflush:\n  rows: 700\n  interval: 300ms\n"
+             sink:\n  table: raw.events\n{sink}flush:\n  rows: 700\n  interval: 300ms\n"
         ),
     );
 }
@@ -104,7 +109,12 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     values.push(r#"{"id": "not a number"}"#.into());
     produce(&broker, &name, &values);
     let dir = tempfile::tempdir().unwrap();
-    project(dir.path(), &broker, &name);
+    project_with(
+        dir.path(),
+        &broker,
+        &name,
+        "  on_incompatible: quarantine\n",
+    );
     let status = |dir: &Path| -> serde_json::Value {
         let out = ok(&weir(
             dir,
@@ -194,6 +204,59 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
         err.contains("unknown stream `event`") && err.contains("did you mean `events`?"),
         "{err}"
     );
+}
+
+#[test]
+fn a_record_that_does_not_fit_stops_the_stream_and_loses_nothing() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("misfit-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 1);
+    let mut values: Vec<String> = (0..1_000).map(|i| format!(r#"{{"id": {i}}}"#)).collect();
+    values.push(r#"{"id": "one thousand"}"#.into());
+    values.extend((1_001..1_500).map(|i| format!(r#"{{"id": {i}, "note": "new field"}}"#)));
+    produce(&broker, &name, &values);
+    let dir = tempfile::tempdir().unwrap();
+    project(dir.path(), &broker, &name);
+
+    let out = weir(
+        dir.path(),
+        &["stream", "run", "events", "--until-idle", "3s"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the record at kafka://{name}/0 offset 1000 does not fit table `raw.events`"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("on_incompatible: quarantine"), "{err}");
+    // The batches before it are committed (700 records); the one holding it is not.
+    assert_eq!(scalar(dir.path(), "select count(*) from raw.events"), 700);
+
+    project_with(
+        dir.path(),
+        &broker,
+        &name,
+        "  on_incompatible: quarantine\n",
+    );
+    ok(&weir(
+        dir.path(),
+        &["stream", "run", "events", "--until-idle", "3s"],
+    ));
+    assert_eq!(scalar(dir.path(), "select count(*) from raw.events"), 1_499);
+    assert_eq!(
+        scalar(dir.path(), "select count(distinct id) from raw.events"),
+        1_499
+    );
+    // The new field became a column: null before it appeared.
+    assert_eq!(
+        scalar(dir.path(), "select count(note) from raw.events"),
+        499
+    );
+    let bad = query(dir.path(), "select raw from raw.events__quarantine");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["raw"], r#"{"id": "one thousand"}"#);
 }
 
 #[test]
