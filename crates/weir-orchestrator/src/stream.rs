@@ -93,38 +93,9 @@ pub async fn run_stream(
     let cfg = &stream.config;
     let src = &cfg.source;
     let table = cfg.sink.table.clone();
-    let group = src.group.clone().unwrap_or_else(|| format!("weir-{name}"));
-    let kafka_err = |what: &str, e: rdkafka::error::KafkaError| {
-        Error::external(format!("stream `{name}`: {what}: {e}")).with_hint(format!(
-            "check `source.brokers` ({}) in {}",
-            src.brokers,
-            stream.file.display()
-        ))
-    };
-    let consumer: StreamConsumer = kafka::consumer_config(src, &group, cfg.flush.bytes)
-        .create()
-        .map_err(|e| kafka_err("creating the consumer", e))?;
-
+    let kafka_err = |what: &str, e| kafka_error(stream, what, e);
     // The topic's partitions, and where each resumes: the table's position, else `start`.
-    let metadata = {
-        let c = &consumer;
-        let topic = src.topic.clone();
-        tokio::task::block_in_place(|| c.fetch_metadata(Some(&topic), Duration::from_secs(10)))
-            .map_err(|e| kafka_err("reading the topic's metadata", e))?
-    };
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == src.topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(Error::user(format!(
-            "stream `{name}`: topic `{}` does not exist on {}",
-            src.topic, src.brokers
-        ))
-        .with_hint("create the topic, or fix `source.topic`"));
-    }
+    let (consumer, partitions) = connect(stream)?;
     let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
     let mut epoch = 0i64;
     if lake.exists(&table).await {
@@ -427,22 +398,53 @@ pub struct PartitionStatus {
     pub lag: i64,
 }
 
+/// A stream's source error, with where its settings are.
+fn kafka_error(stream: &Stream, what: &str, e: rdkafka::error::KafkaError) -> Error {
+    let src = &stream.config.source;
+    Error::external(format!("stream `{}`: {what}: {e}", stream.name)).with_hint(format!(
+        "check `source.brokers` ({}) in {}",
+        src.brokers,
+        stream.file.display()
+    ))
+}
+
+/// A consumer for the stream's topic (not yet assigned) and the topic's partitions.
+fn connect(stream: &Stream) -> Result<(StreamConsumer, Vec<i32>), Error> {
+    let cfg = &stream.config;
+    let src = &cfg.source;
+    let group = src
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("weir-{}", stream.name));
+    let consumer: StreamConsumer = kafka::consumer_config(src, &group, cfg.flush.bytes)
+        .create()
+        .map_err(|e| kafka_error(stream, "creating the consumer", e))?;
+    let metadata = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(&src.topic), Duration::from_secs(10))
+    })
+    .map_err(|e| kafka_error(stream, "reading the topic's metadata", e))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == src.topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(Error::user(format!(
+            "stream `{}`: topic `{}` does not exist on {}",
+            stream.name, src.topic, src.brokers
+        ))
+        .with_hint("create the topic, or fix `source.topic`"));
+    }
+    Ok((consumer, partitions))
+}
+
 /// The status of stream `name`: what the table holds and what the broker has.
 pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<StreamStatus, Error> {
     let stream = find(project, name)?;
     let src = &stream.config.source;
     let table = &stream.config.sink.table;
-    let group = src.group.clone().unwrap_or_else(|| format!("weir-{name}"));
-    let kafka_err = |what: &str, e: rdkafka::error::KafkaError| {
-        Error::external(format!("stream `{name}`: {what}: {e}")).with_hint(format!(
-            "check `source.brokers` ({}) in {}",
-            src.brokers,
-            stream.file.display()
-        ))
-    };
-    let consumer: StreamConsumer = kafka::consumer_config(src, &group, stream.config.flush.bytes)
-        .create()
-        .map_err(|e| kafka_err("creating the consumer", e))?;
+    let (consumer, partitions) = connect(stream)?;
     let mut out = StreamStatus {
         stream: name.to_string(),
         topic: src.topic.clone(),
@@ -465,27 +467,13 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
             .and_then(|h| h.timestamp.clone());
     }
     let topic = src.topic.clone();
-    let (partitions, marks) = tokio::task::block_in_place(|| {
-        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let ids: Vec<i32> = md
-            .topics()
+    let marks = tokio::task::block_in_place(|| {
+        partitions
             .iter()
-            .filter(|x| x.name() == topic && x.error().is_none())
-            .flat_map(|x| x.partitions().iter().map(|p| p.id()))
-            .collect();
-        let mut marks = Vec::new();
-        for p in &ids {
-            marks.push(consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?);
-        }
-        Ok::<_, rdkafka::error::KafkaError>((ids, marks))
+            .map(|p| consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10)))
+            .collect::<Result<Vec<_>, _>>()
     })
-    .map_err(|e| kafka_err("reading the topic's offsets", e))?;
-    if partitions.is_empty() {
-        return Err(Error::user(format!(
-            "stream `{name}`: topic `{}` does not exist on {}",
-            src.topic, src.brokers
-        )));
-    }
+    .map_err(|e| kafka_error(stream, "reading the topic's offsets", e))?;
     for (p, (low, high)) in partitions.into_iter().zip(marks) {
         let position = match &t {
             Some(t) => {
