@@ -131,19 +131,19 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
         .iter()
         .all(|p| p["position"].is_null()));
 
-    let out = ok(&weir(
-        dir.path(),
-        &[
+    let run = |dir: &Path| -> serde_json::Value {
+        let args = [
             "stream",
             "run",
             "events",
             "--until-idle",
-            "3s",
+            "2s",
             "--format",
             "json",
-        ],
-    ));
-    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        ];
+        serde_json::from_str(ok(&weir(dir, &args)).trim()).unwrap()
+    };
+    let summary = run(dir.path());
     assert_eq!(summary["records"], 2_002, "{summary}");
     assert_eq!(summary["rows"], 2_000, "{summary}");
     assert_eq!(summary["quarantined"], 2, "{summary}");
@@ -181,19 +181,7 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
         .sum();
     assert_eq!(positions, 2_002, "{after}");
     // Every partition's next offset is in the table: a second run reads nothing again.
-    let out = ok(&weir(
-        dir.path(),
-        &[
-            "stream",
-            "run",
-            "events",
-            "--until-idle",
-            "2s",
-            "--format",
-            "json",
-        ],
-    ));
-    let again: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let again = run(dir.path());
     assert_eq!(again["records"], 0, "{again}");
     assert_eq!(scalar(dir.path(), "select count(*) from raw.events"), 2_000);
 
