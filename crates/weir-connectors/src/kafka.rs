@@ -17,11 +17,12 @@ use weir_config::{KafkaSourceConfig, PayloadFormat, StartAt};
 use weir_core::BadRow;
 
 /// The columns every row carries about its record.
-pub const META_COLUMNS: [&str; 4] = [
+pub const META_COLUMNS: [&str; 5] = [
     "_kafka_partition",
     "_kafka_offset",
     "_kafka_timestamp",
     "_kafka_key",
+    "_kafka_headers",
 ];
 
 /// One record as read from the broker.
@@ -33,6 +34,8 @@ pub struct Record {
     pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// Header names and values, in order (a name can repeat).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// Consumer settings: the source's, then weir's own (no automatic offset commits: weir
@@ -142,6 +145,7 @@ pub fn decode(
             true,
         ),
         Field::new(META_COLUMNS[3], DataType::Utf8, true),
+        Field::new(META_COLUMNS[4], headers_type(), false),
     ]);
     columns.push(Arc::new(Int32Array::from_iter_values(
         good.iter().map(|r| r.partition),
@@ -158,6 +162,7 @@ pub fn decode(
             .map(|r| r.key.as_deref().map(String::from_utf8_lossy))
             .collect::<StringArray>(),
     ));
+    columns.push(headers_column(&good)?);
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| Error::internal(format!("building rows from `{topic}`: {e}")))?;
     Ok(Decoded {
@@ -165,6 +170,43 @@ pub fn decode(
         malformed: bad,
         misfits,
     })
+}
+
+/// `_kafka_headers`: a map from header name to value (text; invalid UTF-8 replaced).
+fn headers_type() -> DataType {
+    let entries = Field::new(
+        "key_value",
+        DataType::Struct(
+            vec![
+                Field::new("key", DataType::Utf8, false),
+                Field::new("value", DataType::Utf8, true),
+            ]
+            .into(),
+        ),
+        false,
+    );
+    DataType::Map(Arc::new(entries), false)
+}
+
+fn headers_column(records: &[&Record]) -> Result<ArrayRef, Error> {
+    use arrow::array::{MapBuilder, MapFieldNames, StringBuilder};
+    let names = MapFieldNames {
+        entry: "key_value".into(),
+        key: "key".into(),
+        value: "value".into(),
+    };
+    let mut b = MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new())
+        .with_values_field(Field::new("value", DataType::Utf8, true));
+    for r in records {
+        for (k, v) in &r.headers {
+            b.keys().append_value(k);
+            b.values()
+                .append_option(v.as_deref().map(String::from_utf8_lossy));
+        }
+        b.append(true)
+            .map_err(|e| Error::internal(format!("record headers: {e}")))?;
+    }
+    Ok(Arc::new(b.finish()))
 }
 
 fn bad_row(r: &Record, reason: &str, source: String) -> BadRow {
@@ -252,6 +294,7 @@ mod tests {
             timestamp: Some(1_700_000_000_000 + offset),
             key: Some(format!("k{offset}").into_bytes()),
             value: Some(value.as_bytes().to_vec()),
+            headers: vec![("trace".into(), Some(format!("t{offset}").into_bytes()))],
         }
     }
 
@@ -282,7 +325,8 @@ mod tests {
                 "_kafka_partition",
                 "_kafka_offset",
                 "_kafka_timestamp",
-                "_kafka_key"
+                "_kafka_key",
+                "_kafka_headers"
             ]
         );
         assert_eq!(bad.len(), 2);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::datasource::MemTable;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use weir_common::Error;
@@ -181,6 +181,14 @@ pub async fn run_stream(
                     timestamp: m.timestamp().to_millis(),
                     key: m.key().map(<[u8]>::to_vec),
                     value,
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 });
                 oldest.get_or_insert_with(Instant::now);
                 last_record = Instant::now();

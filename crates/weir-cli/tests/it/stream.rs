@@ -42,8 +42,16 @@ fn produce(broker: &str, topic: &str, values: &[String]) {
         .unwrap();
     for (i, v) in values.iter().enumerate() {
         let key = i.to_string();
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "n",
+            value: Some(&key),
+        });
         loop {
-            match producer.send(BaseRecord::to(topic).key(&key).payload(v)) {
+            let record = BaseRecord::to(topic)
+                .key(&key)
+                .payload(v)
+                .headers(headers.clone());
+            match producer.send(record) {
                 Ok(()) => break,
                 Err((e, _)) => {
                     assert!(
@@ -166,6 +174,15 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     let bad = query(
         dir.path(),
         "select reason, raw from raw.events__quarantine order by raw",
+    );
+    // The record's key and headers are columns.
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "select count(*) from raw.events \
+             where _kafka_key = cast(id as varchar) and map_extract(_kafka_headers, 'n')[1] = _kafka_key"
+        ),
+        2_000
     );
     assert_eq!(bad.len(), 2, "{bad:?}");
     assert_eq!(bad[0]["raw"], "not json");
