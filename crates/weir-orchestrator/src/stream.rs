@@ -468,11 +468,12 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
         out.epoch = lake.txn_version(t, &epoch_app(name)).await?.unwrap_or(0);
         let stats = lake.stats(table).await?;
         out.rows = stats.rows;
+        // The newest commit only: a stream's table has many, and history reads them all.
         out.last_commit = lake
-            .history(table, Some(1))
+            .last_commit_time(table)
             .await?
-            .first()
-            .and_then(|h| h.timestamp.clone());
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|d| d.to_rfc3339());
     }
     let topic = src.topic.clone();
     let marks = tokio::task::block_in_place(|| {

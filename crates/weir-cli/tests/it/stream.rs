@@ -190,6 +190,13 @@ fn records_land_once_with_bad_ones_quarantined_and_a_rerun_adds_nothing() {
     let after = status(dir.path());
     assert_eq!(after["lag"], 0, "{after}");
     assert_eq!(after["rows"], 2_000, "{after}");
+    assert!(
+        after["last_commit"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20")),
+        "{after}"
+    );
+    assert!(before["last_commit"].is_null(), "{before}");
     let positions: i64 = after["partitions"]
         .as_array()
         .unwrap()
