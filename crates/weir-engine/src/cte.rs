@@ -95,21 +95,11 @@ async fn materialize_within(ctx: &SessionContext, sql: &str, limit: usize) -> Ma
             }
             body.with = Some(earlier);
         }
-        let Some(batches) = collect_capped(ctx, &body.to_string(), &mut held, limit).await else {
+        let Some(table) = collect_capped(ctx, &body.to_string(), &mut held, limit).await else {
             out.release(ctx);
             return unchanged();
         };
         let name = format!("__weir_cte_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let table = match batches.first().map(|b| b.schema()) {
-            Some(schema) => MemTable::try_new(schema, vec![batches]),
-            None => {
-                // No rows: the schema comes from the plan.
-                match ctx.sql(&body.to_string()).await {
-                    Ok(df) => MemTable::try_new(Arc::new(df.schema().as_arrow().clone()), vec![]),
-                    Err(e) => Err(e),
-                }
-            }
-        };
         let registered = table.and_then(|t| ctx.register_table(name.as_str(), Arc::new(t)));
         if registered.is_err() {
             out.release(ctx);
@@ -206,14 +196,16 @@ fn normalized(ident: &Ident) -> String {
     }
 }
 
-/// The result of `sql`, or `None` if it fails or `held` would pass `limit` bytes.
+/// The result of `sql` as a table (with the plan's schema, also when it has no rows), or
+/// `None` if it fails or `held` would pass `limit` bytes.
 async fn collect_capped(
     ctx: &SessionContext,
     sql: &str,
     held: &mut usize,
     limit: usize,
-) -> Option<Vec<arrow::record_batch::RecordBatch>> {
+) -> Option<datafusion::error::Result<MemTable>> {
     let mut stream = ctx.sql(sql).await.ok()?.execute_stream().await.ok()?;
+    let schema = stream.schema();
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.ok()?;
@@ -223,7 +215,7 @@ async fn collect_capped(
         }
         batches.push(batch);
     }
-    Some(batches)
+    Some(MemTable::try_new(schema, vec![batches]))
 }
 
 #[cfg(test)]

@@ -711,34 +711,46 @@ impl AssetCtx<'_> {
             }
         }
         let wrote = r.rows_written > 0 || r.rows_deleted > 0;
-        if let (true, true, Some(policy)) =
-            (delta, wrote, self.project.maintenance_for(&asset.table))
-        {
-            // The data is committed: a maintenance failure is reported, not the asset's.
-            let retry = policy_retry(self.project);
-            match weir_common::retry::retry(
-                &retry,
-                |_, e, _| tracing::warn!(table = %asset.table, error = %e, "maintenance conflicted; retrying"),
-                |_| self.lake.maintain(&asset.table, policy, false),
-            )
-            .await
-            {
-                Ok(report) => r.maintenance = Some(report),
-                Err(e) => {
-                    tracing::warn!(table = %asset.table, error = %e, "maintenance failed");
-                    let note = format!("maintenance failed: {}", e.message);
-                    r.note = Some(match r.note.take() {
-                        Some(n) => format!("{n}; {note}"),
-                        None => note,
-                    });
-                }
+        if !(delta && wrote) {
+            return;
+        }
+        // The data is committed: a maintenance failure is reported, not the asset's.
+        match maintain_table(self.project, self.lake, &asset.table).await {
+            Some(Ok(report)) => r.maintenance = Some(report),
+            Some(Err(e)) => {
+                let note = format!("maintenance failed: {}", e.message);
+                r.note = Some(match r.note.take() {
+                    Some(n) => format!("{n}; {note}"),
+                    None => note,
+                });
             }
+            None => {}
         }
     }
 }
 
+/// Runs table `table`'s maintenance policy, if weir.yaml gives it one, retrying steps that
+/// conflict with a concurrent commit; a failure is logged and returned.
+pub(crate) async fn maintain_table(
+    project: &Project,
+    lake: &Lake,
+    table: &str,
+) -> Option<Result<weir_lake::MaintenanceReport, Error>> {
+    let policy = project.maintenance_for(table)?;
+    let result = weir_common::retry::retry(
+        &policy_retry(project),
+        |_, e, _| tracing::warn!(table, error = %e, "maintenance conflicted; retrying"),
+        |_| lake.maintain(table, policy, false),
+    )
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(table, error = %e, "maintenance failed");
+    }
+    Some(result)
+}
+
 /// Retries of a maintenance step that conflicted with a concurrent commit.
-pub(crate) fn policy_retry(project: &Project) -> RetryPolicy {
+fn policy_retry(project: &Project) -> RetryPolicy {
     let mut p = policy(&project.config.retry);
     p.max_attempts = p.max_attempts.max(5);
     p

@@ -12,10 +12,8 @@
 //! of the epoch replaces them, so they are not doubled) before the data commit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::datasource::MemTable;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -235,24 +233,11 @@ pub async fn run_stream(
 /// a stream writes, vacuum, retention). The rows are committed: a failure is logged, and
 /// the stream goes on.
 async fn maintain(project: &Project, lake: &Lake, table: &str, summary: &mut StreamSummary) {
-    let Some(policy) = project.maintenance_for(table) else {
-        return;
-    };
-    let retry = crate::run::policy_retry(project);
-    match weir_common::retry::retry(
-        &retry,
-        |_, e, _| tracing::warn!(table, error = %e, "maintenance conflicted; retrying"),
-        |_| lake.maintain(table, policy, false),
-    )
-    .await
-    {
-        Ok(report) => {
-            summary.maintenance_runs += 1;
-            if let Some(o) = &report.optimize {
-                summary.files_compacted += o.files_removed;
-            }
+    if let Some(Ok(report)) = crate::run::maintain_table(project, lake, table).await {
+        summary.maintenance_runs += 1;
+        if let Some(o) = &report.optimize {
+            summary.files_compacted += o.files_removed;
         }
-        Err(e) => tracing::warn!(table, error = %e, "maintenance failed"),
     }
 }
 
@@ -320,11 +305,10 @@ async fn flush(
         };
         crate::quarantine::write(&target, crate::quarantine::Scope::Read, &bad).await?;
     }
+    let rows = batch.num_rows();
     let ctx = weir_lake::new_session();
-    let mem = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])
-        .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
     let df = ctx
-        .read_table(Arc::new(mem))
+        .read_batch(batch)
         .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
     let spec = WriteSpec {
         partition_by: cfg.sink.partition_by.clone(),
@@ -343,14 +327,14 @@ async fn flush(
     tracing::info!(
         stream = %stream.name,
         epoch,
-        rows = batch.num_rows(),
+        rows,
         quarantined = bad.len(),
         version = m.version,
         "committed"
     );
     *positions = next;
     summary.records += records.len() as u64;
-    summary.rows += batch.num_rows() as u64;
+    summary.rows += rows as u64;
     summary.quarantined += bad.len() as u64;
     summary.commits += 1;
     Ok(())

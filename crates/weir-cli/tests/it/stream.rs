@@ -272,6 +272,42 @@ fn a_record_that_does_not_fit_stops_the_stream_and_loses_nothing() {
 }
 
 #[test]
+fn a_batch_of_bad_records_only_is_quarantined_and_not_read_again() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("allbad-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 1);
+    let values: Vec<String> = (0..5).map(|i| format!("not json {i}")).collect();
+    produce(&broker, &name, &values);
+    let dir = tempfile::tempdir().unwrap();
+    project(dir.path(), &broker, &name);
+    let args = [
+        "stream",
+        "run",
+        "events",
+        "--until-idle",
+        "2s",
+        "--format",
+        "json",
+    ];
+    let first: serde_json::Value =
+        serde_json::from_str(ok(&weir(dir.path(), &args)).trim()).unwrap();
+    assert_eq!(first["quarantined"], 5, "{first}");
+    assert_eq!(first["rows"], 0, "{first}");
+    assert_eq!(first["positions"]["0"], 5, "{first}");
+    assert_eq!(
+        scalar(dir.path(), "select count(*) from raw.events__quarantine"),
+        5
+    );
+    let again: serde_json::Value =
+        serde_json::from_str(ok(&weir(dir.path(), &args)).trim()).unwrap();
+    assert_eq!(again["records"], 0, "{again}");
+    assert_eq!(
+        scalar(dir.path(), "select count(*) from raw.events__quarantine"),
+        5
+    );
+}
+
+#[test]
 fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let broker = weir_test::KafkaBroker::shared().bootstrap();
     let name = format!("kill-{}", uuid::Uuid::new_v4().simple());
