@@ -3,7 +3,7 @@
 //! `scripts/kafka-broker` installs it once under `~/.cache/weir-tools` and prints its
 //! path; `scripts/test` runs it and passes the path in `WEIR_KAFKA_BROKER`.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -46,10 +46,7 @@ impl KafkaBroker {
     /// Starts a broker on a free loopback port; it stops with the test process.
     pub fn start() -> Result<KafkaBroker, String> {
         let bin = Self::binary()?;
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
-            l.local_addr().map_err(|e| e.to_string())?.port()
-        };
+        let port = crate::s3::free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
         // A shell that stops the broker when this process is gone, however it ends.
         let script = r#"

@@ -134,7 +134,8 @@ impl Drop for S3Server {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+/// A free loopback port.
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
     l.local_addr()
         .map(|a| a.port())
