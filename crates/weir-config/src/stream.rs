@@ -16,6 +16,14 @@ pub struct StreamConfig {
     #[serde(default)]
     pub description: Option<String>,
     pub source: KafkaSourceConfig,
+    /// A continuous query over the source (read as the table `source.name`); without it
+    /// the records land as they are. Windows: `TUMBLE(source, ts, INTERVAL '1' MINUTE)`,
+    /// `HOP(source, ts, slide, size)`, `SESSION(source, ts, gap[, key...])` in FROM.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Where event time comes from, and how late a record may be.
+    #[serde(default)]
+    pub event_time: Option<EventTimeConfig>,
     pub sink: StreamSinkConfig,
     /// When buffered records are committed to the table.
     #[serde(default)]
@@ -43,6 +51,14 @@ pub struct KafkaSourceConfig {
     /// Where a partition starts when the table has no position for it.
     #[serde(default)]
     pub start: StartAt,
+    /// The name the query reads the records by (with `sql`); default `source`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The fields of each record (with `sql`): only these become columns, with these
+    /// types; a record whose field does not fit is quarantined or stops the stream
+    /// (`sink.on_incompatible`), one missing a field that is not nullable is quarantined.
+    #[serde(default)]
+    pub columns: Vec<crate::ColumnSpec>,
     /// librdkafka settings passed through, e.g. `security.protocol: SASL_SSL`,
     /// `sasl.mechanism: SCRAM-SHA-512`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
     #[serde(default)]
@@ -69,6 +85,23 @@ pub enum StartAt {
     #[default]
     Earliest,
     Latest,
+}
+
+/// Event time: a column of the records, and the watermark that trails it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// A `timestamp`/`timestamptz` column, or a `bigint` of epoch milliseconds
+    /// (`_kafka_timestamp` is the record's own time).
+    pub column: String,
+    /// How far behind the newest event time (per partition) the watermark stays: a record
+    /// older than its partition's watermark is late and goes to the quarantine table.
+    #[serde(default = "no_delay", deserialize_with = "crate::spec::de_duration")]
+    pub allowed_delay: Duration,
+}
+
+fn no_delay() -> Duration {
+    Duration::ZERO
 }
 
 /// The table records land in.
@@ -154,6 +187,10 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "name",
         "description",
         "source",
+        "sql",
+        "event_time",
+        "event_time.column",
+        "event_time.allowed_delay",
         "sink",
         "flush",
         "source.type",
@@ -163,6 +200,11 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "source.format",
         "source.start",
         "source.options",
+        "source.name",
+        "source.columns",
+        "source.columns.name",
+        "source.columns.type",
+        "source.columns.nullable",
         "sink.table",
         "sink.partition_by",
         "sink.schema_evolution",

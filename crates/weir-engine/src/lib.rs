@@ -9,6 +9,7 @@ pub mod model;
 pub mod scd;
 pub mod session;
 pub mod stream;
+pub mod stream_sql;
 pub mod travel;
 
 pub use graph::{Asset, AssetKind, Graph};

@@ -1,0 +1,1878 @@
+//! Streaming SQL: a query over an unbounded source, run one batch of records at a time,
+//! with event time, watermarks, windows and state that can be checkpointed.
+//!
+//! A query reads the source as a table, or as a window of it in FROM:
+//! `TUMBLE(source, ts, INTERVAL '1' MINUTE)`, `HOP(source, ts, slide, size)` or
+//! `SESSION(source, ts, gap[, key...])`, which add `window_start` and `window_end`.
+//!
+//! **Time.** Each source partition's watermark is its newest event time minus the allowed
+//! delay. A row whose event time is before its partition's watermark (as it stood when the
+//! row was read) is late: it goes back to the caller with the reason, for the quarantine
+//! table. Because the decision depends only on the rows before it in its own partition,
+//! it is the same however partitions interleave and wherever batches are cut, so a replay
+//! after a crash decides exactly as the first run did. The query's watermark is the least
+//! of its partitions' (partitions that have not delivered a row yet do not hold it back); a
+//! window is emitted, complete, once that watermark reaches its end. A row that is on time
+//! for its partition is never in a window already emitted, except when it comes from a
+//! partition that was silent while others moved the watermark on: such a row is late too.
+//!
+//! **Plan.** The query is planned once by DataFusion and cut at the aggregate that reads
+//! the source. What is below it (filters, projections, joins with lake tables) runs on
+//! every batch; the aggregate itself is incremental (DataFusion's group accumulators,
+//! kept across batches); what is above it (HAVING, further projections, joins,
+//! aggregates over a window's groups) runs on each set of emitted windows. A query
+//! without an aggregate runs whole on every batch.
+//!
+//! **State** (open windows' groups, or a session window's rows, and the partitions'
+//! newest event times) is written by [`StreamSql::checkpoint`] as Arrow IPC and read back by
+//! [`StreamSql::restore`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int32Array, RecordBatch, TimestampMicrosecondArray,
+    UInt32Array,
+};
+use arrow::compute::{cast, concat_batches, take, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
+use arrow::row::{RowConverter, SortField};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::common::{Column, TableReference};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{
+    EmitTo, Expr, GroupsAccumulator, LogicalPlan, LogicalPlanBuilder, Projection,
+};
+use datafusion::physical_expr::aggregate::{AggregateFunctionExpr, LoweredAggregateBuilder};
+use datafusion::physical_expr::{create_physical_expr, GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{collect, ExecutionPlan};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    self as sql, FunctionArg, FunctionArgExpr, Ident, ObjectName, TableAlias, TableFactor,
+    VisitMut, VisitorMut,
+};
+use weir_common::Error;
+
+/// The columns a window adds.
+pub const WINDOW_START: &str = "window_start";
+pub const WINDOW_END: &str = "window_end";
+
+/// The table a windowed source is read from once its TVF is rewritten.
+const SOURCE_SLOT: &str = "__weir_stream_source";
+/// The table an aggregate's emitted groups are read from by the rest of the query.
+const GROUPS_SLOT: &str = "__weir_stream_groups";
+
+/// A window over event time; durations in microseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Window {
+    Tumble { size: i64 },
+    Hop { slide: i64, size: i64 },
+    Session { gap: i64, keys: Vec<String> },
+}
+
+/// What a streaming query reads.
+#[derive(Debug, Clone)]
+pub struct StreamSqlSpec {
+    pub sql: String,
+    /// The name the query reads the source by.
+    pub source: String,
+    /// The source's rows.
+    pub schema: SchemaRef,
+    /// The column holding each row's source partition (an `Int32`).
+    pub partition_column: String,
+    /// The event-time column and the allowed delay.
+    pub event_time: Option<(String, Duration)>,
+}
+
+/// What a batch of source rows produced: rows for the sink (a query without an aggregate)
+/// and the rows that were late or had no event time, by index in the batch, with why.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    pub rows: Vec<RecordBatch>,
+    pub late: Vec<(usize, String)>,
+}
+
+/// Rows of a batch that were late, by index, with why.
+type Late = Vec<(usize, String)>;
+
+/// A compiled streaming query and its state.
+pub struct StreamSql {
+    source_schema: SchemaRef,
+    window: Option<Window>,
+    /// Index of the event-time column in the source, and the allowed delay (µs).
+    time: Option<(usize, i64)>,
+    time_name: String,
+    partition_index: usize,
+    pre: Stage,
+    agg: Option<Aggregation>,
+    output_schema: SchemaRef,
+    /// Per partition, the newest event time of a row that was on time (µs).
+    marks: BTreeMap<i32, i64>,
+    /// The watermark windows were last emitted at: windows ending at or before it are gone.
+    emitted_to: Option<i64>,
+}
+
+impl fmt::Debug for StreamSql {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamSql")
+            .field("window", &self.window)
+            .field("output", &self.output_schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plan whose leaf is a slot: each run reads what was put in the slot.
+struct Stage {
+    ctx: SessionContext,
+    slot: Slot,
+    plan: LogicalPlan,
+    /// The physical plan, kept when it holds no join (a hash join keeps its build side
+    /// from its first run, which must not be the previous batch).
+    physical: Option<Arc<dyn ExecutionPlan>>,
+}
+
+impl Stage {
+    async fn new(ctx: &SessionContext, slot: Slot, plan: &LogicalPlan) -> Result<Stage, Error> {
+        let plan = ctx.state().optimize(plan).map_err(plan_error)?;
+        let mut stage = Stage {
+            ctx: ctx.clone(),
+            slot,
+            plan,
+            physical: None,
+        };
+        let physical = stage.plan_physical().await?;
+        if !has_join(&physical) {
+            stage.physical = Some(physical);
+        }
+        Ok(stage)
+    }
+
+    async fn plan_physical(&self) -> Result<Arc<dyn ExecutionPlan>, Error> {
+        let state = self.ctx.state();
+        state
+            .query_planner()
+            .create_physical_plan(&self.plan, &state)
+            .await
+            .map_err(plan_error)
+    }
+
+    async fn run(&self, input: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, Error> {
+        let plan = match &self.physical {
+            Some(p) => p.clone(),
+            None => self.plan_physical().await?,
+        };
+        self.slot.put(input);
+        let out = collect(plan, self.ctx.task_ctx()).await;
+        self.slot.put(Vec::new());
+        out.map_err(|e| Error::internal(format!("streaming query: {e}")))
+    }
+}
+
+fn has_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.name().contains("Join") || plan.children().iter().any(|c| has_join(c))
+}
+
+fn plan_error(e: datafusion::error::DataFusionError) -> Error {
+    Error::user(format!("streaming query: {e}"))
+}
+
+/// Batches handed to a plan's leaf table.
+#[derive(Clone)]
+struct Slot {
+    schema: SchemaRef,
+    batches: Arc<Mutex<Vec<RecordBatch>>>,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn new(schema: SchemaRef) -> Slot {
+        Slot {
+            schema,
+            batches: Default::default(),
+        }
+    }
+
+    fn put(&self, batches: Vec<RecordBatch>) {
+        *self.batches.lock().unwrap_or_else(|p| p.into_inner()) = batches;
+    }
+
+    fn provider(&self) -> Result<Arc<dyn datafusion::catalog::TableProvider>, Error> {
+        let table = StreamingTable::try_new(
+            self.schema.clone(),
+            vec![Arc::new(self.clone()) as Arc<dyn PartitionStream>],
+        )
+        .map_err(|e| Error::internal(format!("stream slot: {e}")))?;
+        Ok(Arc::new(table))
+    }
+
+    fn register(&self, ctx: &SessionContext, name: &str) -> Result<(), Error> {
+        ctx.register_table(name, self.provider()?)
+            .map_err(|e| Error::internal(format!("stream slot: {e}")))?;
+        Ok(())
+    }
+}
+
+impl PartitionStream for Slot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stream = futures::stream::iter(batches.into_iter().map(Ok));
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// The incremental aggregate, and the rest of the query over its emitted groups.
+struct Aggregation {
+    spec: Arc<GroupsSpec>,
+    groups: Groups,
+    /// The window end of each group: key column index, plus what to add (the size, when
+    /// only `window_start` is grouped by).
+    end_of: (usize, i64),
+    /// Window ends of the groups held, to know when one closes.
+    open_ends: BTreeSet<i64>,
+    /// Session windows: rows held until their session closes.
+    session: Option<SessionCols>,
+    session_rows: Vec<RecordBatch>,
+    /// A session window's gap (µs).
+    gap: i64,
+    post: Stage,
+}
+
+/// Where a session window's columns are in the rows the aggregate reads.
+struct SessionCols {
+    keys: Vec<usize>,
+    time: usize,
+    start: usize,
+    end: usize,
+}
+
+/// The aggregate's expressions over its input.
+struct GroupsSpec {
+    input: SchemaRef,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    key_schema: SchemaRef,
+    aggs: Vec<Arc<AggregateFunctionExpr>>,
+    filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// The aggregate's output (keys, then values), all nullable.
+    output: SchemaRef,
+}
+
+/// Groups and their accumulators.
+struct Groups {
+    spec: Arc<GroupsSpec>,
+    values: Box<dyn GroupValues>,
+    accs: Vec<Box<dyn GroupsAccumulator>>,
+}
+
+type GroupState = (Vec<ArrayRef>, Vec<Vec<ArrayRef>>);
+
+impl Groups {
+    fn new(spec: &Arc<GroupsSpec>) -> Result<Groups, Error> {
+        let values =
+            new_group_values(spec.key_schema.clone(), &GroupOrdering::None).map_err(exec_error)?;
+        let accs = spec
+            .aggs
+            .iter()
+            .map(|a| {
+                if a.groups_accumulator_supported() {
+                    a.create_groups_accumulator()
+                } else {
+                    let a = a.clone();
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        a.create_accumulator()
+                    })) as Box<dyn GroupsAccumulator>)
+                }
+            })
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(exec_error)?;
+        Ok(Groups {
+            spec: spec.clone(),
+            values,
+            accs,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Adds the rows of `batch`; returns the key columns it had.
+    fn update(&mut self, batch: &RecordBatch) -> Result<Vec<ArrayRef>, Error> {
+        let n = batch.num_rows();
+        let keys = eval_all(&self.spec.keys, batch)?;
+        let mut ids = Vec::with_capacity(n);
+        self.values.intern(&keys, &mut ids).map_err(exec_error)?;
+        let total = self.values.len();
+        for (i, acc) in self.accs.iter_mut().enumerate() {
+            let args = eval_all(&self.spec.aggs[i].expressions(), batch)?;
+            let filter = match &self.spec.filters[i] {
+                Some(f) => Some(
+                    f.evaluate(batch)
+                        .and_then(|v| v.into_array(n))
+                        .map_err(exec_error)?
+                        .as_boolean()
+                        .clone(),
+                ),
+                None => None,
+            };
+            acc.update_batch(&args, &ids, filter.as_ref(), total)
+                .map_err(exec_error)?;
+        }
+        Ok(keys)
+    }
+
+    /// The groups' keys and accumulator states; the groups are emptied.
+    fn take(&mut self) -> Result<GroupState, Error> {
+        let keys = self.values.emit(EmitTo::All).map_err(exec_error)?;
+        let states = self
+            .accs
+            .iter_mut()
+            .map(|a| a.state(EmitTo::All))
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(exec_error)?;
+        *self = Groups::new(&self.spec)?;
+        Ok((keys, states))
+    }
+
+    /// Adds groups from their states (distinct keys, as [`Groups::take`] gives them).
+    fn merge(&mut self, keys: &[ArrayRef], states: &[Vec<ArrayRef>]) -> Result<(), Error> {
+        let mut ids = Vec::new();
+        self.values.intern(keys, &mut ids).map_err(exec_error)?;
+        let total = self.values.len();
+        for (acc, state) in self.accs.iter_mut().zip(states) {
+            acc.merge_batch(state, &ids, total).map_err(exec_error)?;
+        }
+        Ok(())
+    }
+
+    /// The groups' final rows, in the aggregate's output schema; the groups are emptied.
+    fn finish(&mut self) -> Result<RecordBatch, Error> {
+        let mut columns = self.values.emit(EmitTo::All).map_err(exec_error)?;
+        for acc in &mut self.accs {
+            columns.push(acc.evaluate(EmitTo::All).map_err(exec_error)?);
+        }
+        *self = Groups::new(&self.spec)?;
+        let out = &self.spec.output;
+        let columns = columns
+            .into_iter()
+            .zip(out.fields())
+            .map(|(c, f)| match c.data_type() == f.data_type() {
+                true => Ok(c),
+                false => cast(&c, f.data_type()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::internal(format!("aggregate output: {e}")))?;
+        RecordBatch::try_new(out.clone(), columns)
+            .map_err(|e| Error::internal(format!("aggregate output: {e}")))
+    }
+}
+
+fn eval_all(exprs: &[Arc<dyn PhysicalExpr>], batch: &RecordBatch) -> Result<Vec<ArrayRef>, Error> {
+    exprs
+        .iter()
+        .map(|e| {
+            e.evaluate(batch)
+                .and_then(|v| v.into_array(batch.num_rows()))
+        })
+        .collect::<datafusion::error::Result<Vec<_>>>()
+        .map_err(exec_error)
+}
+
+fn exec_error(e: datafusion::error::DataFusionError) -> Error {
+    Error::internal(format!("streaming aggregate: {e}"))
+}
+
+impl StreamSql {
+    /// Plans `spec.sql` in `ctx` (a lake session: lake tables can be joined).
+    pub async fn compile(ctx: &SessionContext, spec: &StreamSqlSpec) -> Result<StreamSql, Error> {
+        let state = ctx.state();
+        let dialect = state.config_options().sql_parser.dialect;
+        let mut statement = state
+            .sql_to_statement(&spec.sql, &dialect)
+            .map_err(plan_error)?;
+        let found = match &mut statement {
+            DfStatement::Statement(s) => rewrite_windows(s, &spec.source)?,
+            _ => {
+                return Err(Error::user(
+                    "a streaming query must be a SELECT over the source",
+                ))
+            }
+        };
+        let window = match &found {
+            Some(f) => Some(f.window(ctx).await?),
+            None => None,
+        };
+        let time = match (&spec.event_time, &found) {
+            (None, Some(f)) => {
+                return Err(Error::user(format!(
+                    "the query's window is over `{}`, but the stream has no event time",
+                    f.time
+                ))
+                .with_hint(format!(
+                    "add `event_time: {{column: {}, allowed_delay: 5s}}` to the stream",
+                    f.time
+                )))
+            }
+            (Some((col, _)), Some(f)) if !col.eq_ignore_ascii_case(&f.time) => {
+                return Err(Error::user(format!(
+                    "the query's window is over `{}`, but the stream's event time is `{col}`",
+                    f.time
+                ))
+                .with_hint("a window is over the event-time column: use the same column"))
+            }
+            (Some((col, delay)), _) => {
+                let i = spec.schema.index_of(col).map_err(|_| {
+                    Error::user(format!("event time column `{col}` is not a source column"))
+                        .with_hint(format!("source columns: {}", names(&spec.schema)))
+                })?;
+                event_times(spec.schema.field(i).data_type(), None)?;
+                Some((i, delay.as_micros() as i64))
+            }
+            (None, None) => None,
+        };
+        let partition_index = spec.schema.index_of(&spec.partition_column).map_err(|_| {
+            Error::internal(format!("no partition column {}", spec.partition_column))
+        })?;
+        let slot_schema = match &window {
+            Some(_) => {
+                let mut fields: Vec<Field> = spec
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone())
+                    .collect();
+                for n in [WINDOW_START, WINDOW_END] {
+                    fields.push(Field::new(n, window_type(), true));
+                }
+                Arc::new(Schema::new(fields))
+            }
+            None => spec.schema.clone(),
+        };
+        let source_slot = Slot::new(slot_schema);
+        let slot_name = match &window {
+            Some(_) => SOURCE_SLOT,
+            None => spec.source.as_str(),
+        };
+        source_slot.register(ctx, slot_name)?;
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(plan_error)?;
+        let plan = state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})
+            .map_err(plan_error)?;
+        if matches!(
+            plan,
+            LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)
+        ) {
+            return Err(Error::user(
+                "a streaming query must be a SELECT over the source",
+            ));
+        }
+        let reads = count_scans(&plan, slot_name);
+        if reads != 1 {
+            return Err(Error::user(format!(
+                "a streaming query reads its source `{}` once; this one reads it {reads} times",
+                spec.source
+            ))
+            .with_hint(match reads {
+                0 => format!("read the records `FROM {}`", spec.source),
+                _ => "join the source with lake tables, not with itself".to_string(),
+            }));
+        }
+        let groups_name = TableReference::bare(GROUPS_SLOT);
+        let (upper, agg) = split(&plan, slot_name, &groups_name)?;
+        let pre_plan = match &agg {
+            Some((a, _)) => a.input.as_ref().clone(),
+            None => plan.clone(),
+        };
+        check_per_batch(&pre_plan, slot_name)?;
+        let pre = Stage::new(ctx, source_slot, &pre_plan).await?;
+        let (agg, output_schema) = match agg {
+            None => {
+                if window.is_some() && matches!(window, Some(Window::Session { .. })) {
+                    return Err(Error::user(
+                        "a SESSION window needs an aggregate: GROUP BY window_start, window_end",
+                    ));
+                }
+                (None, Arc::new(plan.schema().as_arrow().clone()))
+            }
+            Some((a, groups_slot)) => {
+                let Some(w) = &window else {
+                    return Err(Error::user(
+                        "an aggregate over a stream needs a window: its groups would never be complete",
+                    )
+                    .with_hint(format!(
+                        "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
+                        spec.source
+                    )));
+                };
+                let output_schema = Arc::new(upper.schema().as_arrow().clone());
+                let agg =
+                    Aggregation::new(ctx, &a, w, &upper, &spec.event_time, groups_slot).await?;
+                (Some(agg), output_schema)
+            }
+        };
+        for f in output_schema.fields() {
+            if !f
+                .name()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(Error::user(format!(
+                    "the streaming query's column `{}` needs a name to be a table column",
+                    f.name()
+                ))
+                .with_hint("name it with AS, e.g. `count(*) AS events`"));
+            }
+        }
+        Ok(StreamSql {
+            source_schema: spec.schema.clone(),
+            window,
+            time,
+            time_name: spec.event_time.clone().map(|t| t.0).unwrap_or_default(),
+            partition_index,
+            pre,
+            agg,
+            output_schema,
+            marks: BTreeMap::new(),
+            emitted_to: None,
+        })
+    }
+
+    /// The rows the query produces.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// The query's watermark (µs): the least of its partitions'.
+    pub fn watermark(&self) -> Option<i64> {
+        let (_, delay) = self.time?;
+        self.marks.values().min().map(|m| m - delay)
+    }
+
+    /// Per partition, the newest event time of an on-time row (µs).
+    pub fn partition_marks(&self) -> &BTreeMap<i32, i64> {
+        &self.marks
+    }
+
+    /// Runs the query over `batch` (source rows in the order they were read).
+    pub async fn push(&mut self, batch: &RecordBatch) -> Result<Pushed, Error> {
+        if batch.schema_ref().fields() != self.source_schema.fields() {
+            return Err(Error::internal(
+                "streaming query: a batch does not have the source's columns",
+            ));
+        }
+        let (keep, late) = self.sort_out_late(batch)?;
+        let input = match keep {
+            Some(keep) => take_record_batch(batch, &keep)
+                .map_err(|e| Error::internal(format!("streaming query: {e}")))?,
+            None => batch.clone(),
+        };
+        let input = match &self.window {
+            Some(w) => with_windows(&input, w, self.time.map(|t| t.0).unwrap_or(0))?,
+            None => input,
+        };
+        let out = self.pre.run(vec![input]).await?;
+        let mut pushed = Pushed {
+            rows: Vec::new(),
+            late,
+        };
+        match &mut self.agg {
+            None => pushed.rows = out,
+            Some(a) if a.session.is_some() => a.session_rows.extend(out),
+            Some(a) => {
+                for b in &out {
+                    let keys = a.groups.update(b)?;
+                    a.note_ends(&keys);
+                }
+            }
+        }
+        Ok(pushed)
+    }
+
+    /// Which rows of `batch` are on time (`None`: all), and why the others are not.
+    fn sort_out_late(&mut self, batch: &RecordBatch) -> Result<(Option<UInt32Array>, Late), Error> {
+        let Some((ti, delay)) = self.time else {
+            return Ok((None, Vec::new()));
+        };
+        let times = event_times(
+            batch.schema_ref().field(ti).data_type(),
+            Some(batch.column(ti)),
+        )?;
+        let parts = batch
+            .column(self.partition_index)
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| Error::internal("the partition column is not an Int32"))?;
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut late = Vec::new();
+        for (i, t) in times.iter().enumerate() {
+            let p = parts.value(i);
+            let Some(t) = *t else {
+                late.push((i, format!("no event time: `{}` is null", self.time_name)));
+                continue;
+            };
+            let mark = self.marks.get(&p).copied();
+            if let Some(m) = mark {
+                if t < m - delay {
+                    late.push((
+                        i,
+                        format!(
+                            "late: event time {} is before partition {p}'s watermark {} \
+                             (its newest event time {} minus the allowed delay {})",
+                            show_time(t),
+                            show_time(m - delay),
+                            show_time(m),
+                            humantime::format_duration(Duration::from_micros(delay as u64))
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            if let (Some(done), Some(w)) = (self.emitted_to, &self.window) {
+                if first_window_end(w, t) <= done {
+                    late.push((
+                        i,
+                        format!(
+                            "late: event time {} is in a window already emitted (the watermark \
+                             was {} while partition {p} was silent)",
+                            show_time(t),
+                            show_time(done)
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            self.marks.insert(p, mark.map_or(t, |m| m.max(t)));
+            keep.push(i as u32);
+        }
+        Ok(match late.is_empty() {
+            true => (None, late),
+            false => (Some(UInt32Array::from(keep)), late),
+        })
+    }
+
+    /// Emits the windows the watermark has passed: the query's rows for them.
+    pub async fn advance(&mut self) -> Result<Vec<RecordBatch>, Error> {
+        let Some(wm) = self.watermark() else {
+            return Ok(Vec::new());
+        };
+        let Some(a) = &mut self.agg else {
+            return Ok(Vec::new());
+        };
+        self.emitted_to = Some(self.emitted_to.map_or(wm, |e| e.max(wm)));
+        let closed = match &a.session {
+            Some(_) => a.close_sessions(wm)?,
+            None => a.close_windows(wm)?,
+        };
+        match closed {
+            Some(batch) if batch.num_rows() > 0 => a.post.run(vec![batch]).await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The state, as Arrow IPC: partitions' event times, and open windows.
+    pub fn checkpoint(&mut self) -> Result<Vec<u8>, Error> {
+        let meta = serde_json::json!({
+            "version": 1,
+            "marks": self.marks.iter().map(|(p, m)| (p.to_string(), *m)).collect::<BTreeMap<_, _>>(),
+            "emitted_to": self.emitted_to,
+        });
+        let batch = match &mut self.agg {
+            None => None,
+            Some(a) => a.state_batch()?,
+        };
+        let schema = batch
+            .as_ref()
+            .map(|b| b.schema_ref().as_ref().clone())
+            .unwrap_or_else(Schema::empty)
+            .with_metadata([("weir.stream.state".to_string(), meta.to_string())].into());
+        let mut out = Vec::new();
+        let io = |e: arrow::error::ArrowError| Error::internal(format!("stream checkpoint: {e}"));
+        {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).map_err(io)?;
+            if let Some(b) = batch {
+                let b = b.with_schema(Arc::new(schema.clone())).map_err(io)?;
+                w.write(&b).map_err(io)?;
+            }
+            w.finish().map_err(io)?;
+        }
+        Ok(out)
+    }
+
+    /// Takes up the state [`StreamSql::checkpoint`] wrote.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let bad = |e: String| Error::internal(format!("stream checkpoint unreadable: {e}"));
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(|e| bad(e.to_string()))?;
+        let schema = reader.schema();
+        let meta: serde_json::Value = schema
+            .metadata()
+            .get("weir.stream.state")
+            .and_then(|m| serde_json::from_str(m).ok())
+            .ok_or_else(|| bad("no state metadata".into()))?;
+        let mut batches = Vec::new();
+        for b in reader {
+            batches.push(b.map_err(|e| bad(e.to_string()))?);
+        }
+        self.marks = meta["marks"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.emitted_to = meta["emitted_to"].as_i64();
+        if let Some(a) = &mut self.agg {
+            a.load_state(&batches)?;
+        }
+        Ok(())
+    }
+}
+
+impl Aggregation {
+    async fn new(
+        ctx: &SessionContext,
+        agg: &datafusion::logical_expr::Aggregate,
+        window: &Window,
+        upper: &LogicalPlan,
+        event_time: &Option<(String, Duration)>,
+        groups_slot: Slot,
+    ) -> Result<Aggregation, Error> {
+        let input_df = agg.input.schema();
+        let input = Arc::new(input_df.as_arrow().clone());
+        let props = ctx.state().execution_props().clone();
+        if agg
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)))
+        {
+            return Err(Error::user(
+                "GROUPING SETS, ROLLUP and CUBE are not supported in a streaming query",
+            ));
+        }
+        let planning = PhysicalPlanningContext::default();
+        let keys = agg
+            .group_expr
+            .iter()
+            .map(|e| create_physical_expr(e, input_df, &props, &planning))
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(plan_error)?;
+        let agg_schema = agg.schema.as_arrow();
+        let nk = agg.group_expr.len();
+        let key_schema = Arc::new(Schema::new(
+            agg_schema.fields()[..nk]
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        ));
+        let mut aggs = Vec::new();
+        let mut filters = Vec::new();
+        for e in &agg.aggr_expr {
+            let lowered = LoweredAggregateBuilder::new(e, input_df, &input, &props, &planning)
+                .build()
+                .map_err(plan_error)?;
+            if !lowered.order_bys.is_empty() {
+                return Err(Error::user(format!(
+                    "`{e}`: an aggregate with ORDER BY is not supported in a streaming query"
+                )));
+            }
+            aggs.push(lowered.aggregate);
+            filters.push(lowered.filter);
+        }
+        let output = groups_slot.schema.clone();
+        // The window's end, from the GROUP BY.
+        let key_named = |name: &str| {
+            agg.group_expr
+                .iter()
+                .position(|e| matches!(e, Expr::Column(c) if c.name == name))
+        };
+        let size = match window {
+            Window::Tumble { size } | Window::Hop { size, .. } => *size,
+            Window::Session { .. } => 0,
+        };
+        let end_of =
+            match (key_named(WINDOW_END), key_named(WINDOW_START)) {
+                (Some(i), _) => (i, 0),
+                (None, Some(i)) if size > 0 => (i, size),
+                _ => return Err(Error::user(
+                    "a windowed aggregate groups by the window: GROUP BY window_start, window_end",
+                )
+                .with_hint("add window_start and window_end to the GROUP BY (and the SELECT)")),
+            };
+        let session = match window {
+            Window::Session { keys: names, .. } => {
+                let qualifier = agg.group_expr.iter().find_map(|e| match e {
+                    Expr::Column(c) if c.name == WINDOW_START || c.name == WINDOW_END => {
+                        Some(c.relation.clone())
+                    }
+                    _ => None,
+                });
+                let qualifier = qualifier.flatten();
+                let find = |name: &str| -> Result<usize, Error> {
+                    input_df
+                        .index_of_column_by_name(qualifier.as_ref(), name)
+                        .or_else(|| input_df.index_of_column_by_name(None, name))
+                        .ok_or_else(|| {
+                            Error::user(format!("session window column `{name}` not found"))
+                        })
+                };
+                let (time_name, _) = event_time
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("session without event time"))?;
+                Some(SessionCols {
+                    keys: names.iter().map(|k| find(k)).collect::<Result<_, _>>()?,
+                    time: find(time_name)?,
+                    start: find(WINDOW_START)?,
+                    end: find(WINDOW_END)?,
+                })
+            }
+            _ => None,
+        };
+        let spec = Arc::new(GroupsSpec {
+            input,
+            keys,
+            key_schema,
+            aggs,
+            filters,
+            output: output.clone(),
+        });
+        let post = Stage::new(ctx, groups_slot, upper).await?;
+        Ok(Aggregation {
+            groups: Groups::new(&spec)?,
+            spec,
+            end_of,
+            open_ends: BTreeSet::new(),
+            session,
+            session_rows: Vec::new(),
+            gap: match window {
+                Window::Session { gap, .. } => *gap,
+                _ => 0,
+            },
+            post,
+        })
+    }
+
+    fn ends(&self, keys: &[ArrayRef]) -> Vec<i64> {
+        let (i, add) = self.end_of;
+        let col = keys[i].as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        col.iter().map(|v| v.unwrap_or(i64::MIN) + add).collect()
+    }
+
+    fn note_ends(&mut self, keys: &[ArrayRef]) {
+        let mut last = None;
+        for e in self.ends(keys) {
+            if last != Some(e) {
+                self.open_ends.insert(e);
+                last = Some(e);
+            }
+        }
+    }
+
+    /// Tumbling and hopping windows: the groups of windows ending by `wm`, finished.
+    fn close_windows(&mut self, wm: i64) -> Result<Option<RecordBatch>, Error> {
+        if self.open_ends.first().is_none_or(|e| *e > wm) {
+            return Ok(None);
+        }
+        let (keys, states) = self.groups.take()?;
+        let ends = self.ends(&keys);
+        let closed: BooleanArray = ends.iter().map(|e| Some(*e <= wm)).collect();
+        let open: BooleanArray = ends.iter().map(|e| Some(*e > wm)).collect();
+        let pick = |arrays: &[ArrayRef], mask: &BooleanArray| -> Result<Vec<ArrayRef>, Error> {
+            arrays
+                .iter()
+                .map(|a| arrow::compute::filter(a, mask))
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::internal(format!("closing windows: {e}")))
+        };
+        let mut done = Groups::new(&self.spec)?;
+        done.merge(
+            &pick(&keys, &closed)?,
+            &states
+                .iter()
+                .map(|s| pick(s, &closed))
+                .collect::<Result<Vec<_>, _>>()?,
+        )?;
+        self.groups.merge(
+            &pick(&keys, &open)?,
+            &states
+                .iter()
+                .map(|s| pick(s, &open))
+                .collect::<Result<Vec<_>, _>>()?,
+        )?;
+        self.open_ends = self.open_ends.split_off(&(wm + 1));
+        done.finish().map(Some)
+    }
+
+    /// Session windows: the sessions (per key, rows less than `gap` apart) that ended by
+    /// `wm`, aggregated; their rows leave the state.
+    fn close_sessions(&mut self, wm: i64) -> Result<Option<RecordBatch>, Error> {
+        let Some(cols) = &self.session else {
+            return Ok(None);
+        };
+        if self.session_rows.is_empty() {
+            return Ok(None);
+        }
+        let gap = self.gap;
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("sessions: {e}"));
+        let all = concat_batches(&self.spec.input, &self.session_rows).map_err(err)?;
+        let times = event_times(
+            all.schema_ref().field(cols.time).data_type(),
+            Some(all.column(cols.time)),
+        )?;
+        let key_cols: Vec<ArrayRef> = cols.keys.iter().map(|i| all.column(*i).clone()).collect();
+        let converter = RowConverter::new(
+            key_cols
+                .iter()
+                .map(|c| SortField::new(c.data_type().clone()))
+                .collect(),
+        )
+        .map_err(err)?;
+        let rows = converter.convert_columns(&key_cols).map_err(err)?;
+        let mut order: Vec<usize> = (0..all.num_rows()).collect();
+        order.sort_by(|a, b| {
+            rows.row(*a)
+                .cmp(&rows.row(*b))
+                .then(times[*a].cmp(&times[*b]))
+        });
+        let mut closed_idx = Vec::new();
+        let mut starts = Vec::new();
+        let mut ends = Vec::new();
+        let mut open_idx = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            // One session: rows of one key, each less than `gap` after the one before.
+            let first = order[i];
+            let start = times[first].unwrap_or(i64::MIN);
+            let mut last = start;
+            let mut j = i + 1;
+            while j < order.len()
+                && rows.row(order[j]) == rows.row(first)
+                && times[order[j]].unwrap_or(i64::MIN) < last.saturating_add(gap)
+            {
+                last = last.max(times[order[j]].unwrap_or(i64::MIN));
+                j += 1;
+            }
+            let end = last.saturating_add(gap);
+            for &r in &order[i..j] {
+                if end <= wm {
+                    closed_idx.push(r as u32);
+                    starts.push(start);
+                    ends.push(end);
+                } else {
+                    open_idx.push(r as u32);
+                }
+            }
+            i = j;
+        }
+        if closed_idx.is_empty() {
+            return Ok(None);
+        }
+        let open = take_record_batch(&all, &UInt32Array::from(open_idx)).map_err(err)?;
+        self.session_rows = vec![open];
+        let closed = take_record_batch(&all, &UInt32Array::from(closed_idx)).map_err(err)?;
+        let mut columns = closed.columns().to_vec();
+        columns[cols.start] =
+            Arc::new(TimestampMicrosecondArray::from(starts).with_timezone("UTC"));
+        columns[cols.end] = Arc::new(TimestampMicrosecondArray::from(ends).with_timezone("UTC"));
+        let columns = columns
+            .into_iter()
+            .zip(self.spec.input.fields())
+            .map(|(c, f)| cast(&c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let closed = RecordBatch::try_new(self.spec.input.clone(), columns).map_err(err)?;
+        let mut done = Groups::new(&self.spec)?;
+        done.update(&closed)?;
+        done.finish().map(Some)
+    }
+
+    /// The state to checkpoint: held groups (keys, then each aggregate's state columns)
+    /// or held session rows.
+    fn state_batch(&mut self) -> Result<Option<RecordBatch>, Error> {
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("stream checkpoint: {e}"));
+        if self.session.is_some() {
+            if self.session_rows.is_empty() {
+                return Ok(None);
+            }
+            let all = concat_batches(&self.spec.input, &self.session_rows).map_err(err)?;
+            let fields: Vec<Field> = all
+                .schema_ref()
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+                .collect();
+            self.session_rows = vec![all.clone()];
+            return RecordBatch::try_new(Arc::new(Schema::new(fields)), all.columns().to_vec())
+                .map(Some)
+                .map_err(err);
+        }
+        if self.groups.is_empty() {
+            return Ok(None);
+        }
+        let (keys, states) = self.groups.take()?;
+        self.groups.merge(&keys, &states)?;
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            fields.push(Field::new(format!("k{i}"), k.data_type().clone(), true));
+            columns.push(k.clone());
+        }
+        for (j, s) in states.iter().enumerate() {
+            for (i, c) in s.iter().enumerate() {
+                fields.push(Field::new(format!("s{j}_{i}"), c.data_type().clone(), true));
+                columns.push(c.clone());
+            }
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+            .map(Some)
+            .map_err(err)
+    }
+
+    fn load_state(&mut self, batches: &[RecordBatch]) -> Result<(), Error> {
+        self.groups = Groups::new(&self.spec)?;
+        self.open_ends.clear();
+        self.session_rows.clear();
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("stream checkpoint: {e}"));
+        for b in batches {
+            if self.session.is_some() {
+                let b = RecordBatch::try_new(self.spec.input.clone(), b.columns().to_vec())
+                    .map_err(err)?;
+                self.session_rows.push(b);
+                continue;
+            }
+            let nk = self.spec.key_schema.fields().len();
+            let keys = b.columns()[..nk].to_vec();
+            let mut at = nk;
+            let mut states = Vec::new();
+            for a in &self.spec.aggs {
+                let n = a.state_fields().map_err(exec_error)?.len();
+                states.push(b.columns()[at..at + n].to_vec());
+                at += n;
+            }
+            self.groups.merge(&keys, &states)?;
+            self.note_ends(&keys);
+        }
+        Ok(())
+    }
+}
+
+/// The type of `window_start` and `window_end`.
+fn window_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn show_time(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| us.to_string())
+}
+
+fn names(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Event times in µs from a timestamp column, or a bigint/int column of epoch milliseconds.
+/// With no column, checks the type only.
+fn event_times(dt: &DataType, column: Option<&ArrayRef>) -> Result<Vec<Option<i64>>, Error> {
+    let to_us = |c: &ArrayRef| -> Result<Vec<Option<i64>>, Error> {
+        let us = cast(c, &DataType::Timestamp(TimeUnit::Microsecond, None))
+            .map_err(|e| Error::internal(format!("event time: {e}")))?;
+        Ok(us
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .iter()
+            .collect())
+    };
+    match dt {
+        DataType::Timestamp(_, _) => column.map_or(Ok(Vec::new()), to_us),
+        DataType::Int64 | DataType::Int32 => match column {
+            None => Ok(Vec::new()),
+            Some(c) => {
+                let ms = cast(c, &DataType::Int64)
+                    .map_err(|e| Error::internal(format!("event time: {e}")))?;
+                Ok(ms
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.and_then(|v| v.checked_mul(1000)))
+                    .collect())
+            }
+        },
+        other => Err(Error::user(format!(
+            "the event time column is {other}: it must be a timestamp, or a bigint of epoch milliseconds"
+        ))),
+    }
+}
+
+/// The end of the earliest window holding time `t`.
+fn first_window_end(w: &Window, t: i64) -> i64 {
+    match w {
+        Window::Tumble { size } => t.div_euclid(*size) * size + size,
+        Window::Hop { slide, size } => {
+            // The least multiple of `slide` past `t - size`.
+            let s = (t - size).div_euclid(*slide) * slide + slide;
+            s + size
+        }
+        Window::Session { .. } => t.saturating_add(1),
+    }
+}
+
+/// `batch` with `window_start` and `window_end`: a row per window it is in (tumbling and
+/// hopping), or null windows (sessions: set when the session closes).
+fn with_windows(batch: &RecordBatch, w: &Window, time: usize) -> Result<RecordBatch, Error> {
+    let err = |e: arrow::error::ArrowError| Error::internal(format!("windows: {e}"));
+    let times = event_times(
+        batch.schema_ref().field(time).data_type(),
+        Some(batch.column(time)),
+    )?;
+    let (rows, starts, size): (Option<UInt32Array>, Vec<Option<i64>>, i64) = match w {
+        Window::Tumble { size } => (
+            None,
+            times
+                .iter()
+                .map(|t| t.map(|t| t.div_euclid(*size) * size))
+                .collect(),
+            *size,
+        ),
+        Window::Hop { slide, size } => {
+            let mut rows = Vec::new();
+            let mut starts = Vec::new();
+            for (i, t) in times.iter().enumerate() {
+                let Some(t) = *t else { continue };
+                let mut s = first_window_end(w, t) - size;
+                while s <= t {
+                    rows.push(i as u32);
+                    starts.push(Some(s));
+                    s += slide;
+                }
+            }
+            (Some(UInt32Array::from(rows)), starts, *size)
+        }
+        Window::Session { .. } => (None, vec![None; batch.num_rows()], 0),
+    };
+    let mut columns: Vec<ArrayRef> = match &rows {
+        Some(idx) => batch
+            .columns()
+            .iter()
+            .map(|c| take(c, idx, None))
+            .collect::<Result<_, _>>()
+            .map_err(err)?,
+        None => batch.columns().to_vec(),
+    };
+    let ends: Vec<Option<i64>> = starts
+        .iter()
+        .map(|s| s.filter(|_| size > 0).map(|s| s + size))
+        .collect();
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
+    ));
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
+    ));
+    let mut fields: Vec<Field> = batch
+        .schema_ref()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for n in [WINDOW_START, WINDOW_END] {
+        fields.push(Field::new(n, window_type(), true));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(err)
+}
+
+/// A window TVF found in the query.
+struct FoundWindow {
+    kind: String,
+    time: String,
+    args: Vec<sql::Expr>,
+    keys: Vec<String>,
+}
+
+impl FoundWindow {
+    async fn window(&self, ctx: &SessionContext) -> Result<Window, Error> {
+        let mut d = Vec::new();
+        for a in &self.args {
+            d.push(duration_of(ctx, a).await?);
+        }
+        let positive = |v: i64, what: &str| match v > 0 {
+            true => Ok(v),
+            false => Err(Error::user(format!(
+                "{}: the {what} must be longer than zero",
+                self.kind
+            ))),
+        };
+        Ok(match self.kind.as_str() {
+            "tumble" => Window::Tumble {
+                size: positive(d[0], "size")?,
+            },
+            "hop" => {
+                let (slide, size) = (positive(d[0], "slide")?, positive(d[1], "size")?);
+                if slide > size {
+                    return Err(Error::user(
+                        "HOP(source, time, slide, size): the slide is longer than the size, so rows would fall between windows",
+                    ));
+                }
+                Window::Hop { slide, size }
+            }
+            _ => Window::Session {
+                gap: positive(d[0], "gap")?,
+                keys: self.keys.clone(),
+            },
+        })
+    }
+}
+
+/// An interval in µs: `INTERVAL '1' MINUTE`, `INTERVAL '10 seconds'` or `'10s'`.
+async fn duration_of(ctx: &SessionContext, e: &sql::Expr) -> Result<i64, Error> {
+    let bad = || {
+        Error::user(format!("`{e}` is not a duration"))
+            .with_hint("write e.g. INTERVAL '1' MINUTE, INTERVAL '30 seconds' or '30s'")
+    };
+    if let sql::Expr::Value(v) = e {
+        if let sql::Value::SingleQuotedString(s) = &v.value {
+            return humantime::parse_duration(s)
+                .map(|d| d.as_micros() as i64)
+                .map_err(|_| bad());
+        }
+    }
+    let batches = ctx
+        .sql(&format!("SELECT {e}"))
+        .await
+        .map_err(|_| bad())?
+        .collect()
+        .await
+        .map_err(|_| bad())?;
+    let v = batches
+        .first()
+        .filter(|b| b.num_rows() == 1)
+        .map(|b| b.column(0).clone())
+        .ok_or_else(bad)?;
+    match v.data_type() {
+        DataType::Interval(arrow::datatypes::IntervalUnit::MonthDayNano) => {
+            let x = v
+                .as_primitive::<arrow::datatypes::IntervalMonthDayNanoType>()
+                .value(0);
+            if x.months != 0 {
+                return Err(bad().with_hint("months vary in length: use days"));
+            }
+            Ok(x.days as i64 * 86_400_000_000 + x.nanoseconds / 1000)
+        }
+        DataType::Interval(arrow::datatypes::IntervalUnit::DayTime) => {
+            let x = v
+                .as_primitive::<arrow::datatypes::IntervalDayTimeType>()
+                .value(0);
+            Ok(x.days as i64 * 86_400_000_000 + x.milliseconds as i64 * 1000)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Replaces the one window TVF over `source` with the slot table, keeping its alias (or
+/// naming it after the source).
+fn rewrite_windows(
+    statement: &mut sql::Statement,
+    source: &str,
+) -> Result<Option<FoundWindow>, Error> {
+    struct Finder<'a> {
+        source: &'a str,
+        found: Vec<FoundWindow>,
+        error: Option<Error>,
+    }
+    impl VisitorMut for Finder<'_> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
+            let TableFactor::Table {
+                name, args, alias, ..
+            } = t
+            else {
+                return ControlFlow::Continue(());
+            };
+            let Some(a) = args else {
+                return ControlFlow::Continue(());
+            };
+            let kind = name.to_string().to_ascii_lowercase();
+            if !matches!(kind.as_str(), "tumble" | "hop" | "session") {
+                return ControlFlow::Continue(());
+            }
+            match parse_tvf(&kind, &a.args, self.source) {
+                Ok(f) => {
+                    let alias_name = alias
+                        .as_ref()
+                        .map(|a| a.name.clone())
+                        .unwrap_or_else(|| Ident::new(self.source));
+                    *alias = Some(TableAlias {
+                        explicit: true,
+                        name: alias_name,
+                        columns: vec![],
+                        at: None,
+                    });
+                    *name = ObjectName::from(vec![Ident::new(SOURCE_SLOT)]);
+                    *args = None;
+                    self.found.push(f);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        }
+    }
+    let mut finder = Finder {
+        source,
+        found: Vec::new(),
+        error: None,
+    };
+    let _ = statement.visit(&mut finder);
+    if let Some(e) = finder.error {
+        return Err(e);
+    }
+    if finder.found.len() > 1 {
+        return Err(Error::user(
+            "a streaming query has one window over its source; this one has several",
+        ));
+    }
+    Ok(finder.found.pop())
+}
+
+fn parse_tvf(kind: &str, args: &[FunctionArg], source: &str) -> Result<FoundWindow, Error> {
+    let usage = match kind {
+        "tumble" => "TUMBLE(source, time_column, size)",
+        "hop" => "HOP(source, time_column, slide, size)",
+        _ => "SESSION(source, time_column, gap[, key...])",
+    };
+    let bad = |what: String| {
+        Error::user(format!("{}: {what}", kind.to_ascii_uppercase())).with_hint(format!(
+            "write {usage}, e.g. TUMBLE({source}, ts, INTERVAL '1' MINUTE)"
+        ))
+    };
+    let exprs: Vec<&sql::Expr> = args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e),
+            other => Err(bad(format!("`{other}` is not a supported argument"))),
+        })
+        .collect::<Result<_, _>>()?;
+    let ident = |e: &sql::Expr| -> Option<String> {
+        match e {
+            sql::Expr::Identifier(i) => Some(i.value.clone()),
+            sql::Expr::Function(f) if f.name.to_string().eq_ignore_ascii_case("descriptor") => {
+                match &f.args {
+                    sql::FunctionArguments::List(l) => match l.args.as_slice() {
+                        [FunctionArg::Unnamed(FunctionArgExpr::Expr(sql::Expr::Identifier(i)))] => {
+                            Some(i.value.clone())
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    let durations = match kind {
+        "hop" => 2,
+        _ => 1,
+    };
+    if exprs.len() < 2 + durations || (kind != "session" && exprs.len() != 2 + durations) {
+        return Err(bad(format!("{} arguments", exprs.len())));
+    }
+    match ident(exprs[0]) {
+        Some(s) if s.eq_ignore_ascii_case(source) => {}
+        other => {
+            return Err(bad(format!(
+                "the first argument is the source `{source}`, not `{}`",
+                other.unwrap_or_else(|| exprs[0].to_string())
+            )))
+        }
+    }
+    let time =
+        ident(exprs[1]).ok_or_else(|| bad(format!("`{}` is not a column name", exprs[1])))?;
+    let keys = exprs[2 + durations..]
+        .iter()
+        .map(|e| ident(e).ok_or_else(|| bad(format!("`{e}` is not a column name"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FoundWindow {
+        kind: kind.to_string(),
+        time,
+        args: exprs[2..2 + durations]
+            .iter()
+            .map(|e| (*e).clone())
+            .collect(),
+        keys,
+    })
+}
+
+fn count_scans(plan: &LogicalPlan, slot: &str) -> usize {
+    let mut n = 0;
+    let _ = plan.apply(|p| {
+        if let LogicalPlan::TableScan(s) = p {
+            if s.table_name.table() == slot {
+                n += 1;
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    n
+}
+
+/// The aggregate a plan was cut at, and the slot its groups are read from above the cut.
+type Cut = (datafusion::logical_expr::Aggregate, Slot);
+
+/// Cuts `plan` at the lowest aggregate above the source: the rest of the plan reads the
+/// aggregate's groups from `groups` instead. Without such an aggregate, nothing is cut.
+fn split(
+    plan: &LogicalPlan,
+    slot: &str,
+    groups: &TableReference,
+) -> Result<(LogicalPlan, Option<Cut>), Error> {
+    fn walk(
+        plan: &LogicalPlan,
+        slot: &str,
+        groups: &TableReference,
+    ) -> Result<(Option<LogicalPlan>, Option<Cut>, bool), Error> {
+        if let LogicalPlan::TableScan(s) = plan {
+            return Ok((None, None, s.table_name.table() == slot));
+        }
+        let inputs = plan.inputs();
+        let mut new_inputs = Vec::new();
+        let mut found = None;
+        let mut reads = false;
+        for input in &inputs {
+            let (rebuilt, agg, r) = walk(input, slot, groups)?;
+            reads |= r;
+            if agg.is_some() {
+                found = agg;
+            }
+            new_inputs.push(rebuilt);
+        }
+        if found.is_some() {
+            let inputs: Vec<LogicalPlan> = new_inputs
+                .into_iter()
+                .zip(inputs)
+                .map(|(n, old)| n.unwrap_or_else(|| old.clone()))
+                .collect();
+            let rebuilt = plan
+                .with_new_exprs(plan.expressions(), inputs)
+                .map_err(plan_error)?;
+            return Ok((Some(rebuilt), found, true));
+        }
+        if reads {
+            if let LogicalPlan::Aggregate(a) = plan {
+                let (scan, slot) = groups_scan(a, groups)?;
+                return Ok((Some(scan), Some((a.clone(), slot)), true));
+            }
+        }
+        Ok((None, None, reads))
+    }
+    let (rebuilt, agg, _) = walk(plan, slot, groups)?;
+    Ok((rebuilt.unwrap_or_else(|| plan.clone()), agg))
+}
+
+/// A scan of the emitted groups (a slot, returned too) that looks like the aggregate to
+/// the plan above it.
+fn groups_scan(
+    a: &datafusion::logical_expr::Aggregate,
+    groups: &TableReference,
+) -> Result<(LogicalPlan, Slot), Error> {
+    let fields: Vec<Field> = a
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+        .collect();
+    let slot = Slot::new(Arc::new(Schema::new(fields)));
+    let source = datafusion::datasource::provider_as_source(slot.provider()?);
+    let scan = LogicalPlanBuilder::scan(groups.clone(), source, None)
+        .map_err(plan_error)?
+        .build()
+        .map_err(plan_error)?;
+    let exprs = a
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::new(Some(groups.clone()), format!("c{i}")))
+                .alias_qualified(q.cloned(), f.name())
+        })
+        .collect::<Vec<_>>();
+    let p = Projection::try_new(exprs, Arc::new(scan)).map_err(plan_error)?;
+    Ok((LogicalPlan::Projection(p), slot))
+}
+
+/// What runs on every batch may not need rows from other batches.
+fn check_per_batch(plan: &LogicalPlan, slot: &str) -> Result<(), Error> {
+    if count_scans(plan, slot) == 0 {
+        return Ok(());
+    }
+    let what = match plan {
+        LogicalPlan::Sort(_) => Some("ORDER BY"),
+        LogicalPlan::Limit(_) => Some("LIMIT"),
+        LogicalPlan::Window(_) => Some("a window function (OVER)"),
+        LogicalPlan::Distinct(_) => Some("DISTINCT"),
+        LogicalPlan::Aggregate(_) => Some("an aggregate"),
+        _ => None,
+    };
+    if let Some(what) = what {
+        return Err(Error::user(format!(
+            "{what} over the whole stream never finishes"
+        ))
+        .with_hint("aggregate over a window (TUMBLE, HOP or SESSION in FROM) and order or limit what it emits"));
+    }
+    for i in plan.inputs() {
+        check_per_batch(i, slot)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Windows against a naive reference: random events, out of order within each
+    //! partition, with some far too late; the stream is cut into random batches and its
+    //! state checkpointed and restored into a freshly compiled query at random points.
+
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use std::collections::BTreeMap;
+
+    const USERS: [&str; 4] = ["ann", "bob", "cy", "dee"];
+    const DELAY_MS: i64 = 3_000;
+
+    #[derive(Clone, Copy, Debug)]
+    struct Event {
+        id: i64,
+        partition: i32,
+        user: usize,
+        amount: i64,
+        ts: i64,
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("user_name", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+            Field::new("ts", DataType::Int64, true),
+            Field::new("_kafka_partition", DataType::Int32, false),
+        ]))
+    }
+
+    fn batch(events: &[Event]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.id))),
+                Arc::new(StringArray::from_iter_values(
+                    events.iter().map(|e| USERS[e.user]),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    events.iter().map(|e| e.amount),
+                )),
+                Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.ts))),
+                Arc::new(Int32Array::from_iter_values(
+                    events.iter().map(|e| e.partition),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Events of 3 partitions, interleaved; each partition's clock moves on by 0-400 ms a
+    /// row, with a 6 s lull now and then; rows are up to 2.5 s out of order (on time),
+    /// and 1 in 40 is 5-30 s behind.
+    fn events(rng: &mut Rng, n: usize) -> Vec<Event> {
+        let mut clocks = [1_700_000_000_000i64; 3];
+        let mut out = Vec::new();
+        for id in 0..n as i64 {
+            // Every partition's first row comes first: no partition starts after windows
+            // were emitted without it (that case is tested on its own).
+            let p = match id {
+                0..=2 => id as usize,
+                _ => rng.below(3) as usize,
+            };
+            clocks[p] += rng.below(400) as i64;
+            if rng.below(150) == 0 {
+                // A lull on every partition: sessions end.
+                let next = clocks.iter().max().unwrap() + 6_000;
+                clocks = [next; 3];
+            }
+            let ts = match rng.below(40) {
+                0 => clocks[p] - 5_000 - rng.below(25_000) as i64,
+                _ => clocks[p] - rng.below(2_500) as i64,
+            };
+            out.push(Event {
+                id,
+                partition: p as i32,
+                user: rng.below(USERS.len() as u64) as usize,
+                amount: rng.below(100) as i64,
+                ts,
+            });
+        }
+        out
+    }
+
+    /// Which events are late, by the rule: before their partition's newest on-time event
+    /// time minus the delay; and the final watermark.
+    fn reference_late(events: &[Event]) -> (BTreeSet<i64>, i64) {
+        let mut marks: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut late = BTreeSet::new();
+        for e in events {
+            match marks.get(&e.partition) {
+                Some(m) if e.ts < m - DELAY_MS => {
+                    late.insert(e.id);
+                }
+                _ => {
+                    let m = marks.entry(e.partition).or_insert(e.ts);
+                    *m = (*m).max(e.ts);
+                }
+            }
+        }
+        let wm = marks.values().min().unwrap() - DELAY_MS;
+        (late, wm)
+    }
+
+    /// (window start ms, window end ms, user) -> (count, sum, max, distinct amount % 5).
+    type Result3 = BTreeMap<(i64, i64, String), (i64, i64, i64, i64)>;
+
+    fn aggregate(rows: impl Iterator<Item = ((i64, i64, String), i64)>) -> Result3 {
+        let mut acc: BTreeMap<(i64, i64, String), Vec<i64>> = BTreeMap::new();
+        for (k, amount) in rows {
+            acc.entry(k).or_default().push(amount);
+        }
+        acc.into_iter()
+            .map(|(k, v)| {
+                let kinds: BTreeSet<i64> = v.iter().map(|a| a % 5).collect();
+                (
+                    k,
+                    (
+                        v.len() as i64,
+                        v.iter().sum(),
+                        *v.iter().max().unwrap(),
+                        kinds.len() as i64,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn reference(events: &[Event], window: &Window) -> (Result3, BTreeSet<i64>) {
+        let (late, wm) = reference_late(events);
+        let on_time: Vec<&Event> = events.iter().filter(|e| !late.contains(&e.id)).collect();
+        let mut rows = Vec::new();
+        match window {
+            Window::Tumble { size } => {
+                let size = size / 1000;
+                for e in &on_time {
+                    let s = e.ts.div_euclid(size) * size;
+                    rows.push(((s, s + size, USERS[e.user].to_string()), e.amount));
+                }
+            }
+            Window::Hop { slide, size } => {
+                let (slide, size) = (slide / 1000, size / 1000);
+                for e in &on_time {
+                    let mut s = e.ts.div_euclid(slide) * slide;
+                    while s + size > e.ts {
+                        rows.push(((s, s + size, USERS[e.user].to_string()), e.amount));
+                        s -= slide;
+                    }
+                }
+            }
+            Window::Session { gap, .. } => {
+                let gap = gap / 1000;
+                for (u, name) in USERS.iter().enumerate() {
+                    let mut mine: Vec<&&Event> = on_time.iter().filter(|e| e.user == u).collect();
+                    mine.sort_by_key(|e| e.ts);
+                    let mut i = 0;
+                    while i < mine.len() {
+                        let start = mine[i].ts;
+                        let mut last = start;
+                        let mut j = i + 1;
+                        while j < mine.len() && mine[j].ts < last + gap {
+                            last = last.max(mine[j].ts);
+                            j += 1;
+                        }
+                        for e in &mine[i..j] {
+                            rows.push(((start, last + gap, name.to_string()), e.amount));
+                        }
+                        i = j;
+                    }
+                }
+            }
+        }
+        let emitted = aggregate(rows.into_iter())
+            .into_iter()
+            .filter(|((_, end, _), _)| *end <= wm)
+            .collect();
+        (emitted, late)
+    }
+
+    const SQL_AGGS: &str = "count(*) AS n, sum(amount) AS total, max(amount) AS top, \
+                            count(DISTINCT amount % 5) AS kinds";
+
+    async fn compile(from: &str) -> StreamSql {
+        let ctx = weir_lake::new_session();
+        let sql = format!(
+            "SELECT window_start, window_end, user_name, {SQL_AGGS} FROM {from} \
+             GROUP BY window_start, window_end, user_name"
+        );
+        StreamSql::compile(
+            &ctx,
+            &StreamSqlSpec {
+                sql,
+                source: "events".into(),
+                schema: schema(),
+                partition_column: "_kafka_partition".into(),
+                event_time: Some(("ts".into(), Duration::from_millis(DELAY_MS as u64))),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn collect_output(out: &[RecordBatch], into: &mut Result3) {
+        for b in out {
+            let ms = |i: usize| {
+                b.column(i)
+                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                    .values()
+                    .iter()
+                    .map(|v| v / 1000)
+                    .collect::<Vec<_>>()
+            };
+            let (starts, ends) = (ms(0), ms(1));
+            let users = b.column(2).as_string::<i32>();
+            let int = |i: usize| b.column(i).as_primitive::<Int64Type>().clone();
+            let (n, total, top, kinds) = (int(3), int(4), int(5), int(6));
+            for r in 0..b.num_rows() {
+                let key = (starts[r], ends[r], users.value(r).to_string());
+                let v = (n.value(r), total.value(r), top.value(r), kinds.value(r));
+                assert!(
+                    into.insert(key.clone(), v).is_none(),
+                    "{key:?} emitted twice"
+                );
+            }
+        }
+    }
+
+    async fn run_against_reference(from: &str, window: Window, seed: u64) {
+        let mut rng = Rng(seed);
+        let events = events(&mut rng, 3_000);
+        let (want, want_late) = reference(&events, &window);
+        let mut q = compile(from).await;
+        let mut got = Result3::new();
+        let mut late = BTreeSet::new();
+        let mut at = 0;
+        let mut restores = 0;
+        while at < events.len() {
+            let n = 1 + rng.below(200) as usize;
+            let part = &events[at..(at + n).min(events.len())];
+            let pushed = q.push(&batch(part)).await.unwrap();
+            assert!(pushed.rows.is_empty());
+            for (i, reason) in &pushed.late {
+                assert!(reason.starts_with("late: event time"), "{reason}");
+                late.insert(part[*i].id);
+            }
+            collect_output(&q.advance().await.unwrap(), &mut got);
+            if rng.below(3) == 0 {
+                // A crash after this commit: a new process takes up the checkpoint.
+                let state = q.checkpoint().unwrap();
+                q = compile(from).await;
+                q.restore(&state).unwrap();
+                restores += 1;
+            }
+            at += n;
+        }
+        assert!(restores > 3);
+        assert!(want_late.len() > 20, "the data has late rows");
+        assert_eq!(late, want_late, "late rows");
+        assert!(want.len() > 50, "{} windows", want.len());
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn tumbling_windows_match_the_reference() {
+        for seed in [1, 2, 3] {
+            run_against_reference(
+                "TUMBLE(events, ts, INTERVAL '10' SECOND)",
+                Window::Tumble { size: 10_000_000 },
+                seed,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn hopping_windows_match_the_reference() {
+        for seed in [4, 5] {
+            run_against_reference(
+                "HOP(events, ts, INTERVAL '5 seconds', '15s')",
+                Window::Hop {
+                    slide: 5_000_000,
+                    size: 15_000_000,
+                },
+                seed,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn session_windows_match_the_reference() {
+        for seed in [6, 7] {
+            run_against_reference(
+                "SESSION(events, DESCRIPTOR(ts), '2s', user_name)",
+                Window::Session {
+                    gap: 2_000_000,
+                    keys: vec!["user_name".into()],
+                },
+                seed,
+            )
+            .await;
+        }
+    }
+}
