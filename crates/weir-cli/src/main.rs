@@ -764,25 +764,32 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let project = weir_config::load_project(&cli.project)?;
             let lake = weir_lake::Lake::for_project(&project);
             let s = weir_orchestrator::stream::status(&project, &lake, &name).await?;
+            let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}/s"));
             let mut text = format!(
-                "stream {} ({} -> {}): {} commits, {} rows, last commit {}, lag {}\n\
-                 partition  position  low  high  lag",
+                "stream {} ({} -> {}): {} commits, {} rows, last commit {}, lag {}, {}{}\n\
+                 partition  position  low  high  lag  rate  watermark",
                 s.stream,
                 s.topic,
                 s.table,
                 s.epoch,
                 s.rows,
                 s.last_commit.as_deref().unwrap_or("never"),
-                s.lag
+                s.lag,
+                rate(s.records_per_second),
+                s.watermark
+                    .as_deref()
+                    .map_or(String::new(), |w| format!(", watermark {w}")),
             );
             for p in &s.partitions {
                 text.push_str(&format!(
-                    "\n{:<9}  {:<8}  {:<3}  {:<4}  {}",
+                    "\n{:<9}  {:<8}  {:<3}  {:<4}  {}  {}  {}",
                     p.partition,
                     p.position.map_or("-".to_string(), |v| v.to_string()),
                     p.low_watermark,
                     p.high_watermark,
-                    p.lag
+                    p.lag,
+                    rate(p.records_per_second),
+                    p.watermark.as_deref().unwrap_or("-"),
                 ));
             }
             output::print_record(

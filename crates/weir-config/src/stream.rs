@@ -98,6 +98,17 @@ pub struct EventTimeConfig {
     /// older than its partition's watermark is late and goes to the quarantine table.
     #[serde(default = "no_delay", deserialize_with = "crate::spec::de_duration")]
     pub allowed_delay: Duration,
+    /// A partition that delivers nothing for this long stops holding the watermark back
+    /// (an empty or quiet partition would otherwise keep every window open).
+    #[serde(
+        default = "default_idle",
+        deserialize_with = "crate::spec::de_duration"
+    )]
+    pub idle_timeout: Duration,
+}
+
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn no_delay() -> Duration {
@@ -191,6 +202,7 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "event_time",
         "event_time.column",
         "event_time.allowed_delay",
+        "event_time.idle_timeout",
         "sink",
         "flush",
         "source.type",

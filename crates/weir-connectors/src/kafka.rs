@@ -172,6 +172,24 @@ pub fn decode(
     })
 }
 
+/// The declared fields of a stream's records (`source.columns`), as the known schema for
+/// [`decode`].
+pub fn declared_schema(columns: &[weir_config::ColumnSpec]) -> Result<SchemaRef, Error> {
+    let mut fields = Vec::with_capacity(columns.len());
+    for c in columns {
+        let t = crate::types::parse_type(&c.data_type)
+            .map_err(|e| e.context(format!("source.columns `{}`", c.name)))?;
+        if META_COLUMNS.contains(&c.name.as_str()) {
+            return Err(Error::user(format!(
+                "source.columns: `{}` is a column every record has already",
+                c.name
+            )));
+        }
+        fields.push(Field::new(&c.name, t, true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
 /// `_kafka_headers`: a map from header name to value (text; invalid UTF-8 replaced).
 fn headers_type() -> DataType {
     let entries = Field::new(
@@ -209,7 +227,8 @@ fn headers_column(records: &[&Record]) -> Result<ArrayRef, Error> {
     Ok(Arc::new(b.finish()))
 }
 
-fn bad_row(r: &Record, reason: &str, source: String) -> BadRow {
+/// A record set aside: the reason, `kafka://topic/partition`, its offset and its value.
+pub fn bad_row(r: &Record, reason: &str, source: String) -> BadRow {
     BadRow {
         reason: reason.to_string(),
         source,

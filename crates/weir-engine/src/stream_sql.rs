@@ -120,6 +120,11 @@ pub struct StreamSql {
     marks: BTreeMap<i32, i64>,
     /// The watermark windows were last emitted at: windows ending at or before it are gone.
     emitted_to: Option<i64>,
+    /// The source's partitions: each holds the watermark back until it has delivered a
+    /// row (none set: the partitions seen so far).
+    partitions: BTreeSet<i32>,
+    /// Partitions left out of the watermark for now (silent for a while).
+    idle: BTreeSet<i32>,
 }
 
 impl fmt::Debug for StreamSql {
@@ -221,6 +226,7 @@ impl Slot {
     }
 
     fn register(&self, ctx: &SessionContext, name: &str) -> Result<(), Error> {
+        let _ = ctx.deregister_table(name);
         ctx.register_table(name, self.provider()?)
             .map_err(|e| Error::internal(format!("stream slot: {e}")))?;
         Ok(())
@@ -560,6 +566,8 @@ impl StreamSql {
             output_schema,
             marks: BTreeMap::new(),
             emitted_to: None,
+            partitions: BTreeSet::new(),
+            idle: BTreeSet::new(),
         })
     }
 
@@ -568,10 +576,34 @@ impl StreamSql {
         &self.output_schema
     }
 
-    /// The query's watermark (µs): the least of its partitions'.
+    /// Sets the source's partitions: until each has delivered a row (or is idle), no
+    /// window is emitted.
+    pub fn set_partitions(&mut self, partitions: impl IntoIterator<Item = i32>) {
+        self.partitions = partitions.into_iter().collect();
+    }
+
+    /// Sets the partitions to leave out of the watermark (silent for a while): the others
+    /// move it on. A row that comes later from an idle partition into a window already
+    /// emitted is late.
+    pub fn set_idle(&mut self, idle: impl IntoIterator<Item = i32>) {
+        self.idle = idle.into_iter().collect();
+    }
+
+    /// The query's watermark (µs): the least of its partitions'; none while a partition
+    /// that is not idle has delivered nothing.
     pub fn watermark(&self) -> Option<i64> {
         let (_, delay) = self.time?;
-        self.marks.values().min().map(|m| m - delay)
+        let least = if self.partitions.is_empty() {
+            self.marks.values().min().copied()
+        } else {
+            let mut least: Option<i64> = None;
+            for p in self.partitions.difference(&self.idle) {
+                let m = *self.marks.get(p)?;
+                least = Some(least.map_or(m, |l| l.min(m)));
+            }
+            least
+        };
+        least.map(|m| m - delay)
     }
 
     /// Per partition, the newest event time of an on-time row (µs).
@@ -739,14 +771,7 @@ impl StreamSql {
         for b in reader {
             batches.push(b.map_err(|e| bad(e.to_string()))?);
         }
-        self.marks = meta["marks"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        self.marks = marks_of(&meta);
         self.emitted_to = meta["emitted_to"].as_i64();
         if let Some(a) = &mut self.agg {
             a.load_state(&batches)?;
@@ -1083,12 +1108,37 @@ impl Aggregation {
     }
 }
 
+/// What a checkpoint says about time: per partition, the newest on-time event time (µs).
+pub fn checkpoint_marks(bytes: &[u8]) -> Result<BTreeMap<i32, i64>, Error> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Error::internal(format!("stream checkpoint unreadable: {e}")))?;
+    let meta: serde_json::Value = reader
+        .schema()
+        .metadata()
+        .get("weir.stream.state")
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| Error::internal("stream checkpoint unreadable: no state metadata"))?;
+    Ok(marks_of(&meta))
+}
+
+fn marks_of(meta: &serde_json::Value) -> BTreeMap<i32, i64> {
+    meta["marks"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The type of `window_start` and `window_end`.
 fn window_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
-fn show_time(us: i64) -> String {
+/// A time in µs, as RFC 3339 text.
+pub fn show_time(us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(us)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
         .unwrap_or_else(|| us.to_string())
@@ -1874,5 +1924,102 @@ mod tests {
             )
             .await;
         }
+    }
+
+    fn spec(sql: &str, event_time: bool) -> StreamSqlSpec {
+        StreamSqlSpec {
+            sql: sql.into(),
+            source: "events".into(),
+            schema: schema(),
+            partition_column: "_kafka_partition".into(),
+            event_time: event_time.then(|| ("ts".into(), Duration::from_millis(DELAY_MS as u64))),
+        }
+    }
+
+    fn ev(id: i64, partition: i32, ts: i64) -> Event {
+        Event {
+            id,
+            partition,
+            user: 0,
+            amount: 1,
+            ts,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partition_holds_the_watermark_until_it_delivers_or_is_idle() {
+        let mut q = compile("TUMBLE(events, ts, INTERVAL '10' SECOND)").await;
+        q.set_partitions([0, 1]);
+        let t0 = 1_700_000_000_000;
+        q.push(&batch(&[ev(1, 0, t0), ev(2, 0, t0 + 60_000)]))
+            .await
+            .unwrap();
+        assert_eq!(q.watermark(), None, "partition 1 has not delivered");
+        assert!(q.advance().await.unwrap().is_empty());
+        q.set_idle([1]);
+        assert_eq!(q.watermark(), Some((t0 + 60_000 - DELAY_MS) * 1000));
+        let out = q.advance().await.unwrap();
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        // Partition 1 wakes up with a row for the window already emitted: late, with why.
+        let pushed = q.push(&batch(&[ev(3, 1, t0 + 1)])).await.unwrap();
+        assert_eq!(pushed.late.len(), 1);
+        assert!(
+            pushed.late[0].1.contains("already emitted"),
+            "{}",
+            pushed.late[0].1
+        );
+        // On time for a window still open: counted.
+        let pushed = q.push(&batch(&[ev(4, 1, t0 + 59_000)])).await.unwrap();
+        assert!(pushed.late.is_empty());
+    }
+
+    #[tokio::test]
+    async fn queries_that_cannot_stream_are_refused_with_a_reason() {
+        let ctx = weir_lake::new_session();
+        let cases = [
+            ("SELECT user_name, count(*) AS n FROM events GROUP BY user_name", true, "needs a window"),
+            ("SELECT id FROM events ORDER BY id", false, "ORDER BY over the whole stream"),
+            ("SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') GROUP BY window_start", false, "no event time"),
+            ("SELECT user_name, count(*) AS n FROM TUMBLE(events, ts, '10s') GROUP BY user_name", true, "groups by the window"),
+            ("SELECT window_start, window_end, count(*) FROM TUMBLE(events, ts, '10s') GROUP BY window_start, window_end", true, "needs a name"),
+            ("SELECT * FROM TUMBLE(other, ts, '10s')", true, "first argument is the source"),
+            ("SELECT * FROM HOP(events, ts, '10s', '5s')", true, "slide is longer than the size"),
+            ("SELECT a.id FROM events a JOIN events b ON a.id = b.id", false, "reads it 2 times"),
+        ];
+        for (sql, et, want) in cases {
+            let e = StreamSql::compile(&ctx, &spec(sql, et)).await.unwrap_err();
+            assert!(e.to_string().contains(want), "{sql}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_without_an_aggregate_runs_on_every_batch() {
+        let ctx = weir_lake::new_session();
+        let mut q = StreamSql::compile(
+            &ctx,
+            &spec(
+                "SELECT id, amount * 2 AS doubled, window_start FROM TUMBLE(events, ts, '10s') WHERE amount > 0",
+                true,
+            ),
+        )
+        .await
+        .unwrap();
+        let t0 = 1_700_000_000_000;
+        let mut zero = ev(2, 0, t0);
+        zero.amount = 0;
+        let pushed = q
+            .push(&batch(&[ev(1, 0, t0 + 12_000), zero]))
+            .await
+            .unwrap();
+        let rows: usize = pushed.rows.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 1);
+        let b = &pushed.rows[0];
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().value(0), 2);
+        assert_eq!(
+            b.column(2)
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                .value(0),
+            (t0 + 10_000) * 1000
+        );
     }
 }

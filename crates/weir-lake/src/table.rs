@@ -343,9 +343,18 @@ impl Lake {
 
     /// The time of a table's latest commit.
     pub async fn last_commit_time(&self, name: &str) -> Result<Option<i64>, Error> {
-        let t = self.open_existing(name).await?;
-        let info = crate::log::commit_info(&t, name, t.version().unwrap_or(0)).await?;
+        let info = self.last_commit_info(name).await?;
         Ok(info.get("timestamp").and_then(|t| t.as_i64()))
+    }
+
+    /// The `commitInfo` of a table's latest commit (its time, operation and the metadata
+    /// the writer added), read without replaying the log.
+    pub async fn last_commit_info(
+        &self,
+        name: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+        let t = self.open_existing(name).await?;
+        crate::log::commit_info(&t, name, t.version().unwrap_or(0)).await
     }
 
     /// Commits of a table, newest first. Every commit is read, for the running totals.
@@ -391,6 +400,59 @@ impl Lake {
                 }
             })
             .collect())
+    }
+
+    fn state_path(app: &str, n: i64) -> ObjectPath {
+        ObjectPath::from(format!("_weir/state/{app}/{n}.arrow"))
+    }
+
+    /// Writes the state checkpoint of epoch `n` of `app` beside `table` (before the commit
+    /// of that epoch; Delta's vacuum leaves `_weir/` alone). The put is atomic.
+    pub async fn write_state(
+        &self,
+        table: &str,
+        app: &str,
+        n: i64,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::state_path(app, n);
+        store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| Error::external(format!("writing state {path} of `{table}`: {e}")))?;
+        Ok(())
+    }
+
+    /// Reads the state checkpoint of epoch `n`; `None` if there is none.
+    pub async fn read_state(
+        &self,
+        table: &str,
+        app: &str,
+        n: i64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::state_path(app, n);
+        let failed = |e: object_store::Error| {
+            Error::external(format!("reading state {path} of `{table}`: {e}"))
+        };
+        match store.get(&path).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(failed)?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// Deletes the state checkpoint of epoch `n`, if there is one.
+    pub async fn delete_state(&self, table: &str, app: &str, n: i64) -> Result<(), Error> {
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::state_path(app, n);
+        match store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::external(format!(
+                "deleting state {path} of `{table}`: {e}"
+            ))),
+        }
     }
 
     fn manifest_path(app: &str, n: i64) -> ObjectPath {

@@ -92,6 +92,10 @@ pub async fn run_stream(
     let src = &cfg.source;
     let table = cfg.sink.table.clone();
     let kafka_err = |what: &str, e| kafka_error(stream, what, e);
+    let mut job = match &cfg.sql {
+        Some(_) => Some(SqlJob::compile(lake, stream).await?),
+        None => None,
+    };
     // The topic's partitions, and where each resumes: the table's position, else `start`.
     let (consumer, partitions) = connect(stream)?;
     let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
@@ -108,6 +112,16 @@ pub async fn run_stream(
             }
         }
     }
+    if let Some(job) = &mut job {
+        job.query.set_partitions(partitions.iter().copied());
+        if epoch > 0 {
+            job.restore(lake, stream, epoch).await?;
+        }
+    }
+    // When each partition last delivered a record: a silent one stops holding the
+    // watermark back after `event_time.idle_timeout`.
+    let mut heard: BTreeMap<i32, Instant> =
+        partitions.iter().map(|p| (*p, Instant::now())).collect();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
         let offset = match positions.get(p) {
@@ -144,6 +158,7 @@ pub async fn run_stream(
     // Maintenance runs after a commit at most once a minute, and at the end of a run.
     let mut maintained: Option<Instant> = None;
     let mut unmaintained = false;
+    let mut since_commit = Instant::now();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -171,6 +186,7 @@ pub async fn run_stream(
                         summary.skipped_offsets += (m.offset() - want) as u64;
                     }
                 }
+                heard.insert(m.partition(), Instant::now());
                 let value = m.payload().map(<[u8]>::to_vec);
                 buffered_bytes += value.as_ref().map_or(0, |v| v.len() as u64);
                 buffer.push(Record {
@@ -200,7 +216,23 @@ pub async fn run_stream(
             || oldest.is_some_and(|t| t.elapsed() >= cfg.flush.interval);
         if !buffer.is_empty() && (due || idle || stopping) {
             epoch += 1;
-            flush(lake, stream, &buffer, epoch, &mut positions, &mut summary).await?;
+            if let (Some(job), Some(et)) = (&mut job, &cfg.event_time) {
+                job.query.set_idle(
+                    heard
+                        .iter()
+                        .filter(|(_, t)| t.elapsed() >= et.idle_timeout)
+                        .map(|(p, _)| *p),
+                );
+            }
+            let step = Flush {
+                lake,
+                stream,
+                records: &buffer,
+                epoch,
+                started: since_commit,
+            };
+            step.run(&mut positions, &mut summary, job.as_mut()).await?;
+            since_commit = Instant::now();
             let mut done = TopicPartitionList::new();
             for (p, next) in &positions {
                 let _ = done.add_partition_offset(&src.topic, *p, Offset::Offset(*next));
@@ -241,103 +273,307 @@ async fn maintain(project: &Project, lake: &Lake, table: &str, summary: &mut Str
     }
 }
 
-/// Commits `records` (epoch `epoch`) to the stream's table with the partitions' next
-/// offsets; the quarantined ones first, to the quarantine table.
-async fn flush(
-    lake: &Lake,
-    stream: &Stream,
-    records: &[Record],
-    epoch: i64,
-    positions: &mut BTreeMap<i32, i64>,
-    summary: &mut StreamSummary,
-) -> Result<(), Error> {
-    let cfg = &stream.config;
-    let table = &cfg.sink.table;
-    let known = lake.schema(table).await?;
-    let decoded = kafka::decode(
-        records,
-        cfg.source.format,
-        &cfg.source.topic,
-        known.as_ref(),
-    )?;
-    if let (Some(first), weir_config::OnIncompatible::Stop) =
-        (decoded.misfits.first(), cfg.sink.on_incompatible)
-    {
-        return Err(Error::user(format!(
-            "stream `{}`: the record at {} offset {} does not fit table `{table}`: {}; \
-             nothing of this batch was committed ({} such records in it)",
-            stream.name,
-            first.source,
-            first.line,
-            first.reason,
-            decoded.misfits.len()
-        ))
-        .with_hint(format!(
-            "fix the producer, or set `sink.on_incompatible: quarantine` in {} to set such \
-             records aside; the stream resumes at the same records",
-            stream.file.display()
-        )));
-    }
-    let batch = decoded.batch;
-    let mut bad = decoded.malformed;
-    bad.extend(decoded.misfits);
-    let mut next = positions.clone();
-    for r in records {
-        let e = next.entry(r.partition).or_insert(r.offset + 1);
-        *e = (*e).max(r.offset + 1);
-    }
-    let metadata: std::collections::HashMap<String, serde_json::Value> = [(
-        "weir.stream".to_string(),
-        serde_json::json!({"stream": stream.name, "epoch": epoch, "records": records.len()}),
-    )]
-    .into_iter()
-    .collect();
-    if !bad.is_empty() {
-        let qtable = format!("{table}__quarantine");
-        let target = crate::quarantine::Target {
-            lake,
-            table: &qtable,
-            pipeline: &stream.name,
-            run_id: "stream",
-            load: epoch,
-            partition: None,
-            metadata: &metadata,
+/// A streaming SQL job: the compiled query and the source's columns.
+struct SqlJob {
+    query: weir_engine::stream_sql::StreamSql,
+    /// The records' columns: the declared ones, then the record's own.
+    source: arrow::datatypes::SchemaRef,
+    /// Declared columns a record must have.
+    required: Vec<usize>,
+    ctx: datafusion::prelude::SessionContext,
+}
+
+impl SqlJob {
+    async fn compile(lake: &Lake, stream: &Stream) -> Result<SqlJob, Error> {
+        let cfg = &stream.config;
+        let src = &cfg.source;
+        let in_file = |e: Error| {
+            e.context(format!(
+                "stream `{}` ({})",
+                stream.name,
+                stream.file.display()
+            ))
         };
-        crate::quarantine::write(&target, crate::quarantine::Scope::Read, &bad).await?;
-    }
-    let rows = batch.num_rows();
-    let ctx = weir_lake::new_session();
-    let df = ctx
-        .read_batch(batch)
-        .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
-    let spec = WriteSpec {
-        partition_by: cfg.sink.partition_by.clone(),
-        evolution: cfg.sink.schema_evolution,
-        ..Default::default()
-    };
-    let write = WriteOptions {
-        txn: Some((epoch_app(&stream.name), epoch)),
-        positions: next
+        let declared = match (src.format, src.columns.is_empty()) {
+            (weir_config::PayloadFormat::Json, true) => return Err(Error::user(format!(
+                "{}: a stream with `sql` declares its records' fields in `source.columns`",
+                stream.file.display()
+            ))
+            .with_hint(
+                "e.g. `columns: [{name: user_id, type: bigint}, {name: ts, type: timestamptz}]`",
+            )),
+            (_, true) => None,
+            (_, false) => Some(kafka::declared_schema(&src.columns).map_err(in_file)?),
+        };
+        let empty = kafka::decode(&[], src.format, &src.topic, declared.as_ref())?;
+        let source = empty.batch.schema();
+        let required = src
+            .columns
             .iter()
-            .map(|(p, n)| (position_app(&stream.name, &cfg.source.topic, *p), *n))
-            .collect(),
-        metadata,
-    };
-    let m = lake.write(table, &ctx, df, &spec, &write).await?;
-    tracing::info!(
-        stream = %stream.name,
-        epoch,
-        rows,
-        quarantined = bad.len(),
-        version = m.version,
-        "committed"
-    );
-    *positions = next;
-    summary.records += records.len() as u64;
-    summary.rows += rows as u64;
-    summary.quarantined += bad.len() as u64;
-    summary.commits += 1;
-    Ok(())
+            .filter(|c| !c.nullable)
+            .filter_map(|c| source.index_of(&c.name).ok())
+            .collect();
+        let ctx = weir_engine::session::lake_session(lake).await?;
+        let spec = weir_engine::stream_sql::StreamSqlSpec {
+            sql: cfg.sql.clone().unwrap_or_default(),
+            source: src.name.clone().unwrap_or_else(|| "source".into()),
+            schema: source.clone(),
+            partition_column: kafka::META_COLUMNS[0].into(),
+            event_time: cfg
+                .event_time
+                .as_ref()
+                .map(|e| (e.column.clone(), e.allowed_delay)),
+        };
+        let query = weir_engine::stream_sql::StreamSql::compile(&ctx, &spec)
+            .await
+            .map_err(in_file)?;
+        Ok(SqlJob {
+            query,
+            source,
+            required,
+            ctx,
+        })
+    }
+
+    /// Takes up the state of the table's epoch `epoch`.
+    async fn restore(&mut self, lake: &Lake, stream: &Stream, epoch: i64) -> Result<(), Error> {
+        let table = &stream.config.sink.table;
+        let app = epoch_app(&stream.name);
+        let bytes = lake.read_state(table, &app, epoch).await?.ok_or_else(|| {
+            Error::user(format!(
+                "stream `{}`: table `{table}` is at epoch {epoch} but its state checkpoint is gone",
+                stream.name
+            ))
+            .with_hint(format!(
+                "the windows open at that epoch cannot be rebuilt; to start over, drop `{table}` (its rows and offsets go with it)"
+            ))
+        })?;
+        self.query.restore(&bytes)
+    }
+}
+
+/// One commit: records of one epoch.
+struct Flush<'a> {
+    lake: &'a Lake,
+    stream: &'a Stream,
+    records: &'a [Record],
+    epoch: i64,
+    /// When the previous commit was made (for the throughput in `weir stream status`).
+    started: Instant,
+}
+
+impl Flush<'_> {
+    /// Commits the records (or, for a SQL job, what the query made of them) to the stream's
+    /// table with the partitions' next offsets; the quarantined ones first, to the
+    /// quarantine table.
+    async fn run(
+        &self,
+        positions: &mut BTreeMap<i32, i64>,
+        summary: &mut StreamSummary,
+        job: Option<&mut SqlJob>,
+    ) -> Result<(), Error> {
+        let (stream, epoch) = (self.stream, self.epoch);
+        let cfg = &stream.config;
+        let table = &cfg.sink.table;
+        let known = match &job {
+            Some(j) => Some(j.source.clone()),
+            None => self.lake.schema(table).await?,
+        };
+        let decoded = kafka::decode(
+            self.records,
+            cfg.source.format,
+            &cfg.source.topic,
+            known.as_ref(),
+        )?;
+        if let (Some(first), weir_config::OnIncompatible::Stop) =
+            (decoded.misfits.first(), cfg.sink.on_incompatible)
+        {
+            return Err(Error::user(format!(
+                "stream `{}`: the record at {} offset {} does not fit {}: {}; \
+                 nothing of this batch was committed ({} such records in it)",
+                stream.name,
+                first.source,
+                first.line,
+                match job {
+                    Some(_) => "`source.columns`".to_string(),
+                    None => format!("table `{table}`"),
+                },
+                first.reason,
+                decoded.misfits.len()
+            ))
+            .with_hint(format!(
+                "fix the producer, or set `sink.on_incompatible: quarantine` in {} to set such \
+                 records aside; the stream resumes at the same records",
+                stream.file.display()
+            )));
+        }
+        let mut bad = decoded.malformed;
+        bad.extend(decoded.misfits);
+        let (ctx, df) = match job {
+            None => {
+                let ctx = weir_lake::new_session();
+                let df = ctx
+                    .read_batch(decoded.batch)
+                    .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
+                (ctx, df)
+            }
+            Some(job) => {
+                let rows = self.query(job, decoded.batch, &mut bad).await?;
+                let state = job.query.checkpoint()?;
+                self.lake
+                    .write_state(table, &epoch_app(&stream.name), epoch, state)
+                    .await?;
+                let df = job
+                    .ctx
+                    .read_batches(rows)
+                    .map_err(|e| Error::internal(format!("buffering rows: {e}")))?;
+                (job.ctx.clone(), df)
+            }
+        };
+        let mut next = positions.clone();
+        let mut per_partition: BTreeMap<i32, u64> = BTreeMap::new();
+        for r in self.records {
+            let e = next.entry(r.partition).or_insert(r.offset + 1);
+            *e = (*e).max(r.offset + 1);
+            *per_partition.entry(r.partition).or_default() += 1;
+        }
+        let metadata: std::collections::HashMap<String, serde_json::Value> = [(
+            "weir.stream".to_string(),
+            serde_json::json!({
+                "stream": stream.name,
+                "epoch": epoch,
+                "records": self.records.len(),
+                "partition_records": per_partition,
+                "elapsed_ms": self.started.elapsed().as_millis() as u64,
+            }),
+        )]
+        .into_iter()
+        .collect();
+        if !bad.is_empty() {
+            let qtable = format!("{table}__quarantine");
+            let target = crate::quarantine::Target {
+                lake: self.lake,
+                table: &qtable,
+                pipeline: &stream.name,
+                run_id: "stream",
+                load: epoch,
+                partition: None,
+                metadata: &metadata,
+            };
+            crate::quarantine::write(&target, crate::quarantine::Scope::Read, &bad).await?;
+        }
+        let spec = WriteSpec {
+            partition_by: cfg.sink.partition_by.clone(),
+            evolution: cfg.sink.schema_evolution,
+            ..Default::default()
+        };
+        let write = WriteOptions {
+            txn: Some((epoch_app(&stream.name), epoch)),
+            positions: next
+                .iter()
+                .map(|(p, n)| (position_app(&stream.name, &cfg.source.topic, *p), *n))
+                .collect(),
+            metadata,
+        };
+        let m = self.lake.write(table, &ctx, df, &spec, &write).await?;
+        tracing::info!(
+            stream = %stream.name,
+            epoch,
+            rows = m.rows_inserted,
+            quarantined = bad.len(),
+            version = m.version,
+            "committed"
+        );
+        if epoch > 1 {
+            // The previous epoch's state is no longer needed: this one is committed.
+            let app = epoch_app(&stream.name);
+            if let Err(e) = self.lake.delete_state(table, &app, epoch - 1).await {
+                tracing::warn!(stream = %stream.name, "{e}");
+            }
+        }
+        *positions = next;
+        summary.records += self.records.len() as u64;
+        summary.rows += m.rows_inserted;
+        summary.quarantined += bad.len() as u64;
+        summary.commits += 1;
+        Ok(())
+    }
+
+    /// Runs the SQL job over decoded records: the rows for the table; records missing a
+    /// required field, late or without event time go to `bad`.
+    async fn query(
+        &self,
+        job: &mut SqlJob,
+        batch: arrow::record_batch::RecordBatch,
+        bad: &mut Vec<weir_core::BadRow>,
+    ) -> Result<Vec<arrow::record_batch::RecordBatch>, Error> {
+        let topic = &self.stream.config.source.topic;
+        let by_offset: std::collections::HashMap<(i32, i64), &Record> = self
+            .records
+            .iter()
+            .map(|r| ((r.partition, r.offset), r))
+            .collect();
+        let record_at = |batch: &arrow::record_batch::RecordBatch, i: usize| {
+            use arrow::array::AsArray;
+            let p = batch
+                .column_by_name(kafka::META_COLUMNS[0])
+                .map(|c| c.as_primitive::<arrow::datatypes::Int32Type>().value(i));
+            let o = batch
+                .column_by_name(kafka::META_COLUMNS[1])
+                .map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().value(i));
+            p.zip(o).and_then(|k| by_offset.get(&k).copied())
+        };
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("records: {e}"));
+        // Only the declared columns, in order; then the rows with every required field.
+        let idx: Vec<usize> = job
+            .source
+            .fields()
+            .iter()
+            .map(|f| batch.schema().index_of(f.name()).map_err(err))
+            .collect::<Result<_, _>>()?;
+        let batch = batch.project(&idx).map_err(err)?;
+        let batch = batch.with_schema(job.source.clone()).map_err(err)?;
+        let batch = if job.required.is_empty() {
+            batch
+        } else {
+            let mut keep = Vec::with_capacity(batch.num_rows());
+            for i in 0..batch.num_rows() {
+                let missing = job
+                    .required
+                    .iter()
+                    .find(|c| batch.column(**c).is_null(i))
+                    .map(|c| job.source.field(*c).name().clone());
+                match (missing, record_at(&batch, i)) {
+                    (Some(name), Some(r)) => bad.push(kafka::bad_row(
+                        r,
+                        &format!("field `{name}` is missing (it is not nullable)"),
+                        format!("kafka://{topic}/{}", r.partition),
+                    )),
+                    _ => keep.push(i as u32),
+                }
+            }
+            arrow::compute::take_record_batch(&batch, &arrow::array::UInt32Array::from(keep))
+                .map_err(err)?
+        };
+        let pushed = job.query.push(&batch).await?;
+        for (i, reason) in &pushed.late {
+            if let Some(r) = record_at(&batch, *i) {
+                bad.push(kafka::bad_row(
+                    r,
+                    reason,
+                    format!("kafka://{topic}/{}", r.partition),
+                ));
+            }
+        }
+        let mut rows = pushed.rows;
+        rows.extend(job.query.advance().await?);
+        if rows.is_empty() {
+            rows.push(arrow::record_batch::RecordBatch::new_empty(
+                job.query.output_schema().clone(),
+            ));
+        }
+        Ok(rows)
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -377,6 +613,11 @@ pub struct StreamStatus {
     pub partitions: Vec<PartitionStatus>,
     /// Records on the broker not yet in the table, over all partitions.
     pub lag: i64,
+    /// With event time: the stream's watermark (the least of its partitions'): windows
+    /// ending by then are emitted.
+    pub watermark: Option<String>,
+    /// Records per second in the last commit's interval, over all partitions.
+    pub records_per_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -388,6 +629,11 @@ pub struct PartitionStatus {
     pub low_watermark: i64,
     pub high_watermark: i64,
     pub lag: i64,
+    /// With event time: this partition's watermark (its newest on-time event time minus
+    /// the allowed delay), as of the last commit.
+    pub watermark: Option<String>,
+    /// Records per second read from this partition in the last commit's interval.
+    pub records_per_second: Option<f64>,
 }
 
 /// A stream's source error, with where its settings are.
@@ -443,6 +689,8 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
         table: table.clone(),
         ..Default::default()
     };
+    let mut rates: BTreeMap<i32, f64> = BTreeMap::new();
+    let mut event_marks: BTreeMap<i32, i64> = BTreeMap::new();
     let exists = lake.exists(table).await;
     let t = match exists {
         true => Some(lake.open_existing(table).await?),
@@ -453,11 +701,40 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
         let stats = lake.stats(table).await?;
         out.rows = stats.rows;
         // The newest commit only: a stream's table has many, and history reads them all.
-        out.last_commit = lake
-            .last_commit_time(table)
-            .await?
+        let info = lake.last_commit_info(table).await?;
+        out.last_commit = info
+            .get("timestamp")
+            .and_then(|t| t.as_i64())
             .and_then(chrono::DateTime::from_timestamp_millis)
             .map(|d| d.to_rfc3339());
+        let last = info.get("weir.stream");
+        let elapsed = last
+            .and_then(|l| l["elapsed_ms"].as_u64())
+            .filter(|ms| *ms > 0);
+        if let (Some(l), Some(ms)) = (last, elapsed) {
+            let secs = ms as f64 / 1000.0;
+            out.records_per_second = l["records"].as_u64().map(|n| n as f64 / secs);
+            if let Some(per) = l["partition_records"].as_object() {
+                for (p, n) in per {
+                    if let (Ok(p), Some(n)) = (p.parse::<i32>(), n.as_u64()) {
+                        rates.insert(p, n as f64 / secs);
+                    }
+                }
+            }
+        }
+        if let (Some(et), true) = (&stream.config.event_time, out.epoch > 0) {
+            if let Some(bytes) = lake.read_state(table, &epoch_app(name), out.epoch).await? {
+                let delay = et.allowed_delay.as_micros() as i64;
+                event_marks = weir_engine::stream_sql::checkpoint_marks(&bytes)?
+                    .into_iter()
+                    .map(|(p, m)| (p, m - delay))
+                    .collect();
+                out.watermark = event_marks
+                    .values()
+                    .min()
+                    .map(|w| weir_engine::stream_sql::show_time(*w));
+            }
+        }
     }
     let topic = src.topic.clone();
     let marks = tokio::task::block_in_place(|| {
@@ -483,6 +760,13 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
             low_watermark: low,
             high_watermark: high,
             lag,
+            watermark: event_marks
+                .get(&p)
+                .map(|w| weir_engine::stream_sql::show_time(*w)),
+            records_per_second: rates
+                .get(&p)
+                .copied()
+                .or(out.records_per_second.map(|_| 0.0)),
         });
     }
     Ok(out)

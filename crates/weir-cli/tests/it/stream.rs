@@ -461,3 +461,334 @@ fn produce_batched(broker: &str, topic: &str, values: &[String]) {
     }
     producer.flush(Duration::from_secs(60)).unwrap();
 }
+
+/// Sends `(partition, value)` records, each to its partition, one record per batch (see
+/// `produce`).
+fn produce_to(broker: &str, topic: &str, records: &[(i32, String)]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
+    for (p, v) in records {
+        loop {
+            match producer.send(BaseRecord::<(), _>::to(topic).partition(*p).payload(v)) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "{e}"
+                    );
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+const CLICK_COLUMNS: &str = "  columns:\n    - {name: id, type: bigint, nullable: false}\n    - {name: user_name, type: string}\n    - {name: amount, type: bigint}\n    - {name: ts, type: bigint}\n";
+
+/// A project whose stream `clicks` runs `sql` over topic `topic` (as `clicks`) into
+/// `agg.clicks`, with event time `ts` (epoch ms) and a 3 s allowed delay.
+fn sql_project(dir: &Path, broker: &str, topic: &str, sql: &str) {
+    crate::write(dir, "weir.yaml", "name: streams\n");
+    crate::write(
+        dir,
+        "streams/clicks.yaml",
+        &format!(
+            "source:\n  type: kafka\n  brokers: {broker}\n  topic: {topic}\n  name: clicks\n{CLICK_COLUMNS}\
+             event_time:\n  column: ts\n  allowed_delay: 3s\n\
+             sql: |\n  {}\n\
+             sink:\n  table: agg.clicks\n  on_incompatible: quarantine\nflush:\n  rows: 300\n  interval: 300ms\n",
+            sql.replace('\n', "\n  ")
+        ),
+    );
+}
+
+/// Click events over 3 partitions: each partition's clock moves 0-400 ms a record, records
+/// are up to 2.5 s out of order, and 1 in 40 is 5-30 s late.
+fn clicks(rng: &mut Lcg, n: usize) -> Vec<(i32, i64, String, i64, i64)> {
+    let users = ["ann", "bob", "cy", "dee"];
+    let mut clocks = [1_700_000_000_000i64; 3];
+    (0..n as i64)
+        .map(|id| {
+            let p = if id < 3 {
+                id as usize
+            } else {
+                rng.next(3) as usize
+            };
+            clocks[p] += rng.next(400) as i64;
+            let ts = match rng.next(40) {
+                0 => clocks[p] - 5_000 - rng.next(25_000) as i64,
+                _ => clocks[p] - rng.next(2_500) as i64,
+            };
+            let user = users[rng.next(4) as usize].to_string();
+            (p as i32, id, user, rng.next(100) as i64, ts)
+        })
+        .collect()
+}
+
+fn click_json(c: &(i32, i64, String, i64, i64)) -> (i32, String) {
+    (
+        c.0,
+        format!(
+            r#"{{"id": {}, "user_name": "{}", "amount": {}, "ts": {}}}"#,
+            c.1, c.2, c.3, c.4
+        ),
+    )
+}
+
+/// The reference: which clicks are late (before their partition's newest on-time time
+/// minus 3 s), and per (10 s window start in µs, user) the count and sum of the others,
+/// for the windows the final watermark has passed.
+#[allow(clippy::type_complexity)]
+fn expected_windows(
+    clicks: &[(i32, i64, String, i64, i64)],
+) -> (
+    std::collections::BTreeSet<i64>,
+    std::collections::BTreeMap<(i64, String), (u64, i64)>,
+) {
+    let mut marks = std::collections::BTreeMap::new();
+    let mut late = std::collections::BTreeSet::new();
+    let mut sums = std::collections::BTreeMap::new();
+    for (p, id, user, amount, ts) in clicks {
+        match marks.get(p) {
+            Some(m) if *ts < m - 3_000 => {
+                late.insert(*id);
+                continue;
+            }
+            _ => {}
+        }
+        let m = marks.entry(*p).or_insert(*ts);
+        *m = (*m).max(*ts);
+        let start = ts.div_euclid(10_000) * 10_000;
+        let e = sums.entry((start, user.clone())).or_insert((0u64, 0i64));
+        e.0 += 1;
+        e.1 += amount;
+    }
+    let wm = marks.values().min().unwrap() - 3_000;
+    sums.retain(|(start, _), _| start + 10_000 <= wm);
+    let sums = sums
+        .into_iter()
+        .map(|((s, u), v)| ((s * 1000, u), v))
+        .collect();
+    (late, sums)
+}
+
+#[test]
+fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("win-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 3);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = Lcg(seed);
+    const N: usize = 6_000;
+    let mut events = clicks(&mut rng, N);
+    // A last record per partition an hour on closes every window before it.
+    let end = events.iter().map(|e| e.4).max().unwrap() + 3_600_000;
+    for p in 0..3 {
+        events.push((p, (N as i64) + p as i64, "zz".into(), 0, end));
+    }
+    let (late, want) = expected_windows(&events);
+    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
+    let dir = tempfile::tempdir().unwrap();
+    sql_project(
+        dir.path(),
+        &broker,
+        &name,
+        "SELECT window_start, window_end, user_name, count(*) AS n, sum(amount) AS total\n\
+         FROM TUMBLE(clicks, ts, INTERVAL '10' SECOND)\n\
+         GROUP BY window_start, window_end, user_name",
+    );
+    produce_to(&broker, &name, &records[..N / 3]);
+    let mut sent = N / 3;
+    let started = Instant::now();
+    let mut kills = 0;
+    while kills < 6 && started.elapsed() < Duration::from_secs(120) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--project")
+            .arg(dir.path())
+            .args(["stream", "run", "clicks"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        if sent < N {
+            let upto = (sent + N / 9).min(N);
+            produce_to(&broker, &name, &records[sent..upto]);
+            sent = upto;
+        }
+        std::thread::sleep(Duration::from_millis(300 + rng.next(1_200)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    produce_to(&broker, &name, &records[sent..]);
+    let out = ok(&weir(
+        dir.path(),
+        &[
+            "stream",
+            "run",
+            "clicks",
+            "--until-idle",
+            "3s",
+            "--format",
+            "json",
+        ],
+    ));
+    eprintln!("{out}");
+    assert!(kills >= 4, "only {kills} kills");
+    let rows = query(
+        dir.path(),
+        "select cast(window_start as bigint) as s, cast(window_end as bigint) - cast(window_start as bigint) as len, \
+         user_name, n, total from agg.clicks",
+    );
+    let mut got = std::collections::BTreeMap::new();
+    for r in &rows {
+        assert_eq!(r["len"], 10_000_000, "{r}");
+        let key = (
+            r["s"].as_i64().unwrap(),
+            r["user_name"].as_str().unwrap().to_string(),
+        );
+        let v = (r["n"].as_u64().unwrap(), r["total"].as_i64().unwrap());
+        assert!(
+            got.insert(key.clone(), v).is_none(),
+            "{key:?} twice (seed {seed})"
+        );
+    }
+    assert!(want.len() > 40, "{} windows", want.len());
+    assert_eq!(got, want, "seed {seed}");
+    // Late clicks are in the quarantine table, each once, with the reason.
+    let quarantined = query(
+        dir.path(),
+        "select line, reason from agg.clicks__quarantine",
+    );
+    assert!(late.len() > 50, "{} late", late.len());
+    assert_eq!(quarantined.len(), late.len(), "seed {seed}");
+    assert!(quarantined.iter().all(|q| q["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("late: event time")));
+    // The status shows the watermark: the hour-later records minus the allowed delay.
+    let status: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            dir.path(),
+            &["stream", "status", "clicks", "--format", "json"],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    let wm = chrono::DateTime::from_timestamp_millis(end - 3_000)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    assert_eq!(status["watermark"], wm.as_str(), "{status}");
+    assert_eq!(status["lag"], 0, "{status}");
+}
+
+#[test]
+fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("enrich-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 1);
+    let dir = tempfile::tempdir().unwrap();
+    sql_project(
+        dir.path(),
+        &broker,
+        &name,
+        "SELECT c.id, c.user_name, u.country, c.amount * 2 AS doubled\n\
+         FROM clicks c JOIN ref.users u ON u.name = c.user_name\n\
+         WHERE c.amount > 10",
+    );
+    crate::write(
+        dir.path(),
+        "data/users.csv",
+        "name,country\nann,NO\nbob,FR\n",
+    );
+    crate::write(
+        dir.path(),
+        "pipelines/users.yaml",
+        "source:\n  type: files\n  path: data/users.csv\nsink:\n  table: ref.users\n  mode: overwrite\n",
+    );
+    ok(&weir(dir.path(), &["run", "users"]));
+    let mut records: Vec<(i32, String)> = (0..100)
+        .map(|i| {
+            let user = ["ann", "bob", "cy"][i % 3];
+            (
+                0,
+                format!(r#"{{"id": {i}, "user_name": "{user}", "amount": {i}, "ts": 1}}"#),
+            )
+        })
+        .collect();
+    records.push((0, r#"{"user_name": "ann", "amount": 50, "ts": 1}"#.into()));
+    records.push((
+        0,
+        r#"{"id": "x", "user_name": "ann", "amount": 50, "ts": 1}"#.into(),
+    ));
+    records.push((0, "no json".into()));
+    produce_to(&broker, &name, &records);
+    let s: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            dir.path(),
+            &[
+                "stream",
+                "run",
+                "clicks",
+                "--until-idle",
+                "2s",
+                "--format",
+                "json",
+            ],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(s["records"], 103, "{s}");
+    assert_eq!(s["quarantined"], 3, "{s}");
+    // ann and bob (not cy) with amount > 10: ids 11..99 not divisible by 3 at 2.
+    let want: Vec<u64> = (11..100).filter(|i| i % 3 != 2).collect();
+    assert_eq!(
+        scalar(dir.path(), "select count(*) from agg.clicks"),
+        want.len() as u64
+    );
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "select sum(doubled) from agg.clicks where country = 'NO' or country = 'FR'"
+        ),
+        want.iter().map(|i| i * 2).sum::<u64>()
+    );
+    let reasons = query(
+        dir.path(),
+        "select reason from agg.clicks__quarantine order by line",
+    );
+    assert!(
+        reasons[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`id` is missing"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not fit"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2]["reason"].as_str().unwrap().contains("not JSON"),
+        "{reasons:?}"
+    );
+}
