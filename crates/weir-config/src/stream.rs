@@ -48,6 +48,9 @@ pub struct KafkaSourceConfig {
     /// columns) or `raw` (the value as text in `value`).
     #[serde(default)]
     pub format: PayloadFormat,
+    /// With `format: avro`: the schema registry or schema file.
+    #[serde(default)]
+    pub avro: Option<AvroConfig>,
     /// Where a partition starts when the table has no position for it.
     #[serde(default)]
     pub start: StartAt,
@@ -77,6 +80,35 @@ pub enum PayloadFormat {
     #[default]
     Json,
     Raw,
+    /// Avro: see `source.avro`.
+    Avro,
+}
+
+/// Where Avro records' schemas come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvroConfig {
+    /// A Confluent-compatible schema registry (`http://host:8081`, credentials as
+    /// `https://user:password@host`): each record's schema id is looked up there.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// An Avro schema file (`.avsc`, relative to the project). With a registry, it is the
+    /// reader schema every record is resolved to; without one, it is the schema of every
+    /// record.
+    #[serde(default)]
+    pub schema_file: Option<String>,
+    /// `confluent` (default): a zero byte and a 4-byte schema id precede each value.
+    /// `none`: values are bare Avro bodies of `schema_file`'s schema.
+    #[serde(default)]
+    pub framing: AvroFraming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvroFraming {
+    #[default]
+    Confluent,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -213,6 +245,10 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "source.start",
         "source.options",
         "source.name",
+        "source.avro",
+        "source.avro.registry",
+        "source.avro.schema_file",
+        "source.avro.framing",
         "source.columns",
         "source.columns.name",
         "source.columns.type",

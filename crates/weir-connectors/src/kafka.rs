@@ -83,6 +83,7 @@ pub fn decode(
     format: PayloadFormat,
     topic: &str,
     known: Option<&SchemaRef>,
+    avro: Option<&crate::avro::AvroSchemas>,
 ) -> Result<Decoded, Error> {
     let source = |r: &Record| format!("kafka://{topic}/{}", r.partition);
     let mut bad = Vec::new();
@@ -97,6 +98,31 @@ pub fn decode(
                 records.iter().collect(),
                 vec![(Field::new("value", DataType::Utf8, true), Arc::new(values))],
             )
+        }
+        PayloadFormat::Avro => {
+            let schemas =
+                avro.ok_or_else(|| Error::internal("Avro records without their schemas"))?;
+            let values: Vec<&[u8]> = records
+                .iter()
+                .map(|r| r.value.as_deref().unwrap_or_default())
+                .collect();
+            let (verdicts, rows) = schemas.decode(&values)?;
+            let mut good = Vec::with_capacity(records.len());
+            for (r, v) in records.iter().zip(verdicts) {
+                match v {
+                    None => good.push(r),
+                    Some(reason) => bad.push(bad_row(r, &reason, source(r))),
+                }
+            }
+            let rows = conform(rows, known)?;
+            let columns = rows
+                .schema()
+                .fields()
+                .iter()
+                .zip(rows.columns())
+                .map(|(f, c)| (f.as_ref().clone(), c.clone()))
+                .collect();
+            (good, columns)
         }
         PayloadFormat::Json => {
             let mut good = Vec::new();
@@ -136,17 +162,7 @@ pub fn decode(
     };
     let mut fields: Vec<Field> = payload.iter().map(|(f, _)| f.clone()).collect();
     let mut columns: Vec<ArrayRef> = payload.into_iter().map(|(_, c)| c).collect();
-    fields.extend([
-        Field::new(META_COLUMNS[0], DataType::Int32, false),
-        Field::new(META_COLUMNS[1], DataType::Int64, false),
-        Field::new(
-            META_COLUMNS[2],
-            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new(META_COLUMNS[3], DataType::Utf8, true),
-        Field::new(META_COLUMNS[4], headers_type(), false),
-    ]);
+    fields.extend(meta_fields());
     columns.push(Arc::new(Int32Array::from_iter_values(
         good.iter().map(|r| r.partition),
     )));
@@ -172,6 +188,38 @@ pub fn decode(
     })
 }
 
+/// Avro rows in the types of `known` where it has the column (a cast; a value that does not
+/// cast is an error naming the column), other columns as they are.
+fn conform(rows: RecordBatch, known: Option<&SchemaRef>) -> Result<RecordBatch, Error> {
+    let Some(known) = known else {
+        return Ok(rows);
+    };
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for (f, c) in rows.schema().fields().iter().zip(rows.columns()) {
+        match known.field_with_name(f.name()) {
+            Ok(k) if k.data_type() != f.data_type() => {
+                let cast = arrow::compute::cast(c, k.data_type()).map_err(|e| {
+                    Error::user(format!(
+                        "Avro field `{}` ({}) does not fit column type {}: {e}",
+                        f.name(),
+                        f.data_type(),
+                        k.data_type()
+                    ))
+                })?;
+                fields.push(Field::new(f.name(), k.data_type().clone(), true));
+                columns.push(cast);
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                columns.push(c.clone());
+            }
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::internal(format!("Avro rows: {e}")))
+}
+
 /// The declared fields of a stream's records (`source.columns`), as the known schema for
 /// [`decode`].
 pub fn declared_schema(columns: &[weir_config::ColumnSpec]) -> Result<SchemaRef, Error> {
@@ -188,6 +236,33 @@ pub fn declared_schema(columns: &[weir_config::ColumnSpec]) -> Result<SchemaRef,
         fields.push(Field::new(&c.name, t, true));
     }
     Ok(Arc::new(Schema::new(fields)))
+}
+
+/// The columns about the record every row has.
+fn meta_fields() -> [Field; 5] {
+    [
+        Field::new(META_COLUMNS[0], DataType::Int32, false),
+        Field::new(META_COLUMNS[1], DataType::Int64, false),
+        Field::new(
+            META_COLUMNS[2],
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new(META_COLUMNS[3], DataType::Utf8, true),
+        Field::new(META_COLUMNS[4], headers_type(), false),
+    ]
+}
+
+/// The rows of a stream whose records' fields are `payload`: those, then the record's own
+/// columns.
+pub fn source_schema(payload: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = payload
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend(meta_fields());
+    Arc::new(Schema::new(fields))
 }
 
 /// `_kafka_headers`: a map from header name to value (text; invalid UTF-8 replaced).
@@ -325,7 +400,7 @@ mod tests {
             rec(12, r#"[1, 2]"#),
             rec(13, r#"{"id": 2, "extra": true}"#),
         ];
-        let d = decode(&records, PayloadFormat::Json, "events", None).unwrap();
+        let d = decode(&records, PayloadFormat::Json, "events", None, None).unwrap();
         let (batch, bad) = (d.batch, d.malformed);
         assert!(d.misfits.is_empty());
         assert_eq!(batch.num_rows(), 2);
@@ -373,7 +448,7 @@ mod tests {
             rec(2, r#"{"id": "five"}"#),
             rec(3, r#"{"id": 7}"#),
         ];
-        let d = decode(&records, PayloadFormat::Json, "t", Some(&known)).unwrap();
+        let d = decode(&records, PayloadFormat::Json, "t", Some(&known), None).unwrap();
         let (batch, bad) = (d.batch, d.misfits);
         assert!(d.malformed.is_empty());
         assert_eq!(batch.num_rows(), 2);
@@ -385,7 +460,7 @@ mod tests {
 
     #[test]
     fn raw_records_keep_the_value_as_text() {
-        let d = decode(&[rec(1, "hello")], PayloadFormat::Raw, "t", None).unwrap();
+        let d = decode(&[rec(1, "hello")], PayloadFormat::Raw, "t", None, None).unwrap();
         let (batch, bad) = (d.batch, d.malformed);
         assert!(bad.is_empty());
         let v = batch

@@ -1,6 +1,7 @@
 //! Built-in sources, one folder per system, and the registry that maps a config `type:` to
 //! an implementation. A new connector is one folder plus one line in [`source_for`].
 
+pub mod avro;
 pub mod files;
 pub mod kafka;
 pub mod postgres;

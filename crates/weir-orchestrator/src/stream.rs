@@ -12,6 +12,7 @@
 //! of the epoch replaces them, so they are not doubled) before the data commit.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -20,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use weir_common::Error;
 use weir_config::{Project, Stream};
+use weir_connectors::avro as kafka_avro;
 use weir_connectors::kafka::{self, Record};
 use weir_lake::{Lake, WriteOptions, WriteSpec};
 
@@ -95,6 +97,13 @@ pub async fn run_stream(
     let mut job = match &cfg.sql {
         Some(_) => Some(SqlJob::compile(lake, stream).await?),
         None => None,
+    };
+    let mut avro = match src.format {
+        weir_config::PayloadFormat::Avro => Some(
+            kafka_avro::AvroSchemas::new(&src.avro.clone().unwrap_or_default(), &project.root)
+                .map_err(|e| e.context(format!("stream `{name}` ({})", stream.file.display())))?,
+        ),
+        _ => None,
     };
     // The topic's partitions, and where each resumes: the table's position, else `start`.
     let (consumer, partitions) = connect(stream)?;
@@ -224,12 +233,21 @@ pub async fn run_stream(
                         .map(|(p, _)| *p),
                 );
             }
+            if let Some(a) = &mut avro {
+                a.fetch(
+                    buffer
+                        .iter()
+                        .map(|r| r.value.as_deref().unwrap_or_default()),
+                )
+                .await?;
+            }
             let step = Flush {
                 lake,
                 stream,
                 records: &buffer,
                 epoch,
                 started: since_commit,
+                avro: avro.as_ref(),
             };
             step.run(&mut positions, &mut summary, job.as_mut()).await?;
             since_commit = Instant::now();
@@ -295,18 +313,21 @@ impl SqlJob {
             ))
         };
         let declared = match (src.format, src.columns.is_empty()) {
-            (weir_config::PayloadFormat::Json, true) => return Err(Error::user(format!(
+            (weir_config::PayloadFormat::Raw, true) => {
+                Arc::new(arrow::datatypes::Schema::new(vec![
+                    arrow::datatypes::Field::new("value", arrow::datatypes::DataType::Utf8, true),
+                ]))
+            }
+            (_, true) => return Err(Error::user(format!(
                 "{}: a stream with `sql` declares its records' fields in `source.columns`",
                 stream.file.display()
             ))
             .with_hint(
                 "e.g. `columns: [{name: user_id, type: bigint}, {name: ts, type: timestamptz}]`",
             )),
-            (_, true) => None,
-            (_, false) => Some(kafka::declared_schema(&src.columns).map_err(in_file)?),
+            (_, false) => kafka::declared_schema(&src.columns).map_err(in_file)?,
         };
-        let empty = kafka::decode(&[], src.format, &src.topic, declared.as_ref())?;
-        let source = empty.batch.schema();
+        let source = kafka::source_schema(&declared);
         let required = src
             .columns
             .iter()
@@ -360,6 +381,8 @@ struct Flush<'a> {
     epoch: i64,
     /// When the previous commit was made (for the throughput in `weir stream status`).
     started: Instant,
+    /// Avro values' schemas, fetched for these records.
+    avro: Option<&'a kafka_avro::AvroSchemas>,
 }
 
 impl Flush<'_> {
@@ -384,6 +407,7 @@ impl Flush<'_> {
             cfg.source.format,
             &cfg.source.topic,
             known.as_ref(),
+            self.avro,
         )?;
         if let (Some(first), weir_config::OnIncompatible::Stop) =
             (decoded.misfits.first(), cfg.sink.on_incompatible)
@@ -524,15 +548,19 @@ impl Flush<'_> {
             p.zip(o).and_then(|k| by_offset.get(&k).copied())
         };
         let err = |e: arrow::error::ArrowError| Error::internal(format!("records: {e}"));
-        // Only the declared columns, in order; then the rows with every required field.
-        let idx: Vec<usize> = job
+        // Only the declared columns, in order (a field no record had is null); then the
+        // rows with every required field.
+        let columns: Vec<arrow::array::ArrayRef> = job
             .source
             .fields()
             .iter()
-            .map(|f| batch.schema().index_of(f.name()).map_err(err))
-            .collect::<Result<_, _>>()?;
-        let batch = batch.project(&idx).map_err(err)?;
-        let batch = batch.with_schema(job.source.clone()).map_err(err)?;
+            .map(|f| match batch.column_by_name(f.name()) {
+                Some(c) => c.clone(),
+                None => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
+            })
+            .collect();
+        let batch =
+            arrow::record_batch::RecordBatch::try_new(job.source.clone(), columns).map_err(err)?;
         let batch = if job.required.is_empty() {
             batch
         } else {

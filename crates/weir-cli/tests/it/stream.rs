@@ -792,3 +792,209 @@ fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
         "{reasons:?}"
     );
 }
+
+/// A schema registry's lookup by id (`GET /schemas/ids/N`), as Confluent's serves it, on
+/// loopback: no registry installs from this machine's package registries.
+fn schema_registry(schemas: Vec<(u32, String)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let id: Option<u32> = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.strip_prefix("/schemas/ids/"))
+                .and_then(|i| i.parse().ok());
+            let (status, body) = match schemas.iter().find(|(i, _)| Some(*i) == id) {
+                Some((_, s)) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
+                None => (
+                    "404 Not Found",
+                    r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                ),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Avro's binary encoding of a long (zigzag, then base-128 varint).
+fn avro_long(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        let b = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn avro_string(out: &mut Vec<u8>, s: &str) {
+    avro_long(out, s.len() as i64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A click in the Confluent wire format: 0, the schema id (big-endian), the body
+/// (`id`, `user`, `amount`, and with schema 2 `country`, a union of null and string).
+fn avro_click(schema_id: u32, id: i64, user: &str, amount: f64, country: Option<&str>) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend(schema_id.to_be_bytes());
+    avro_long(&mut out, id);
+    avro_string(&mut out, user);
+    out.extend(amount.to_le_bytes());
+    if schema_id == 2 {
+        match country {
+            None => avro_long(&mut out, 0),
+            Some(c) => {
+                avro_long(&mut out, 1);
+                avro_string(&mut out, c);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn avro_records_are_decoded_with_registry_schemas_and_bad_ones_set_aside() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("avro-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 1);
+    let v1 = r#"{"type":"record","name":"Click","fields":[{"name":"id","type":"long"},{"name":"user","type":"string"},{"name":"amount","type":"double"}]}"#;
+    let v2 = r#"{"type":"record","name":"Click","fields":[{"name":"id","type":"long"},{"name":"user","type":"string"},{"name":"amount","type":"double"},{"name":"country","type":["null","string"],"default":null}]}"#;
+    let registry = schema_registry(vec![(1, v1.into()), (2, v2.into())]);
+    let mut values: Vec<Vec<u8>> = Vec::new();
+    for i in 0..50 {
+        values.push(avro_click(
+            1,
+            i,
+            &format!("u{}", i % 3),
+            i as f64 + 0.5,
+            None,
+        ));
+    }
+    for i in 50..100 {
+        let country = (i % 2 == 0).then_some("NO");
+        values.push(avro_click(
+            2,
+            i,
+            &format!("u{}", i % 3),
+            i as f64 + 0.5,
+            country,
+        ));
+    }
+    values.push(avro_click(99, 100, "x", 1.0, None)); // an id the registry does not have
+    values.push(br#"{"id": 101}"#.to_vec()); // JSON, not Avro
+    let mut cut = avro_click(1, 102, "a-long-user-name", 1.0, None);
+    cut.truncate(cut.len() - 4); // a body cut short
+    values.push(cut);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
+    for v in &values {
+        producer
+            .send(BaseRecord::<(), _>::to(&name).partition(0).payload(v))
+            .unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    crate::write(
+        dir.path(),
+        "streams/clicks.yaml",
+        &format!(
+            "source:\n  type: kafka\n  brokers: {broker}\n  topic: {name}\n  format: avro\n  avro:\n    registry: {registry}\n\
+             sink:\n  table: raw.clicks\nflush:\n  rows: 40\n  interval: 300ms\n"
+        ),
+    );
+    let s: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            dir.path(),
+            &[
+                "stream",
+                "run",
+                "clicks",
+                "--until-idle",
+                "2s",
+                "--format",
+                "json",
+            ],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(s["records"], 103, "{s}");
+    assert_eq!(s["rows"], 100, "{s}");
+    assert_eq!(s["quarantined"], 3, "{s}");
+    assert_eq!(
+        scalar(dir.path(), "select sum(id) from raw.clicks"),
+        (0..100).sum::<u64>()
+    );
+    assert_eq!(
+        scalar(dir.path(), "select sum(amount) from raw.clicks"),
+        (0..100).map(|i| i as f64 + 0.5).sum::<f64>()
+    );
+    // Schema 2's new field is a column: null for schema 1's records.
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "select count(*) from raw.clicks where country = 'NO'"
+        ),
+        25
+    );
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "select count(*) from raw.clicks where id < 50 and country is null"
+        ),
+        50
+    );
+    let reasons = query(
+        dir.path(),
+        "select line, reason from raw.clicks__quarantine order by line",
+    );
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("schema id 99 is not in the registry"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("magic byte"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid Avro"),
+        "{reasons:?}"
+    );
+}
