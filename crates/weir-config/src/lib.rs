@@ -29,7 +29,8 @@ pub use partition::{mentions_partition, PartitionEvery, PartitionWindow, Partiti
 pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};
 pub use spec::*;
 pub use stream::{
-    AvroConfig, AvroFraming, EventTimeConfig, FlushConfig, KafkaSourceConfig, OnIncompatible,
-    PayloadFormat, StartAt, Stream, StreamConfig, StreamSinkConfig, StreamSourceKind,
+    AvroConfig, AvroFraming, Delivery, EventTimeConfig, FlushConfig, KafkaSinkConfig,
+    KafkaSourceConfig, OnIncompatible, PayloadFormat, StartAt, Stream, StreamConfig,
+    StreamSinkConfig, StreamSourceKind,
 };
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

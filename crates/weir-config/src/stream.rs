@@ -164,6 +164,40 @@ pub struct StreamSinkConfig {
     /// batch; `quarantine` sets the record aside and goes on.
     #[serde(default)]
     pub on_incompatible: OnIncompatible,
+    /// Also publish each commit's rows to a Kafka topic, exactly once (transactions).
+    #[serde(default)]
+    pub kafka: Option<KafkaSinkConfig>,
+}
+
+/// A Kafka topic a stream's committed rows are published to, one JSON record per row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    pub topic: String,
+    /// `host:port[,...]`; default the source's brokers.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Columns whose values make each record's key: one column's value as text, several
+    /// as a JSON object. Without a key, records are spread over partitions.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// `exactly_once` (default): each commit's rows in one Kafka transaction, with the
+    /// record of what was published; readers use `isolation.level=read_committed`.
+    /// `at_least_once`: no transactions (for brokers without them); a crash between
+    /// sending a commit's rows and recording them sends that commit's rows again.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// librdkafka producer settings passed through (SASL/TLS, compression, ...).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -257,6 +291,12 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "sink.partition_by",
         "sink.schema_evolution",
         "sink.on_incompatible",
+        "sink.kafka",
+        "sink.kafka.topic",
+        "sink.kafka.brokers",
+        "sink.kafka.key",
+        "sink.kafka.delivery",
+        "sink.kafka.options",
         "flush.rows",
         "flush.bytes",
         "flush.interval",

@@ -4,6 +4,7 @@
 pub mod avro;
 pub mod files;
 pub mod kafka;
+pub mod kafka_sink;
 pub mod postgres;
 pub mod types;
 

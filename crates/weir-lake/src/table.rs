@@ -402,8 +402,8 @@ impl Lake {
             .collect())
     }
 
-    fn state_path(app: &str, n: i64) -> ObjectPath {
-        ObjectPath::from(format!("_weir/state/{app}/{n}.arrow"))
+    fn state_path(app: &str, file: &str) -> ObjectPath {
+        ObjectPath::from(format!("_weir/state/{app}/{file}"))
     }
 
     /// Writes the state checkpoint of epoch `n` of `app` beside `table` (before the commit
@@ -415,13 +415,8 @@ impl Lake {
         n: i64,
         bytes: Vec<u8>,
     ) -> Result<(), Error> {
-        let store = self.store_at(self.table_url(table)?)?;
-        let path = Self::state_path(app, n);
-        store
-            .put(&path, bytes.into())
+        self.write_state_file(table, app, &format!("{n}.arrow"), bytes)
             .await
-            .map_err(|e| Error::external(format!("writing state {path} of `{table}`: {e}")))?;
-        Ok(())
     }
 
     /// Reads the state checkpoint of epoch `n`; `None` if there is none.
@@ -431,8 +426,42 @@ impl Lake {
         app: &str,
         n: i64,
     ) -> Result<Option<Vec<u8>>, Error> {
+        self.read_state_file(table, app, &format!("{n}.arrow"))
+            .await
+    }
+
+    /// Deletes the state checkpoint of epoch `n`, if there is one.
+    pub async fn delete_state(&self, table: &str, app: &str, n: i64) -> Result<(), Error> {
+        self.delete_state_file(table, app, &format!("{n}.arrow"))
+            .await
+    }
+
+    /// Writes `file` of `app`'s state area beside `table`, atomically.
+    pub async fn write_state_file(
+        &self,
+        table: &str,
+        app: &str,
+        file: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
         let store = self.store_at(self.table_url(table)?)?;
-        let path = Self::state_path(app, n);
+        let path = Self::state_path(app, file);
+        store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| Error::external(format!("writing state {path} of `{table}`: {e}")))?;
+        Ok(())
+    }
+
+    /// Reads `file` of `app`'s state area; `None` if it is not there.
+    pub async fn read_state_file(
+        &self,
+        table: &str,
+        app: &str,
+        file: &str,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let store = self.store_at(self.table_url(table)?)?;
+        let path = Self::state_path(app, file);
         let failed = |e: object_store::Error| {
             Error::external(format!("reading state {path} of `{table}`: {e}"))
         };
@@ -443,10 +472,10 @@ impl Lake {
         }
     }
 
-    /// Deletes the state checkpoint of epoch `n`, if there is one.
-    pub async fn delete_state(&self, table: &str, app: &str, n: i64) -> Result<(), Error> {
+    /// Deletes `file` of `app`'s state area, if it is there.
+    pub async fn delete_state_file(&self, table: &str, app: &str, file: &str) -> Result<(), Error> {
         let store = self.store_at(self.table_url(table)?)?;
-        let path = Self::state_path(app, n);
+        let path = Self::state_path(app, file);
         match store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(Error::external(format!(

@@ -23,6 +23,7 @@ use weir_common::Error;
 use weir_config::{Project, Stream};
 use weir_connectors::avro as kafka_avro;
 use weir_connectors::kafka::{self, Record};
+use weir_connectors::kafka_sink;
 use weir_lake::{Lake, WriteOptions, WriteSpec};
 
 /// When a run stops (besides Ctrl-C or SIGTERM, after a last flush).
@@ -49,6 +50,8 @@ pub struct StreamSummary {
     /// small files they compacted away.
     pub maintenance_runs: u64,
     pub files_compacted: u64,
+    /// Records published to `sink.kafka`.
+    pub published: u64,
 }
 
 /// The least time between two runs of a streamed table's maintenance policy.
@@ -127,6 +130,14 @@ pub async fn run_stream(
             job.restore(lake, stream, epoch).await?;
         }
     }
+    let publisher = match &cfg.sink.kafka {
+        Some(k) => {
+            let p = tokio::task::block_in_place(|| kafka_sink::Publisher::connect(k, src, name))?;
+            catch_up(lake, stream, &p, epoch).await?;
+            Some(p)
+        }
+        None => None,
+    };
     // When each partition last delivered a record: a silent one stops holding the
     // watermark back after `event_time.idle_timeout`.
     let mut heard: BTreeMap<i32, Instant> =
@@ -248,8 +259,14 @@ pub async fn run_stream(
                 epoch,
                 started: since_commit,
                 avro: avro.as_ref(),
+                publish: publisher.is_some(),
             };
-            step.run(&mut positions, &mut summary, job.as_mut()).await?;
+            let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
+            if let Some(p) = &publisher {
+                summary.published += tokio::task::block_in_place(|| p.publish(epoch, &rows))?;
+                lake.delete_state_file(&table, &epoch_app(name), &out_file(epoch))
+                    .await?;
+            }
             since_commit = Instant::now();
             let mut done = TopicPartitionList::new();
             for (p, next) in &positions {
@@ -383,6 +400,9 @@ struct Flush<'a> {
     started: Instant,
     /// Avro values' schemas, fetched for these records.
     avro: Option<&'a kafka_avro::AvroSchemas>,
+    /// The rows go to a Kafka topic after the commit: keep them beside the table until
+    /// they are published.
+    publish: bool,
 }
 
 impl Flush<'_> {
@@ -394,7 +414,7 @@ impl Flush<'_> {
         positions: &mut BTreeMap<i32, i64>,
         summary: &mut StreamSummary,
         job: Option<&mut SqlJob>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<arrow::record_batch::RecordBatch>, Error> {
         let (stream, epoch) = (self.stream, self.epoch);
         let cfg = &stream.config;
         let table = &cfg.sink.table;
@@ -433,27 +453,30 @@ impl Flush<'_> {
         }
         let mut bad = decoded.malformed;
         bad.extend(decoded.misfits);
-        let (ctx, df) = match job {
-            None => {
-                let ctx = weir_lake::new_session();
-                let df = ctx
-                    .read_batch(decoded.batch)
-                    .map_err(|e| Error::internal(format!("buffering records: {e}")))?;
-                (ctx, df)
-            }
+        let (ctx, rows) = match job {
+            None => (weir_lake::new_session(), vec![decoded.batch]),
             Some(job) => {
                 let rows = self.query(job, decoded.batch, &mut bad).await?;
                 let state = job.query.checkpoint()?;
                 self.lake
                     .write_state(table, &epoch_app(&stream.name), epoch, state)
                     .await?;
-                let df = job
-                    .ctx
-                    .read_batches(rows)
-                    .map_err(|e| Error::internal(format!("buffering rows: {e}")))?;
-                (job.ctx.clone(), df)
+                (job.ctx.clone(), rows)
             }
         };
+        if self.publish {
+            self.lake
+                .write_state_file(
+                    table,
+                    &epoch_app(&stream.name),
+                    &out_file(epoch),
+                    to_ipc(&rows)?,
+                )
+                .await?;
+        }
+        let df = ctx
+            .read_batches(rows.clone())
+            .map_err(|e| Error::internal(format!("buffering rows: {e}")))?;
         let mut next = positions.clone();
         let mut per_partition: BTreeMap<i32, u64> = BTreeMap::new();
         for r in self.records {
@@ -520,7 +543,7 @@ impl Flush<'_> {
         summary.rows += m.rows_inserted;
         summary.quarantined += bad.len() as u64;
         summary.commits += 1;
-        Ok(())
+        Ok(rows)
     }
 
     /// Runs the SQL job over decoded records: the rows for the table; records missing a
@@ -601,6 +624,82 @@ impl Flush<'_> {
             ));
         }
         Ok(rows)
+    }
+}
+
+/// The file beside the table holding commit `epoch`'s rows until they are published.
+fn out_file(epoch: i64) -> String {
+    format!("{epoch}.out.arrow")
+}
+
+fn to_ipc(rows: &[arrow::record_batch::RecordBatch]) -> Result<Vec<u8>, Error> {
+    let err = |e: arrow::error::ArrowError| Error::internal(format!("rows to publish: {e}"));
+    let mut out = Vec::new();
+    if let Some(first) = rows.first() {
+        let mut w =
+            arrow::ipc::writer::StreamWriter::try_new(&mut out, first.schema_ref()).map_err(err)?;
+        for b in rows {
+            w.write(b).map_err(err)?;
+        }
+        w.finish().map_err(err)?;
+    }
+    Ok(out)
+}
+
+fn from_ipc(bytes: &[u8]) -> Result<Vec<arrow::record_batch::RecordBatch>, Error> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = |e: arrow::error::ArrowError| Error::internal(format!("rows to publish: {e}"));
+    arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(err)?
+        .map(|b| b.map_err(err))
+        .collect()
+}
+
+/// Publishes what the table committed but the topic does not have yet: the last commit's
+/// rows, kept beside the table until published. A sink added to a stream that already
+/// committed starts after its current commit.
+async fn catch_up(
+    lake: &Lake,
+    stream: &Stream,
+    publisher: &kafka_sink::Publisher,
+    epoch: i64,
+) -> Result<(), Error> {
+    let table = &stream.config.sink.table;
+    let app = epoch_app(&stream.name);
+    let published = tokio::task::block_in_place(|| publisher.published())?;
+    match published {
+        None if epoch == 0 => Ok(()),
+        None => {
+            tracing::info!(stream = %stream.name, epoch, "the Kafka sink starts after commit {epoch}");
+            tokio::task::block_in_place(|| publisher.publish(epoch, &[]))?;
+            Ok(())
+        }
+        Some(p) if p == epoch => Ok(()),
+        Some(p) if p + 1 == epoch => {
+            let bytes = lake
+                .read_state_file(table, &app, &out_file(epoch))
+                .await?
+                .ok_or_else(|| {
+                    Error::user(format!(
+                        "stream `{}`: commit {epoch} of `{table}` is not published to Kafka and its rows are gone",
+                        stream.name
+                    ))
+                })?;
+            let rows = from_ipc(&bytes)?;
+            let n = tokio::task::block_in_place(|| publisher.publish(epoch, &rows))?;
+            tracing::info!(stream = %stream.name, epoch, records = n, "published the last commit");
+            lake.delete_state_file(table, &app, &out_file(epoch)).await
+        }
+        Some(p) => Err(Error::user(format!(
+            "stream `{}`: the Kafka sink has published commit {p}, but `{table}` is at commit {epoch}",
+            stream.name
+        ))
+        .with_hint(format!(
+            "the table was replaced or the sink's group was changed; reset the offsets of group `weir-{}-publish`",
+            stream.name
+        ))),
     }
 }
 

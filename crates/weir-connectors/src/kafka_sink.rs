@@ -1,0 +1,279 @@
+//! Publishing a stream's committed rows to a Kafka topic, exactly once.
+//!
+//! Each commit's rows go out in one Kafka transaction (`transactional.id` =
+//! `weir-<stream>`), which also commits the commit's epoch as the offset of group
+//! `weir-<stream>-publish` on partition 0 of the topic: the record of what is published,
+//! atomic with the records themselves. A new producer with the same transactional id fences
+//! the old one and aborts its open transaction, so readers with
+//! `isolation.level=read_committed` see each commit's rows once.
+
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use weir_common::Error;
+use weir_config::{Delivery, KafkaSinkConfig, KafkaSourceConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A transactional producer for one stream's output topic.
+pub struct Publisher {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// A member of the publish group (never subscribed): its group metadata goes into each
+    /// transaction, and it reads what was published.
+    marker: BaseConsumer,
+    topic: String,
+    key: Vec<String>,
+    transactions: bool,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kafka_error(what: &str, topic: &str, e: impl std::fmt::Display) -> Error {
+    Error::external(format!("Kafka sink `{topic}`: {what}: {e}"))
+        .with_hint("check `sink.kafka` (brokers, topic, options)")
+}
+
+impl Publisher {
+    /// Connects, fences any earlier producer of `stream` and checks the topic exists.
+    pub fn connect(
+        cfg: &KafkaSinkConfig,
+        source: &KafkaSourceConfig,
+        stream: &str,
+    ) -> Result<Publisher, Error> {
+        let brokers = cfg
+            .brokers
+            .clone()
+            .unwrap_or_else(|| source.brokers.clone());
+        let topic = cfg.topic.clone();
+        let mut p = ClientConfig::new();
+        for (k, v) in &cfg.options {
+            p.set(k, v);
+        }
+        let transactions = cfg.delivery == Delivery::ExactlyOnce;
+        p.set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true");
+        if transactions {
+            p.set("transactional.id", format!("weir-{stream}"));
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> = p
+            .create()
+            .map_err(|e| kafka_error("creating the producer", &topic, e))?;
+        let mut c = ClientConfig::new();
+        for (k, v) in &cfg.options {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &brokers)
+            .set("group.id", format!("weir-{stream}-publish"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+        let marker: BaseConsumer = c
+            .create()
+            .map_err(|e| kafka_error("creating the publish group's client", &topic, e))?;
+        let metadata = marker
+            .fetch_metadata(Some(&topic), TIMEOUT)
+            .map_err(|e| kafka_error("reading the topic's metadata", &topic, e))?;
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            return Err(Error::user(format!(
+                "Kafka sink: topic `{topic}` does not exist on {brokers}"
+            ))
+            .with_hint("create the topic, or fix `sink.kafka.topic`"));
+        }
+        if transactions {
+            producer
+                .init_transactions(TIMEOUT)
+                .map_err(|e| kafka_error("starting transactions", &topic, e))
+                .map_err(|e| {
+                    e.with_hint("the broker must support transactions (Kafka 0.11 or later); or set `sink.kafka.delivery: at_least_once`")
+                })?;
+        }
+        Ok(Publisher {
+            producer,
+            marker,
+            topic,
+            key: cfg.key.clone(),
+            transactions,
+        })
+    }
+
+    /// The epoch of the last commit published, if any was.
+    pub fn published(&self) -> Result<Option<i64>, Error> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, 0);
+        let got = self
+            .marker
+            .committed_offsets(tpl, TIMEOUT)
+            .map_err(|e| kafka_error("reading what was published", &self.topic, e))?;
+        Ok(got.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(n) => Some(n),
+            _ => None,
+        }))
+    }
+
+    /// Publishes the rows of commit `epoch` and records the epoch, in one transaction.
+    /// Returns the records sent.
+    pub fn publish(&self, epoch: i64, rows: &[RecordBatch]) -> Result<u64, Error> {
+        let messages = messages(rows, &self.key)?;
+        let fail = |what: &str, e: rdkafka::error::KafkaError| {
+            if self.transactions {
+                let _ = self.producer.abort_transaction(TIMEOUT);
+            }
+            kafka_error(what, &self.topic, e)
+        };
+        if self.transactions {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| kafka_error("beginning a transaction", &self.topic, e))?;
+        }
+        for (key, value) in &messages {
+            let mut record = BaseRecord::<Vec<u8>, Vec<u8>>::to(&self.topic).payload(value);
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            let mut record = Some(record);
+            while let Some(r) = record.take() {
+                match self.producer.send(r) {
+                    Ok(()) => {}
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        record = Some(back);
+                    }
+                    Err((e, _)) => return Err(fail("sending", e)),
+                }
+            }
+        }
+        let mut marker = TopicPartitionList::new();
+        marker
+            .add_partition_offset(&self.topic, 0, Offset::Offset(epoch))
+            .map_err(|e| fail("recording the epoch", e))?;
+        if !self.transactions {
+            // At least once: the records are on the broker before the epoch is recorded.
+            self.producer
+                .flush(TIMEOUT)
+                .map_err(|e| kafka_error("sending", &self.topic, e))?;
+            self.marker
+                .commit(&marker, rdkafka::consumer::CommitMode::Sync)
+                .map_err(|e| kafka_error("recording the epoch", &self.topic, e))?;
+            return Ok(messages.len() as u64);
+        }
+        let group = self
+            .marker
+            .group_metadata()
+            .ok_or_else(|| kafka_error("recording the epoch", &self.topic, "no group metadata"))?;
+        self.producer
+            .send_offsets_to_transaction(&marker, &group, TIMEOUT)
+            .map_err(|e| fail("recording the epoch", e))?;
+        self.producer
+            .commit_transaction(TIMEOUT)
+            .map_err(|e| fail("committing the transaction", e))?;
+        Ok(messages.len() as u64)
+    }
+}
+
+/// One JSON object per row, with its key (see [`KafkaSinkConfig::key`]).
+#[allow(clippy::type_complexity)]
+fn messages(
+    rows: &[RecordBatch],
+    key: &[String],
+) -> Result<Vec<(Option<Vec<u8>>, Vec<u8>)>, Error> {
+    let lines = |batches: &[RecordBatch]| -> Result<Vec<Vec<u8>>, Error> {
+        let mut buf = Vec::new();
+        {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+            for b in batches {
+                w.write(b)
+                    .map_err(|e| Error::internal(format!("rows as JSON: {e}")))?;
+            }
+            w.finish()
+                .map_err(|e| Error::internal(format!("rows as JSON: {e}")))?;
+        }
+        Ok(buf
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect())
+    };
+    let values = lines(rows)?;
+    if key.is_empty() {
+        return Ok(values.into_iter().map(|v| (None, v)).collect());
+    }
+    let mut keyed = Vec::new();
+    for b in rows {
+        let idx = key
+            .iter()
+            .map(|k| {
+                b.schema().index_of(k).map_err(|_| {
+                    Error::user(format!("sink.kafka.key: `{k}` is not a column of the rows"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        keyed.push(
+            b.project(&idx)
+                .map_err(|e| Error::internal(format!("keys: {e}")))?,
+        );
+    }
+    let keys = lines(&keyed)?;
+    let keys = keys.into_iter().map(|k| {
+        if key.len() > 1 {
+            return k;
+        }
+        // One column: its value as text.
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&k) {
+            Ok(m) => match m.into_iter().next().map(|(_, v)| v) {
+                Some(serde_json::Value::String(s)) => s.into_bytes(),
+                Some(v) => v.to_string().into_bytes(),
+                None => Vec::new(),
+            },
+            Err(_) => k,
+        }
+    });
+    // The writer emits one line per row (`{}` when the key columns are null), so keys and
+    // values stay aligned.
+    Ok(keys.zip(values).map(|(k, v)| (Some(k), v)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn rows_become_json_records_with_keys() {
+        let b = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("user", DataType::Utf8, true),
+                Field::new("n", DataType::Int64, true),
+            ])),
+            vec![
+                Arc::new(StringArray::from(vec![Some("ann"), Some("bob")])),
+                Arc::new(Int64Array::from(vec![3, 4])),
+            ],
+        )
+        .unwrap();
+        let m = messages(std::slice::from_ref(&b), &["user".into()]).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].0.as_deref(), Some(&b"ann"[..]));
+        assert_eq!(m[1].1, br#"{"user":"bob","n":4}"#.to_vec());
+        let m = messages(&[b], &["n".into(), "user".into()]).unwrap();
+        assert_eq!(m[0].0.as_deref(), Some(&br#"{"n":3,"user":"ann"}"#[..]));
+    }
+}
