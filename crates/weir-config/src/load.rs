@@ -203,6 +203,23 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
         let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
         let cfg: crate::StreamConfig = parse_yaml(&shown, &read(&file, &shown)?)?;
         validate_table_name(&cfg.sink.table, &shown)?;
+        let src = &cfg.source;
+        let missing = match src.kind {
+            crate::StreamSourceKind::Kafka if src.brokers.is_empty() => Some("source.brokers"),
+            crate::StreamSourceKind::Kafka if src.topic.is_empty() => Some("source.topic"),
+            crate::StreamSourceKind::File if src.path.is_none() => Some("source.path"),
+            _ => None,
+        };
+        if let Some(key) = missing {
+            return Err(Error::user(format!(
+                "{}: a `{}` source needs `{key}`",
+                shown.display(),
+                match src.kind {
+                    crate::StreamSourceKind::Kafka => "kafka",
+                    crate::StreamSourceKind::File => "file",
+                }
+            )));
+        }
         if cfg.flush.rows == 0 {
             return Err(Error::user(format!(
                 "{}: `flush.rows` must be at least 1",

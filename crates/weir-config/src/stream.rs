@@ -37,9 +37,16 @@ pub struct KafkaSourceConfig {
     /// `kafka`.
     #[serde(rename = "type")]
     pub kind: StreamSourceKind,
-    /// `host:port[,host:port...]`.
+    /// `host:port[,host:port...]` (kafka).
+    #[serde(default)]
     pub brokers: String,
+    /// The topic (kafka).
+    #[serde(default)]
     pub topic: String,
+    /// The file (`type: file`), relative to the project: one record per line, read to its
+    /// end (a replay or backfill through the stream's query).
+    #[serde(default)]
+    pub path: Option<String>,
     /// The consumer group; default `weir-<stream>`. Offsets are committed to it after each
     /// table commit (for monitoring tools); weir itself resumes from the table.
     #[serde(default)]
@@ -72,6 +79,7 @@ pub struct KafkaSourceConfig {
 #[serde(rename_all = "snake_case")]
 pub enum StreamSourceKind {
     Kafka,
+    File,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -273,6 +281,7 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "flush",
         "source.type",
         "source.brokers",
+        "source.path",
         "source.topic",
         "source.group",
         "source.format",

@@ -163,22 +163,7 @@ pub fn decode(
     let mut fields: Vec<Field> = payload.iter().map(|(f, _)| f.clone()).collect();
     let mut columns: Vec<ArrayRef> = payload.into_iter().map(|(_, c)| c).collect();
     fields.extend(meta_fields());
-    columns.push(Arc::new(Int32Array::from_iter_values(
-        good.iter().map(|r| r.partition),
-    )));
-    columns.push(Arc::new(Int64Array::from_iter_values(
-        good.iter().map(|r| r.offset),
-    )));
-    columns.push(Arc::new(
-        TimestampMillisecondArray::from(good.iter().map(|r| r.timestamp).collect::<Vec<_>>())
-            .with_timezone("UTC"),
-    ));
-    columns.push(Arc::new(
-        good.iter()
-            .map(|r| r.key.as_deref().map(String::from_utf8_lossy))
-            .collect::<StringArray>(),
-    ));
-    columns.push(headers_column(&good)?);
+    columns.extend(meta_columns(&good)?);
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| Error::internal(format!("building rows from `{topic}`: {e}")))?;
     Ok(Decoded {
@@ -238,6 +223,26 @@ pub fn declared_schema(columns: &[weir_config::ColumnSpec]) -> Result<SchemaRef,
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// The values of the record's own columns.
+fn meta_columns(good: &[&Record]) -> Result<Vec<ArrayRef>, Error> {
+    Ok(vec![
+        Arc::new(Int32Array::from_iter_values(
+            good.iter().map(|r| r.partition),
+        )),
+        Arc::new(Int64Array::from_iter_values(good.iter().map(|r| r.offset))),
+        Arc::new(
+            TimestampMillisecondArray::from(good.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        ),
+        Arc::new(
+            good.iter()
+                .map(|r| r.key.as_deref().map(String::from_utf8_lossy))
+                .collect::<StringArray>(),
+        ),
+        headers_column(good)?,
+    ])
+}
+
 /// The columns about the record every row has.
 fn meta_fields() -> [Field; 5] {
     [
@@ -263,6 +268,59 @@ pub fn source_schema(payload: &Schema) -> SchemaRef {
         .collect();
     fields.extend(meta_fields());
     Arc::new(Schema::new(fields))
+}
+
+/// JSON records whose fields are declared (`declared`: the payload's columns): rows with
+/// exactly those columns and the record's own; other fields are left out. All records are
+/// decoded in one pass from their bytes; only when that fails are they taken one by one,
+/// to set the bad ones aside with their reasons (as [`decode`] does).
+pub fn decode_declared(
+    records: &[Record],
+    topic: &str,
+    declared: &SchemaRef,
+) -> Result<Decoded, Error> {
+    let fast = || -> Result<RecordBatch, String> {
+        let mut d = arrow::json::ReaderBuilder::new(declared.clone())
+            .with_batch_size(records.len().max(1))
+            .build_decoder()
+            .map_err(|e| e.to_string())?;
+        for (i, r) in records.iter().enumerate() {
+            let v = r.value.as_deref().unwrap_or_default();
+            // One whole object per record: anything else would shift the records after it.
+            if v.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                return Err("not an object".into());
+            }
+            let n = d.decode(v).map_err(|e| e.to_string())?;
+            if n != v.len() || d.has_partial_record() || d.len() != i + 1 {
+                return Err("not one whole object".into());
+            }
+        }
+        let batch = d
+            .flush()
+            .map_err(|e| e.to_string())?
+            .unwrap_or_else(|| RecordBatch::new_empty(declared.clone()));
+        match batch.num_rows() == records.len() {
+            true => Ok(batch),
+            false => Err(format!(
+                "{} records gave {} rows",
+                records.len(),
+                batch.num_rows()
+            )),
+        }
+    };
+    let Ok(payload) = fast() else {
+        return decode(records, PayloadFormat::Json, topic, Some(declared), None);
+    };
+    let good: Vec<&Record> = records.iter().collect();
+    let mut columns = payload.columns().to_vec();
+    columns.extend(meta_columns(&good)?);
+    let batch = RecordBatch::try_new(source_schema(declared), columns)
+        .map_err(|e| Error::internal(format!("building rows from `{topic}`: {e}")))?;
+    Ok(Decoded {
+        batch,
+        malformed: Vec::new(),
+        misfits: Vec::new(),
+    })
 }
 
 /// `_kafka_headers`: a map from header name to value (text; invalid UTF-8 replaced).
@@ -475,5 +533,30 @@ mod tests {
             .downcast_ref::<StringArray>()
             .unwrap();
         assert_eq!(k.value(0), "k1");
+    }
+
+    #[test]
+    fn declared_fields_decode_in_one_pass_and_bad_records_fall_back_one_by_one() {
+        let declared: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let good = vec![
+            rec(1, r#"{"id": 1, "name": "a", "other": [1]}"#),
+            rec(2, r#" {"name": "b"}"#),
+        ];
+        let d = decode_declared(&good, "t", &declared).unwrap();
+        assert_eq!(d.batch.num_rows(), 2);
+        assert_eq!(d.batch.num_columns(), 2 + META_COLUMNS.len());
+        assert!(d.batch.column(0).is_null(1));
+        let mut mixed = good.clone();
+        mixed.push(rec(3, r#"{"id": "x"}"#));
+        mixed.push(rec(4, "[1]"));
+        mixed.push(rec(5, r#"{"id": 5}{"id": 6}"#));
+        let d = decode_declared(&mixed, "t", &declared).unwrap();
+        assert_eq!(d.batch.num_rows(), 2);
+        assert_eq!(d.misfits.len(), 1);
+        assert_eq!(d.misfits[0].line, 3);
+        assert_eq!(d.malformed.len(), 2, "{:?}", d.malformed);
     }
 }

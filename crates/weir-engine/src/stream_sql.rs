@@ -332,7 +332,12 @@ impl Groups {
         self.values.intern(&keys, &mut ids).map_err(exec_error)?;
         let total = self.values.len();
         for (i, acc) in self.accs.iter_mut().enumerate() {
-            let args = eval_all(&self.spec.aggs[i].expressions(), batch)?;
+            // Arguments, then ORDER BY values: an order-sensitive accumulator (first_value
+            // ORDER BY ...) compares those itself, whatever order rows come in.
+            let agg = &self.spec.aggs[i];
+            let mut exprs = agg.expressions();
+            exprs.extend(agg.order_bys().iter().map(|o| o.expr.clone()));
+            let args = eval_all(&exprs, batch)?;
             let filter = match &self.spec.filters[i] {
                 Some(f) => Some(
                     f.evaluate(batch)
@@ -822,10 +827,16 @@ impl Aggregation {
             let lowered = LoweredAggregateBuilder::new(e, input_df, &input, &props, &planning)
                 .build()
                 .map_err(plan_error)?;
-            if !lowered.order_bys.is_empty() {
+            if !lowered.order_bys.is_empty()
+                && lowered.aggregate.order_sensitivity()
+                    == datafusion::logical_expr::utils::AggregateOrderSensitivity::HardRequirement
+            {
                 return Err(Error::user(format!(
-                    "`{e}`: an aggregate with ORDER BY is not supported in a streaming query"
-                )));
+                    "`{e}` needs its rows in order, which a stream does not give"
+                ))
+                .with_hint(
+                    "first_value/last_value with ORDER BY work; order what a window emits instead",
+                ));
             }
             aggs.push(lowered.aggregate);
             filters.push(lowered.filter);
@@ -2021,5 +2032,48 @@ mod tests {
                 .value(0),
             (t0 + 10_000) * 1000
         );
+    }
+
+    #[tokio::test]
+    async fn first_value_by_order_is_right_whatever_order_rows_come_in() {
+        let ctx = weir_lake::new_session();
+        let mk = || {
+            spec(
+                "SELECT window_start, max(amount) AS top, \
+                 first_value(id ORDER BY amount DESC, id) AS top_id \
+                 FROM TUMBLE(events, ts, '10s') GROUP BY window_start",
+                true,
+            )
+        };
+        let mut q = StreamSql::compile(&ctx, &mk()).await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let mut rng = Rng(11);
+        let mut events: Vec<Event> = (0..500)
+            .map(|i| {
+                let mut e = ev(i, 0, t0 + rng.below(5_000) as i64);
+                e.amount = rng.below(1_000) as i64;
+                e
+            })
+            .collect();
+        events.sort_by_key(|e| e.ts);
+        let want = events
+            .iter()
+            .max_by_key(|e| (e.amount, -e.id))
+            .map(|e| (e.amount, e.id))
+            .unwrap();
+        for (i, chunk) in events.chunks(70).enumerate() {
+            q.push(&batch(chunk)).await.unwrap();
+            if i % 2 == 1 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &mk()).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        q.push(&batch(&[ev(999, 0, t0 + 60_000)])).await.unwrap();
+        let out = q.advance().await.unwrap();
+        let b = &out[0];
+        assert_eq!(b.num_rows(), 1);
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().value(0), want.0);
+        assert_eq!(b.column(2).as_primitive::<Int64Type>().value(0), want.1);
     }
 }

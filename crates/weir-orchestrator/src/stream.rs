@@ -97,47 +97,21 @@ pub async fn run_stream(
     let src = &cfg.source;
     let table = cfg.sink.table.clone();
     let kafka_err = |what: &str, e| kafka_error(stream, what, e);
+    if src.kind == weir_config::StreamSourceKind::File {
+        return run_file_stream(project, lake, stream).await;
+    }
     let mut job = match &cfg.sql {
         Some(_) => Some(SqlJob::compile(lake, stream).await?),
         None => None,
     };
-    let mut avro = match src.format {
-        weir_config::PayloadFormat::Avro => Some(
-            kafka_avro::AvroSchemas::new(&src.avro.clone().unwrap_or_default(), &project.root)
-                .map_err(|e| e.context(format!("stream `{name}` ({})", stream.file.display())))?,
-        ),
-        _ => None,
-    };
     // The topic's partitions, and where each resumes: the table's position, else `start`.
     let (consumer, partitions) = connect(stream)?;
-    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut epoch = 0i64;
-    if lake.exists(&table).await {
-        let t = lake.open_existing(&table).await?;
-        epoch = lake.txn_version(&t, &epoch_app(name)).await?.unwrap_or(0);
-        for p in &partitions {
-            if let Some(next) = lake
-                .txn_version(&t, &position_app(name, &src.topic, *p))
-                .await?
-            {
-                positions.insert(*p, next);
-            }
-        }
-    }
-    if let Some(job) = &mut job {
-        job.query.set_partitions(partitions.iter().copied());
-        if epoch > 0 {
-            job.restore(lake, stream, epoch).await?;
-        }
-    }
-    let publisher = match &cfg.sink.kafka {
-        Some(k) => {
-            let p = tokio::task::block_in_place(|| kafka_sink::Publisher::connect(k, src, name))?;
-            catch_up(lake, stream, &p, epoch).await?;
-            Some(p)
-        }
-        None => None,
-    };
+    let Prepared {
+        mut avro,
+        mut epoch,
+        mut positions,
+        publisher,
+    } = prepare(project, lake, stream, &partitions, job.as_mut()).await?;
     // When each partition last delivered a record: a silent one stops holding the
     // watermark back after `event_time.idle_timeout`.
     let mut heard: BTreeMap<i32, Instant> =
@@ -296,6 +270,173 @@ pub async fn run_stream(
     Ok(summary)
 }
 
+/// What a run starts from: the table's epoch and positions (with the SQL job's state
+/// restored), the Avro schemas and the Kafka sink (caught up).
+struct Prepared {
+    avro: Option<kafka_avro::AvroSchemas>,
+    epoch: i64,
+    positions: BTreeMap<i32, i64>,
+    publisher: Option<kafka_sink::Publisher>,
+}
+
+async fn prepare(
+    project: &Project,
+    lake: &Lake,
+    stream: &Stream,
+    partitions: &[i32],
+    job: Option<&mut SqlJob>,
+) -> Result<Prepared, Error> {
+    let (cfg, name) = (&stream.config, stream.name.as_str());
+    let src = &cfg.source;
+    let avro = match src.format {
+        weir_config::PayloadFormat::Avro => Some(
+            kafka_avro::AvroSchemas::new(&src.avro.clone().unwrap_or_default(), &project.root)
+                .map_err(|e| e.context(format!("stream `{name}` ({})", stream.file.display())))?,
+        ),
+        _ => None,
+    };
+    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut epoch = 0i64;
+    let table = &cfg.sink.table;
+    if lake.exists(table).await {
+        let t = lake.open_existing(table).await?;
+        epoch = lake.txn_version(&t, &epoch_app(name)).await?.unwrap_or(0);
+        for p in partitions {
+            if let Some(next) = lake
+                .txn_version(&t, &position_app(name, source_id(src), *p))
+                .await?
+            {
+                positions.insert(*p, next);
+            }
+        }
+    }
+    if let Some(job) = job {
+        job.query.set_partitions(partitions.iter().copied());
+        if epoch > 0 {
+            job.restore(lake, stream, epoch).await?;
+        }
+    }
+    let publisher = match &cfg.sink.kafka {
+        Some(k) => {
+            let p = tokio::task::block_in_place(|| kafka_sink::Publisher::connect(k, src, name))?;
+            catch_up(lake, stream, &p, epoch).await?;
+            Some(p)
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        avro,
+        epoch,
+        positions,
+        publisher,
+    })
+}
+
+/// What positions are kept under: the topic, or `file` for a file source.
+fn source_id(src: &weir_config::KafkaSourceConfig) -> &str {
+    match src.kind {
+        weir_config::StreamSourceKind::Kafka => &src.topic,
+        weir_config::StreamSourceKind::File => "file",
+    }
+}
+
+/// A file source: its lines (JSON objects, Avro bodies are not line-based) are records of
+/// partition 0 whose offsets are line numbers, read to the end of the file in commits of
+/// `flush.rows` lines (or `flush.bytes`). The same exactly-once rules hold: the position
+/// is the next line, in the table.
+async fn run_file_stream(
+    project: &Project,
+    lake: &Lake,
+    stream: &Stream,
+) -> Result<StreamSummary, Error> {
+    use tokio::io::AsyncBufReadExt;
+    let (cfg, name) = (&stream.config, stream.name.as_str());
+    let src = &cfg.source;
+    let path = project.root.join(src.path.as_deref().unwrap_or_default());
+    let mut job = match &cfg.sql {
+        Some(_) => Some(SqlJob::compile(lake, stream).await?),
+        None => None,
+    };
+    let Prepared {
+        mut avro,
+        mut epoch,
+        mut positions,
+        publisher,
+    } = prepare(project, lake, stream, &[0], job.as_mut()).await?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Error::io(format!("stream `{name}`: {}", path.display()), e))?;
+    let mut lines = tokio::io::BufReader::with_capacity(1 << 20, file).split(b'\n');
+    let mut summary = StreamSummary {
+        stream: name.to_string(),
+        table: cfg.sink.table.clone(),
+        positions: positions.clone(),
+        ..Default::default()
+    };
+    let start = positions.get(&0).copied().unwrap_or(0);
+    let mut line = 0i64;
+    let mut started = Instant::now();
+    let mut done = false;
+    while !done {
+        let mut buffer: Vec<Record> = Vec::new();
+        let mut bytes = 0u64;
+        while buffer.len() < cfg.flush.rows && bytes < cfg.flush.bytes {
+            let Some(value) = lines
+                .next_segment()
+                .await
+                .map_err(|e| Error::io(format!("stream `{name}`: {}", path.display()), e))?
+            else {
+                done = true;
+                break;
+            };
+            line += 1;
+            if line - 1 < start || value.is_empty() {
+                continue;
+            }
+            bytes += value.len() as u64;
+            buffer.push(Record {
+                partition: 0,
+                offset: line - 1,
+                timestamp: None,
+                key: None,
+                value: Some(value),
+                headers: Vec::new(),
+            });
+        }
+        if buffer.is_empty() {
+            continue;
+        }
+        epoch += 1;
+        if let Some(a) = &mut avro {
+            a.fetch(
+                buffer
+                    .iter()
+                    .map(|r| r.value.as_deref().unwrap_or_default()),
+            )
+            .await?;
+        }
+        let step = Flush {
+            lake,
+            stream,
+            records: &buffer,
+            epoch,
+            started,
+            avro: avro.as_ref(),
+            publish: publisher.is_some(),
+        };
+        let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
+        started = Instant::now();
+        if let Some(p) = &publisher {
+            summary.published += tokio::task::block_in_place(|| p.publish(epoch, &rows))?;
+            lake.delete_state_file(&cfg.sink.table, &epoch_app(name), &out_file(epoch))
+                .await?;
+        }
+    }
+    maintain(project, lake, &cfg.sink.table, &mut summary).await;
+    summary.positions = positions;
+    Ok(summary)
+}
+
 /// Runs the table's maintenance policy, if it has one (compaction of the many small files
 /// a stream writes, vacuum, retention). The rows are committed: a failure is logged, and
 /// the stream goes on.
@@ -313,6 +454,8 @@ struct SqlJob {
     query: weir_engine::stream_sql::StreamSql,
     /// The records' columns: the declared ones, then the record's own.
     source: arrow::datatypes::SchemaRef,
+    /// The declared ones.
+    declared: arrow::datatypes::SchemaRef,
     /// Declared columns a record must have.
     required: Vec<usize>,
     ctx: datafusion::prelude::SessionContext,
@@ -367,6 +510,7 @@ impl SqlJob {
             .map_err(in_file)?;
         Ok(SqlJob {
             query,
+            declared,
             source,
             required,
             ctx,
@@ -422,13 +566,18 @@ impl Flush<'_> {
             Some(j) => Some(j.source.clone()),
             None => self.lake.schema(table).await?,
         };
-        let decoded = kafka::decode(
-            self.records,
-            cfg.source.format,
-            &cfg.source.topic,
-            known.as_ref(),
-            self.avro,
-        )?;
+        let decoded = match (&job, cfg.source.format) {
+            (Some(j), weir_config::PayloadFormat::Json) => {
+                kafka::decode_declared(self.records, &cfg.source.topic, &j.declared)?
+            }
+            _ => kafka::decode(
+                self.records,
+                cfg.source.format,
+                &cfg.source.topic,
+                known.as_ref(),
+                self.avro,
+            )?,
+        };
         if let (Some(first), weir_config::OnIncompatible::Stop) =
             (decoded.misfits.first(), cfg.sink.on_incompatible)
         {
@@ -518,7 +667,7 @@ impl Flush<'_> {
             txn: Some((epoch_app(&stream.name), epoch)),
             positions: next
                 .iter()
-                .map(|(p, n)| (position_app(&stream.name, &cfg.source.topic, *p), *n))
+                .map(|(p, n)| (position_app(&stream.name, source_id(&cfg.source), *p), *n))
                 .collect(),
             metadata,
         };
@@ -809,10 +958,20 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
     let stream = find(project, name)?;
     let src = &stream.config.source;
     let table = &stream.config.sink.table;
-    let (consumer, partitions) = connect(stream)?;
+    let file = src.kind == weir_config::StreamSourceKind::File;
+    let (consumer, partitions) = match file {
+        true => (None, vec![0]),
+        false => {
+            let (c, p) = connect(stream)?;
+            (Some(c), p)
+        }
+    };
     let mut out = StreamStatus {
         stream: name.to_string(),
-        topic: src.topic.clone(),
+        topic: match file {
+            true => src.path.clone().unwrap_or_default(),
+            false => src.topic.clone(),
+        },
         table: table.clone(),
         ..Default::default()
     };
@@ -864,17 +1023,30 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
         }
     }
     let topic = src.topic.clone();
-    let marks = tokio::task::block_in_place(|| {
-        partitions
-            .iter()
-            .map(|p| consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10)))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .map_err(|e| kafka_error(stream, "reading the topic's offsets", e))?;
+    let marks = match &consumer {
+        Some(consumer) => tokio::task::block_in_place(|| {
+            partitions
+                .iter()
+                .map(|p| consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|e| kafka_error(stream, "reading the topic's offsets", e))?,
+        None => {
+            // A file: its lines are its offsets.
+            let path = project.root.join(src.path.as_deref().unwrap_or_default());
+            let text = tokio::fs::read(&path)
+                .await
+                .map_err(|e| Error::io(format!("stream `{name}`: {}", path.display()), e))?;
+            // Offsets count every line, as the run does.
+            let lines = text.iter().filter(|b| **b == b'\n').count()
+                + usize::from(text.last().is_some_and(|b| *b != b'\n'));
+            vec![(0, lines as i64)]
+        }
+    };
     for (p, (low, high)) in partitions.into_iter().zip(marks) {
         let position = match &t {
             Some(t) => {
-                lake.txn_version(t, &position_app(name, &src.topic, p))
+                lake.txn_version(t, &position_app(name, source_id(src), p))
                     .await?
             }
             None => None,

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Nexmark: weir's streaming SQL against Apache Flink (PyPI's apache-flink) on the same
+pre-generated bid events, in the same run.
+
+1. bench/nexmark-gen (the `nexmark` crate, built from an explicit config) writes the bids
+   among the first --events Nexmark events as JSON lines (cached between runs).
+2. Each query runs as a weir stream over that file (`source.type: file`, event time
+   `date_time` with a 4 s allowed delay, as in Nexmark's Flink setup), into a Delta
+   table, and as a Flink SQL job (streaming mode, parallelism 1, filesystem JSON source
+   with the same watermark, blackhole sink: Nexmark's usual setup, so Flink writes
+   nothing while weir writes Parquet).
+3. Each engine's CPU time (user + system, all its processes and threads) is measured on
+   the full file and on a file of 1,000 bids; the difference is the cost of the events,
+   without start-up. Events per second per core = events / that CPU time.
+4. weir's results are checked: q0/q1 row counts, q2 against the file, q5/q7 one result
+   per window.
+
+Queries q3, q4 and q8 join two streams (persons, auctions, bids), which weir's streaming
+SQL does not do yet; they are reported as not run.
+
+Usage: python3 bench/nexmark.py [--events 2000000] [--weir PATH] [--queries q0,q5]
+"""
+import argparse, json, os, resource, shutil, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CACHE = os.path.expanduser("~/.cache/weir-bench")
+FLINK_VENV = os.path.expanduser("~/.cache/weir-tools/flink-venv")
+
+COLUMNS = [("auction", "bigint"), ("bidder", "bigint"), ("price", "bigint"),
+           ("channel", "string"), ("url", "string"), ("date_time", "bigint"),
+           ("extra", "string")]
+
+WEIR = {
+    "q0": "SELECT auction, bidder, price, date_time, extra FROM bid",
+    "q1": "SELECT auction, bidder, 0.908 * price AS price, date_time, extra FROM bid",
+    "q2": "SELECT auction, price FROM bid WHERE auction % 123 = 0",
+    "q5": """WITH counts AS (
+  SELECT window_start, window_end, auction, count(*) AS num
+  FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND)
+  GROUP BY window_start, window_end, auction)
+SELECT auction, num, window_start, window_end FROM (
+  SELECT *, rank() OVER (PARTITION BY window_start ORDER BY num DESC) AS r FROM counts)
+WHERE r = 1""",
+    "q7": """SELECT window_start, window_end, max(price) AS price,
+  first_value(auction ORDER BY price DESC) AS auction,
+  first_value(bidder ORDER BY price DESC) AS bidder
+FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND)
+GROUP BY window_start, window_end""",
+}
+
+FLINK = {
+    "q0": "SELECT auction, bidder, price, date_time, extra FROM bid",
+    "q1": "SELECT auction, bidder, 0.908 * price AS price, date_time, extra FROM bid",
+    "q2": "SELECT auction, price FROM bid WHERE MOD(auction, 123) = 0",
+    "q5": """SELECT auction, num, window_start, window_end FROM (
+  SELECT *, RANK() OVER (PARTITION BY window_start, window_end ORDER BY num DESC) AS r FROM (
+    SELECT window_start, window_end, auction, COUNT(*) AS num
+    FROM TABLE(HOP(TABLE bid, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '10' SECOND))
+    GROUP BY window_start, window_end, auction))
+WHERE r = 1""",
+    "q7": """SELECT window_start, window_end, price, auction, bidder FROM (
+  SELECT *, ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY price DESC) AS r
+  FROM TABLE(TUMBLE(TABLE bid, DESCRIPTOR(ts), INTERVAL '10' SECOND)))
+WHERE r = 1""",
+}
+
+NOT_RUN = {"q3": "joins persons and auctions (two streams)",
+           "q4": "joins auctions and bids (two streams)",
+           "q8": "joins persons and auctions in windows (two streams)"}
+
+
+def sh(cmd, **kw):
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def cpu_of(cmd, **kw):
+    """Runs cmd; returns (user+system CPU seconds of it and its children, wall, stdout)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    out, err = p.stdout.read(), p.stderr.read()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out[-2000:]}\n{err[-3000:]}")
+    return usage.ru_utime + usage.ru_stime, wall, out
+
+
+def events_file(n):
+    path = os.path.join(CACHE, f"nexmark-bids-{n}.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(CACHE, exist_ok=True)
+        manifest = os.path.join(HERE, "nexmark-gen", "Cargo.toml")
+        sh(["cargo", "build", "--release", "--quiet", "--manifest-path", manifest])
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "nexmark-gen", "target"))
+        sh([os.path.join(target, "release", "nexmark-gen"), str(n), path + ".tmp"])
+        os.rename(path + ".tmp", path)
+    return path
+
+
+def small_file(path, lines=1000):
+    out = path + f".first{lines}"
+    if not os.path.exists(out):
+        with open(path) as f, open(out, "w") as o:
+            for i, line in enumerate(f):
+                if i >= lines:
+                    break
+                o.write(line)
+    return out
+
+
+def weir_project(dir, q, path):
+    os.makedirs(os.path.join(dir, "streams"), exist_ok=True)
+    with open(os.path.join(dir, "weir.yaml"), "w") as f:
+        f.write("name: nexmark\n")
+    cols = "".join(f"    - {{name: {c}, type: {t}}}\n" for c, t in COLUMNS)
+    sql = "\n".join("  " + l for l in WEIR[q].splitlines())
+    with open(os.path.join(dir, "streams", f"{q}.yaml"), "w") as f:
+        f.write(f"source:\n  type: file\n  path: {path}\n  name: bid\n  columns:\n{cols}"
+                f"event_time:\n  column: date_time\n  allowed_delay: 4s\n"
+                f"sql: |\n{sql}\nsink:\n  table: nexmark.{q}\n"
+                f"flush:\n  rows: 200000\n  bytes: 256MiB\n")
+
+
+def run_weir(weir, q, path):
+    d = tempfile.mkdtemp(prefix=f"nexmark-{q}-")
+    try:
+        weir_project(d, q, path)
+        cpu, wall, out = cpu_of([weir, "--project", d, "stream", "run", q, "--format", "json"])
+        summary = json.loads(out)
+        rows = int(sh([weir, "--project", d, "query", f"select count(*) from nexmark.{q}",
+                       "--format", "csv"]).split()[-1])
+        return cpu, wall, summary, rows
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+FLINK_JOB = r'''
+import sys
+from pyflink.table import EnvironmentSettings, TableEnvironment
+q, path, sql = sys.argv[1], sys.argv[2], sys.argv[3]
+t = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+t.get_config().set("parallelism.default", "1")
+t.execute_sql(f"""CREATE TABLE bid (
+  auction BIGINT, bidder BIGINT, price BIGINT, channel STRING, url STRING,
+  date_time BIGINT, extra STRING,
+  ts AS TO_TIMESTAMP_LTZ(date_time, 3),
+  WATERMARK FOR ts AS ts - INTERVAL '4' SECOND
+) WITH ('connector' = 'filesystem', 'path' = '{path}', 'format' = 'json')""")
+result = t.sql_query(sql)
+cols = ", ".join(f"`{n}` {str(ty)}" for n, ty in zip(result.get_schema().get_field_names(),
+                                                     result.get_schema().get_field_data_types()))
+t.execute_sql(f"CREATE TABLE sink ({cols}) WITH ('connector' = 'blackhole')")
+result.execute_insert("sink").wait()
+'''
+
+
+def flink_python():
+    py = os.path.join(FLINK_VENV, "bin", "python")
+    if not os.path.exists(py):
+        sh([sys.executable, "-m", "venv", FLINK_VENV])
+        sh([os.path.join(FLINK_VENV, "bin", "pip"), "install", "--quiet", "apache-flink==2.3.0"])
+    return py
+
+
+def run_flink(py, q, path):
+    job = os.path.join(tempfile.gettempdir(), "weir-nexmark-flink.py")
+    with open(job, "w") as f:
+        f.write(FLINK_JOB)
+    cpu, wall, _ = cpu_of([py, job, q, path, FLINK[q]])
+    return cpu, wall
+
+
+def check(q, rows, path, summary):
+    events = summary["records"]
+    if q in ("q0", "q1"):
+        return None if rows == events else f"{rows} rows for {events} events"
+    if q == "q2":
+        want = 0
+        with open(path) as f:
+            for line in f:
+                if json.loads(line)["auction"] % 123 == 0:
+                    want += 1
+        return None if rows == want else f"{rows} rows, {want} expected"
+    if q in ("q5", "q7"):
+        return None if rows > 0 else "no windows emitted"
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=2_000_000)
+    ap.add_argument("--weir", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "weir"))
+    ap.add_argument("--queries", default="q0,q1,q2,q5,q7")
+    ap.add_argument("--no-flink", action="store_true")
+    a = ap.parse_args()
+    path = events_file(a.events)
+    small = small_file(path)
+    with open(path) as f:
+        bids = sum(1 for _ in f)
+    print(f"{bids:,} bids of {a.events:,} Nexmark events: {path}")
+    py = None if a.no_flink else flink_python()
+    print(f"{'query':<6}{'weir ev/s/core':>16}{'flink ev/s/core':>17}{'weir/flink':>12}"
+          f"{'weir cpu s':>12}{'flink cpu s':>13}  check")
+    for q in a.queries.split(","):
+        base_cpu, _, _, _ = run_weir(a.weir, q, small)
+        cpu, wall, summary, rows = run_weir(a.weir, q, path)
+        weir_rate = (bids - 1000) / max(cpu - base_cpu, 1e-9)
+        problem = check(q, rows, path, summary)
+        flink_rate, fcpu = None, None
+        if py:
+            fbase, _ = run_flink(py, q, small)
+            fcpu, _ = run_flink(py, q, path)
+            flink_rate = (bids - 1000) / max(fcpu - fbase, 1e-9)
+        ratio = f"{weir_rate / flink_rate:>12.2f}" if flink_rate else f"{'-':>12}"
+        print(f"{q:<6}{weir_rate:>16,.0f}{(f'{flink_rate:,.0f}' if flink_rate else '-'):>17}{ratio}"
+              f"{cpu:>12.2f}{(f'{fcpu:.2f}' if fcpu else '-'):>13}  "
+              f"{problem or f'ok ({rows:,} rows)'}", flush=True)
+    for q, why in NOT_RUN.items():
+        print(f"{q:<6}not run: {why}")
+
+
+if __name__ == "__main__":
+    main()
