@@ -141,8 +141,8 @@ struct Stage {
     ctx: SessionContext,
     slot: Slot,
     plan: LogicalPlan,
-    /// The physical plan, kept when it holds no join (a hash join keeps its build side
-    /// from its first run, which must not be the previous batch).
+    /// The physical plan, kept when it holds no join (a hash join's dynamic filters cannot
+    /// be reset between runs; such a plan is made again for each run).
     physical: Option<Arc<dyn ExecutionPlan>>,
 }
 
@@ -172,8 +172,11 @@ impl Stage {
     }
 
     async fn run(&self, input: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, Error> {
+        // A plan keeps state from a run (a repartition's channels, for one): each run gets
+        // fresh nodes.
         let plan = match &self.physical {
-            Some(p) => p.clone(),
+            Some(p) => datafusion::physical_plan::execution_plan::reset_plan_states(p.clone())
+                .map_err(|e| Error::internal(format!("streaming query: {e}")))?,
             None => self.plan_physical().await?,
         };
         self.slot.put(input);
@@ -2032,6 +2035,17 @@ mod tests {
                 .value(0),
             (t0 + 10_000) * 1000
         );
+        // The same plan runs again for every batch (a repartition in it included).
+        for i in 0..3 {
+            let pushed = q
+                .push(&batch(&[
+                    ev(10 + i, 0, t0 + 20_000),
+                    ev(20 + i, 0, t0 + 21_000),
+                ]))
+                .await
+                .unwrap();
+            assert_eq!(pushed.rows.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+        }
     }
 
     #[tokio::test]
