@@ -123,7 +123,7 @@ def cpu_of(cmd, **kw):
 
 
 def events_file(n):
-    path = os.path.join(CACHE, f"nexmark-bids-{n}.jsonl")
+    path = os.path.join(CACHE, f"nexmark-bids-{n}-10k.jsonl")
     if not os.path.exists(path):
         os.makedirs(CACHE, exist_ok=True)
         manifest = os.path.join(HERE, "nexmark-gen", "Cargo.toml")

@@ -2,7 +2,7 @@
 //! object per line (`auction, bidder, price, channel, url, date_time, extra`; `date_time`
 //! in epoch milliseconds).
 //!
-//! The generator is built from an explicit config (fixed base time, 100,000 events per
+//! The generator is built from an explicit config (fixed base time, 10,000 events per
 //! second of event time), and the output is checked for repeats: a generator built with
 //! its defaults in some ways yields one event over and over.
 
@@ -22,8 +22,8 @@ fn main() {
     let events: usize = events.parse().expect("EVENTS is a number");
     let config = NexmarkConfig {
         base_time: 1_700_000_000_000,
-        first_rate: 100_000,
-        next_rate: 100_000,
+        first_rate: 10_000,
+        next_rate: 10_000,
         ..Default::default()
     };
     let generator = EventGenerator::new(config).with_type_filter(EventType::Bid);

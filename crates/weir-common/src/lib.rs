@@ -6,6 +6,7 @@
 //! they are bugs.
 
 pub mod error;
+pub mod memory;
 pub mod redact;
 pub mod retry;
 pub mod task;

@@ -34,6 +34,10 @@ pub struct WriteSpec {
     /// the fastest zstd level, because such values never repeat and zstd's higher levels
     /// find nothing more in them (level 1 gives the same size at a third of the time).
     pub hash_columns: Vec<String>,
+    /// zstd level 1 for every column instead of 3: for frequent small commits whose files
+    /// are compacted later anyway (a stream's), where compression was a sixth of the
+    /// stream's CPU time.
+    pub fast_compression: bool,
 }
 
 /// Commit-level options: the idempotency token and metadata recorded in the commit.
@@ -66,10 +70,11 @@ pub struct WriteMetrics {
 /// row-count limit alone, 1M rows, held ~100 MB per writer for a table with hash columns).
 const ROW_GROUP_BYTES: usize = 32 << 20;
 
-fn writer_properties(hash_columns: &[String]) -> WriterProperties {
+fn writer_properties(spec: &WriteSpec) -> WriterProperties {
     let level = |l| Compression::ZSTD(ZstdLevel::try_new(l).unwrap_or_default());
+    let hash_columns = &spec.hash_columns;
     let mut builder = WriterProperties::builder()
-        .set_compression(level(3))
+        .set_compression(level(if spec.fast_compression { 1 } else { 3 }))
         .set_max_row_group_bytes(Some(ROW_GROUP_BYTES));
     for c in hash_columns {
         let path = deltalake::parquet::schema::types::ColumnPath::from(c.as_str());
@@ -283,7 +288,7 @@ impl Lake {
         {
             if let Some(df) = same_columns(df.clone(), ts, &spec.partition_by, &table)? {
                 return self
-                    .overwrite_parallel(name, table, ctx, df, &spec.hash_columns, commit)
+                    .overwrite_parallel(name, table, ctx, df, spec, commit)
                     .await;
             }
         }
@@ -292,7 +297,7 @@ impl Lake {
             .write(Vec::new())
             .with_input_plan(df.logical_plan().clone())
             .with_session_state(Arc::new(ctx.state()))
-            .with_writer_properties(writer_properties(&spec.hash_columns))
+            .with_writer_properties(writer_properties(spec))
             .with_commit_properties(commit);
         if !existing && !spec.partition_by.is_empty() {
             builder = builder.with_partition_columns(spec.partition_by.clone());
@@ -381,7 +386,7 @@ impl Lake {
         table: deltalake::DeltaTable,
         ctx: &SessionContext,
         df: DataFrame,
-        hash_columns: &[String],
+        spec: &WriteSpec,
         commit: CommitProperties,
     ) -> Result<WriteMetrics, Error> {
         use deltalake::kernel::transaction::CommitBuilder;
@@ -403,7 +408,7 @@ impl Lake {
             senders.push(tx);
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| delta_error(format!("writing `{name}`"), e))?
-                .with_writer_properties(writer_properties(hash_columns));
+                .with_writer_properties(writer_properties(spec));
             let context = format!("writing `{name}`");
             tasks.spawn(async move {
                 let mut rows = 0u64;
@@ -569,7 +574,7 @@ impl Lake {
             .with_source_alias("source")
             .with_target_alias("target")
             .with_session_state(Arc::new(ctx.state()))
-            .with_writer_properties(writer_properties(&spec.hash_columns))
+            .with_writer_properties(writer_properties(spec))
             .with_commit_properties(commit)
             .with_merge_schema(add_columns);
         if deletes.is_some() {

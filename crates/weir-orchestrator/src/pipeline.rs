@@ -655,6 +655,7 @@ async fn write_delta(
         evolution: sink.schema_evolution,
         replace_where: load.replace_where.map(str::to_string),
         hash_columns: Vec::new(),
+        fast_compression: false,
     };
     lake.write(&sink.table, ctx, df, &spec, opts).await
 }

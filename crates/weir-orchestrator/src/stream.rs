@@ -234,6 +234,7 @@ pub async fn run_stream(
                 started: since_commit,
                 avro: avro.as_ref(),
                 publish: publisher.is_some(),
+                by_offset: Default::default(),
             };
             let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
             if let Some(p) = &publisher {
@@ -249,8 +250,10 @@ pub async fn run_stream(
             if let Err(e) = consumer.commit(&done, CommitMode::Async) {
                 tracing::warn!(stream = name, "committing the group's offsets: {e}");
             }
-            buffer.clear();
+            buffer = Vec::new();
             buffered_bytes = 0;
+            drop(rows);
+            weir_common::memory::release();
             oldest = None;
             unmaintained = true;
             if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_EVERY) {
@@ -378,7 +381,7 @@ async fn run_file_stream(
     let mut started = Instant::now();
     let mut done = false;
     while !done {
-        let mut buffer: Vec<Record> = Vec::new();
+        let mut buffer: Vec<Record> = Vec::with_capacity(cfg.flush.rows.min(1 << 20));
         let mut bytes = 0u64;
         while buffer.len() < cfg.flush.rows && bytes < cfg.flush.bytes {
             let Some(value) = lines
@@ -423,6 +426,7 @@ async fn run_file_stream(
             started,
             avro: avro.as_ref(),
             publish: publisher.is_some(),
+            by_offset: Default::default(),
         };
         let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
         started = Instant::now();
@@ -431,6 +435,8 @@ async fn run_file_stream(
             lake.delete_state_file(&cfg.sink.table, &epoch_app(name), &out_file(epoch))
                 .await?;
         }
+        drop((rows, buffer));
+        weir_common::memory::release();
     }
     maintain(project, lake, &cfg.sink.table, &mut summary).await;
     summary.positions = positions;
@@ -534,6 +540,9 @@ impl SqlJob {
     }
 }
 
+/// Records a SQL job decodes and queries at a time.
+const QUERY_CHUNK: usize = 8192;
+
 /// One commit: records of one epoch.
 struct Flush<'a> {
     lake: &'a Lake,
@@ -547,6 +556,8 @@ struct Flush<'a> {
     /// The rows go to a Kafka topic after the commit: keep them beside the table until
     /// they are published.
     publish: bool,
+    /// `records` by partition and offset, when a row is set aside.
+    by_offset: std::cell::OnceCell<std::collections::HashMap<(i32, i64), usize>>,
 }
 
 impl Flush<'_> {
@@ -566,20 +577,30 @@ impl Flush<'_> {
             Some(j) => Some(j.source.clone()),
             None => self.lake.schema(table).await?,
         };
-        let decoded = match (&job, cfg.source.format) {
-            (Some(j), weir_config::PayloadFormat::Json) => {
-                kafka::decode_declared(self.records, &cfg.source.topic, &j.declared)?
-            }
-            _ => kafka::decode(
-                self.records,
-                cfg.source.format,
-                &cfg.source.topic,
-                known.as_ref(),
-                self.avro,
-            )?,
+        // A SQL job's records are decoded and queried in chunks: the same rows, but no
+        // buffer of the whole commit's size is allocated and freed at once.
+        let chunk = match &job {
+            Some(_) => QUERY_CHUNK,
+            None => self.records.len().max(1),
         };
+        let mut parts = Vec::new();
+        for records in self.records.chunks(chunk) {
+            parts.push(match (&job, cfg.source.format) {
+                (Some(j), weir_config::PayloadFormat::Json) => {
+                    kafka::decode_declared(records, &cfg.source.topic, &j.declared)?
+                }
+                _ => kafka::decode(
+                    records,
+                    cfg.source.format,
+                    &cfg.source.topic,
+                    known.as_ref(),
+                    self.avro,
+                )?,
+            });
+        }
+        let misfits: Vec<&weir_core::BadRow> = parts.iter().flat_map(|d| &d.misfits).collect();
         if let (Some(first), weir_config::OnIncompatible::Stop) =
-            (decoded.misfits.first(), cfg.sink.on_incompatible)
+            (misfits.first(), cfg.sink.on_incompatible)
         {
             return Err(Error::user(format!(
                 "stream `{}`: the record at {} offset {} does not fit {}: {}; \
@@ -592,7 +613,7 @@ impl Flush<'_> {
                     None => format!("table `{table}`"),
                 },
                 first.reason,
-                decoded.misfits.len()
+                misfits.len()
             ))
             .with_hint(format!(
                 "fix the producer, or set `sink.on_incompatible: quarantine` in {} to set such \
@@ -600,12 +621,26 @@ impl Flush<'_> {
                 stream.file.display()
             )));
         }
-        let mut bad = decoded.malformed;
-        bad.extend(decoded.misfits);
+        let mut bad = Vec::new();
+        let mut batches = Vec::with_capacity(parts.len());
+        for d in parts {
+            bad.extend(d.malformed);
+            bad.extend(d.misfits);
+            batches.push(d.batch);
+        }
         let (ctx, rows) = match job {
-            None => (weir_lake::new_session(), vec![decoded.batch]),
+            None => (weir_lake::new_session(), batches),
             Some(job) => {
-                let rows = self.query(job, decoded.batch, &mut bad).await?;
+                let mut rows = Vec::new();
+                for b in batches {
+                    rows.extend(self.query(job, b, &mut bad).await?);
+                }
+                rows.extend(job.query.advance().await?);
+                if rows.is_empty() {
+                    rows.push(arrow::record_batch::RecordBatch::new_empty(
+                        job.query.output_schema().clone(),
+                    ));
+                }
                 let state = job.query.checkpoint()?;
                 self.lake
                     .write_state(table, &epoch_app(&stream.name), epoch, state)
@@ -661,6 +696,7 @@ impl Flush<'_> {
         let spec = WriteSpec {
             partition_by: cfg.sink.partition_by.clone(),
             evolution: cfg.sink.schema_evolution,
+            fast_compression: true,
             ..Default::default()
         };
         let write = WriteOptions {
@@ -695,8 +731,9 @@ impl Flush<'_> {
         Ok(rows)
     }
 
-    /// Runs the SQL job over decoded records: the rows for the table; records missing a
-    /// required field, late or without event time go to `bad`.
+    /// Runs the SQL job over decoded records: the rows for the table (windows are emitted
+    /// by the caller, after the last chunk); records missing a required field, late or
+    /// without event time go to `bad`.
     async fn query(
         &self,
         job: &mut SqlJob,
@@ -704,11 +741,16 @@ impl Flush<'_> {
         bad: &mut Vec<weir_core::BadRow>,
     ) -> Result<Vec<arrow::record_batch::RecordBatch>, Error> {
         let topic = &self.stream.config.source.topic;
-        let by_offset: std::collections::HashMap<(i32, i64), &Record> = self
-            .records
-            .iter()
-            .map(|r| ((r.partition, r.offset), r))
-            .collect();
+        // Records by partition and offset, built the first time a row is set aside.
+        let by_offset = || -> &std::collections::HashMap<(i32, i64), usize> {
+            self.by_offset.get_or_init(|| {
+                self.records
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| ((r.partition, r.offset), i))
+                    .collect()
+            })
+        };
         let record_at = |batch: &arrow::record_batch::RecordBatch, i: usize| {
             use arrow::array::AsArray;
             let p = batch
@@ -717,7 +759,8 @@ impl Flush<'_> {
             let o = batch
                 .column_by_name(kafka::META_COLUMNS[1])
                 .map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().value(i));
-            p.zip(o).and_then(|k| by_offset.get(&k).copied())
+            p.zip(o)
+                .and_then(|k| by_offset().get(&k).map(|i| &self.records[*i]))
         };
         let err = |e: arrow::error::ArrowError| Error::internal(format!("records: {e}"));
         // Only the declared columns, in order (a field no record had is null); then the
@@ -765,14 +808,7 @@ impl Flush<'_> {
                 ));
             }
         }
-        let mut rows = pushed.rows;
-        rows.extend(job.query.advance().await?);
-        if rows.is_empty() {
-            rows.push(arrow::record_batch::RecordBatch::new_empty(
-                job.query.output_schema().clone(),
-            ));
-        }
-        Ok(rows)
+        Ok(pushed.rows)
     }
 }
 
