@@ -129,6 +129,7 @@ def events_file(n):
         manifest = os.path.join(HERE, "nexmark-gen", "Cargo.toml")
         sh(["cargo", "build", "--release", "--quiet", "--manifest-path", manifest])
         target = os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "nexmark-gen", "target"))
+        # (cargo puts it in CARGO_TARGET_DIR when that is set, else beside its Cargo.toml)
         sh([os.path.join(target, "release", "nexmark-gen"), str(n), path + ".tmp"])
         os.rename(path + ".tmp", path)
     return path
@@ -227,7 +228,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=2_000_000)
     ap.add_argument("--weir", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "weir"))
+        os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/weir-target")),
+        "release", "weir"))
     ap.add_argument("--queries", default="q0,q1,q2,q5,q7")
     ap.add_argument("--no-flink", action="store_true")
     a = ap.parse_args()

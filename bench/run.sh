@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|tpch|orchestration|all] [args...]`.
+# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|tpch|orchestration|nexmark|all] [args...]`.
 # Not part of the test suite; numbers go to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +17,5 @@ if [ "$which" = orchestration ] || [ "$which" = all ]; then
   python3 -c "import dagster" 2>/dev/null || python3 -m pip install --quiet dagster
   python3 bench/orchestration.py --weir "$weir" "$@"
 fi
+# Nexmark installs Apache Flink (PyPI, in its own venv under ~/.cache/weir-tools) on first use.
+if [ "$which" = nexmark ] || [ "$which" = all ]; then python3 bench/nexmark.py --weir "$weir" "$@"; fi
