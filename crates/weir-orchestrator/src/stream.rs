@@ -106,19 +106,14 @@ pub async fn run_stream(
     };
     // The topic's partitions, and where each resumes: the table's position, else `start`.
     let (consumer, partitions) = connect(stream)?;
-    let Prepared {
-        mut avro,
-        mut epoch,
-        mut positions,
-        publisher,
-    } = prepare(project, lake, stream, &partitions, job.as_mut()).await?;
+    let mut prep = prepare(project, lake, stream, &partitions, job.as_mut()).await?;
     // When each partition last delivered a record: a silent one stops holding the
     // watermark back after `event_time.idle_timeout`.
     let mut heard: BTreeMap<i32, Instant> =
         partitions.iter().map(|p| (*p, Instant::now())).collect();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
-        let offset = match positions.get(p) {
+        let offset = match prep.positions.get(p) {
             Some(next) => Offset::Offset(*next),
             None => match src.start {
                 weir_config::StartAt::Earliest => Offset::Beginning,
@@ -132,12 +127,12 @@ pub async fn run_stream(
     consumer
         .assign(&assignment)
         .map_err(|e| kafka_err("assigning partitions", e))?;
-    tracing::info!(stream = name, table = %table, ?positions, epoch, "stream started");
+    tracing::info!(stream = name, table = %table, positions = ?prep.positions, epoch = prep.epoch, "stream started");
 
     let mut summary = StreamSummary {
         stream: name.to_string(),
         table: table.clone(),
-        positions: positions.clone(),
+        positions: prep.positions.clone(),
         ..Default::default()
     };
     let mut buffer: Vec<Record> = Vec::new();
@@ -148,7 +143,7 @@ pub async fn run_stream(
     // offsets (compaction, retention, transaction markers, or a broker that answers a
     // fetch inside a batch with the next batch). Reported, not refused: on Kafka itself
     // gaps are normal in compacted and transactional topics.
-    let mut expect: BTreeMap<i32, i64> = positions.clone();
+    let mut expect: BTreeMap<i32, i64> = prep.positions.clone();
     // Maintenance runs after a commit at most once a minute, and at the end of a run.
     let mut maintained: Option<Instant> = None;
     let mut unmaintained = false;
@@ -209,7 +204,6 @@ pub async fn run_stream(
             || buffered_bytes >= cfg.flush.bytes
             || oldest.is_some_and(|t| t.elapsed() >= cfg.flush.interval);
         if !buffer.is_empty() && (due || idle || stopping) {
-            epoch += 1;
             if let (Some(job), Some(et)) = (&mut job, &cfg.event_time) {
                 job.query.set_idle(
                     heard
@@ -218,33 +212,18 @@ pub async fn run_stream(
                         .map(|(p, _)| *p),
                 );
             }
-            if let Some(a) = &mut avro {
-                a.fetch(
-                    buffer
-                        .iter()
-                        .map(|r| r.value.as_deref().unwrap_or_default()),
-                )
-                .await?;
-            }
-            let step = Flush {
+            prep.commit(
                 lake,
                 stream,
-                records: &buffer,
-                epoch,
-                started: since_commit,
-                avro: avro.as_ref(),
-                publish: publisher.is_some(),
-                by_offset: Default::default(),
-            };
-            let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
-            if let Some(p) = &publisher {
-                summary.published += tokio::task::block_in_place(|| p.publish(epoch, &rows))?;
-                lake.delete_state_file(&table, &epoch_app(name), &out_file(epoch))
-                    .await?;
-            }
+                &buffer,
+                since_commit,
+                &mut summary,
+                job.as_mut(),
+            )
+            .await?;
             since_commit = Instant::now();
             let mut done = TopicPartitionList::new();
-            for (p, next) in &positions {
+            for (p, next) in &prep.positions {
                 let _ = done.add_partition_offset(&src.topic, *p, Offset::Offset(*next));
             }
             if let Err(e) = consumer.commit(&done, CommitMode::Async) {
@@ -252,7 +231,6 @@ pub async fn run_stream(
             }
             buffer = Vec::new();
             buffered_bytes = 0;
-            drop(rows);
             weir_common::memory::release();
             oldest = None;
             unmaintained = true;
@@ -269,7 +247,7 @@ pub async fn run_stream(
             break;
         }
     }
-    summary.positions = positions;
+    summary.positions = prep.positions;
     Ok(summary)
 }
 
@@ -280,6 +258,49 @@ struct Prepared {
     epoch: i64,
     positions: BTreeMap<i32, i64>,
     publisher: Option<kafka_sink::Publisher>,
+}
+
+impl Prepared {
+    /// Commits `records` as the next epoch (see [`Flush`]), then publishes the epoch's rows
+    /// to the Kafka sink, if there is one.
+    async fn commit(
+        &mut self,
+        lake: &Lake,
+        stream: &Stream,
+        records: &[Record],
+        started: Instant,
+        summary: &mut StreamSummary,
+        job: Option<&mut SqlJob>,
+    ) -> Result<(), Error> {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        if let Some(a) = &mut self.avro {
+            a.fetch(
+                records
+                    .iter()
+                    .map(|r| r.value.as_deref().unwrap_or_default()),
+            )
+            .await?;
+        }
+        let step = Flush {
+            lake,
+            stream,
+            records,
+            epoch,
+            started,
+            avro: self.avro.as_ref(),
+            publish: self.publisher.is_some(),
+            by_offset: Default::default(),
+        };
+        let rows = step.run(&mut self.positions, summary, job).await?;
+        if let Some(p) = &self.publisher {
+            summary.published += tokio::task::block_in_place(|| p.publish(epoch, &rows))?;
+            let app = epoch_app(&stream.name);
+            lake.delete_state_file(&stream.config.sink.table, &app, &out_file(epoch))
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 async fn prepare(
@@ -360,12 +381,7 @@ async fn run_file_stream(
         Some(_) => Some(SqlJob::compile(lake, stream).await?),
         None => None,
     };
-    let Prepared {
-        mut avro,
-        mut epoch,
-        mut positions,
-        publisher,
-    } = prepare(project, lake, stream, &[0], job.as_mut()).await?;
+    let mut prep = prepare(project, lake, stream, &[0], job.as_mut()).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| Error::io(format!("stream `{name}`: {}", path.display()), e))?;
@@ -373,10 +389,10 @@ async fn run_file_stream(
     let mut summary = StreamSummary {
         stream: name.to_string(),
         table: cfg.sink.table.clone(),
-        positions: positions.clone(),
+        positions: prep.positions.clone(),
         ..Default::default()
     };
-    let start = positions.get(&0).copied().unwrap_or(0);
+    let start = prep.positions.get(&0).copied().unwrap_or(0);
     let mut line = 0i64;
     let mut started = Instant::now();
     let mut done = false;
@@ -409,37 +425,14 @@ async fn run_file_stream(
         if buffer.is_empty() {
             continue;
         }
-        epoch += 1;
-        if let Some(a) = &mut avro {
-            a.fetch(
-                buffer
-                    .iter()
-                    .map(|r| r.value.as_deref().unwrap_or_default()),
-            )
+        prep.commit(lake, stream, &buffer, started, &mut summary, job.as_mut())
             .await?;
-        }
-        let step = Flush {
-            lake,
-            stream,
-            records: &buffer,
-            epoch,
-            started,
-            avro: avro.as_ref(),
-            publish: publisher.is_some(),
-            by_offset: Default::default(),
-        };
-        let rows = step.run(&mut positions, &mut summary, job.as_mut()).await?;
         started = Instant::now();
-        if let Some(p) = &publisher {
-            summary.published += tokio::task::block_in_place(|| p.publish(epoch, &rows))?;
-            lake.delete_state_file(&cfg.sink.table, &epoch_app(name), &out_file(epoch))
-                .await?;
-        }
-        drop((rows, buffer));
+        drop(buffer);
         weir_common::memory::release();
     }
     maintain(project, lake, &cfg.sink.table, &mut summary).await;
-    summary.positions = positions;
+    summary.positions = prep.positions;
     Ok(summary)
 }
 

@@ -46,30 +46,40 @@ fn produce(broker: &str, topic: &str, values: &[String]) {
             key: "n",
             value: Some(&key),
         });
-        loop {
-            let record = BaseRecord::to(topic)
+        send(&producer, || {
+            BaseRecord::to(topic)
                 .key(&key)
                 .payload(v)
-                .headers(headers.clone());
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, _)) => {
-                    assert!(
-                        matches!(
-                            e,
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull
-                            )
-                        ),
-                        "{e}"
-                    );
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+                .headers(headers.clone())
+        });
     }
     producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Sends the record `make` builds, waiting while the producer's queue is full.
+fn send<'a, K, P>(producer: &BaseProducer, make: impl Fn() -> BaseRecord<'a, K, P>)
+where
+    K: rdkafka::message::ToBytes + ?Sized + 'a,
+    P: rdkafka::message::ToBytes + ?Sized + 'a,
+{
+    loop {
+        match producer.send(make()) {
+            Ok(()) => break,
+            Err((e, _)) => {
+                assert!(
+                    matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ),
+                    "{e}"
+                );
+                producer.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
 }
 
 fn project(dir: &Path, broker: &str, topic: &str) {
@@ -472,24 +482,9 @@ fn produce_to(broker: &str, topic: &str, records: &[(i32, String)]) {
         .create()
         .unwrap();
     for (p, v) in records {
-        loop {
-            match producer.send(BaseRecord::<(), _>::to(topic).partition(*p).payload(v)) {
-                Ok(()) => break,
-                Err((e, _)) => {
-                    assert!(
-                        matches!(
-                            e,
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull
-                            )
-                        ),
-                        "{e}"
-                    );
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send(&producer, || {
+            BaseRecord::<(), _>::to(topic).partition(*p).payload(v)
+        });
     }
     producer.flush(Duration::from_secs(30)).unwrap();
 }
