@@ -113,8 +113,13 @@ pub struct StreamSql {
     time: Option<(usize, i64)>,
     time_name: String,
     partition_index: usize,
-    pre: Stage,
-    agg: Option<Aggregation>,
+    /// What runs on every batch: the query, or what is below each aggregate.
+    pre: Vec<Stage>,
+    /// The aggregates over the source (several when windows of it are joined), each
+    /// with its `pre` stage.
+    aggs: Vec<Aggregation>,
+    /// The rest of the query, over the groups the aggregates emit.
+    post: Option<Stage>,
     output_schema: SchemaRef,
     /// Per partition, the newest event time of a row that was on time (µs).
     marks: BTreeMap<i32, i64>,
@@ -139,7 +144,7 @@ impl fmt::Debug for StreamSql {
 /// A plan whose leaf is a slot: each run reads what was put in the slot.
 struct Stage {
     ctx: SessionContext,
-    slot: Slot,
+    slots: Vec<Slot>,
     plan: LogicalPlan,
     /// The physical plan, kept when it holds no join (a hash join's dynamic filters cannot
     /// be reset between runs; such a plan is made again for each run).
@@ -147,11 +152,15 @@ struct Stage {
 }
 
 impl Stage {
-    async fn new(ctx: &SessionContext, slot: Slot, plan: &LogicalPlan) -> Result<Stage, Error> {
+    async fn new(
+        ctx: &SessionContext,
+        slots: Vec<Slot>,
+        plan: &LogicalPlan,
+    ) -> Result<Stage, Error> {
         let plan = ctx.state().optimize(plan).map_err(plan_error)?;
         let mut stage = Stage {
             ctx: ctx.clone(),
-            slot,
+            slots,
             plan,
             physical: None,
         };
@@ -171,7 +180,8 @@ impl Stage {
             .map_err(plan_error)
     }
 
-    async fn run(&self, input: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, Error> {
+    /// Runs the plan with `inputs[i]` in slot `i`.
+    async fn run(&self, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>, Error> {
         // A plan keeps state from a run (a repartition's channels, for one): each run gets
         // fresh nodes.
         let plan = match &self.physical {
@@ -179,9 +189,13 @@ impl Stage {
                 .map_err(|e| Error::internal(format!("streaming query: {e}")))?,
             None => self.plan_physical().await?,
         };
-        self.slot.put(input);
+        for (slot, input) in self.slots.iter().zip(inputs) {
+            slot.put(input);
+        }
         let out = collect(plan, self.ctx.task_ctx()).await;
-        self.slot.put(Vec::new());
+        for slot in &self.slots {
+            slot.put(Vec::new());
+        }
         out.map_err(|e| Error::internal(format!("streaming query: {e}")))
     }
 }
@@ -252,7 +266,7 @@ impl PartitionStream for Slot {
     }
 }
 
-/// The incremental aggregate, and the rest of the query over its emitted groups.
+/// An incremental aggregate over the source.
 struct Aggregation {
     spec: Arc<GroupsSpec>,
     groups: Groups,
@@ -266,7 +280,8 @@ struct Aggregation {
     session_rows: Vec<RecordBatch>,
     /// A session window's gap (µs).
     gap: i64,
-    post: Stage,
+    /// The emitted groups' columns (the slot the rest of the query reads them from).
+    emitted: SchemaRef,
 }
 
 /// Where a session window's columns are in the rows the aggregate reads.
@@ -507,48 +522,58 @@ impl StreamSql {
             ));
         }
         let reads = count_scans(&plan, slot_name);
-        if reads != 1 {
+        let (upper, cuts) = split(&plan, slot_name)?;
+        let unaggregated = !cuts.is_empty() && count_scans(&upper, slot_name) > 0;
+        if reads == 0 || (cuts.is_empty() && reads > 1) || unaggregated {
             return Err(Error::user(format!(
-                "a streaming query reads its source `{}` once; this one reads it {reads} times",
+                "a streaming query reads its source `{}` once, or in windows that are each aggregated; this one reads it {reads} times",
                 spec.source
             ))
             .with_hint(match reads {
                 0 => format!("read the records `FROM {}`", spec.source),
-                _ => "join the source with lake tables, not with itself".to_string(),
+                _ => "join the source with lake tables, or join aggregates of the same window of it (ON their window_start)".to_string(),
             }));
         }
-        let groups_name = TableReference::bare(GROUPS_SLOT);
-        let (upper, agg) = split(&plan, slot_name, &groups_name)?;
-        let pre_plan = match &agg {
-            Some((a, _)) => a.input.as_ref().clone(),
-            None => plan.clone(),
+        let pre_plans: Vec<LogicalPlan> = match cuts.is_empty() {
+            true => vec![plan.clone()],
+            false => cuts.iter().map(|(a, _)| a.input.as_ref().clone()).collect(),
         };
-        check_per_batch(&pre_plan, slot_name)?;
-        let pre = Stage::new(ctx, source_slot, &pre_plan).await?;
-        let (agg, output_schema) = match agg {
-            None => {
-                if window.is_some() && matches!(window, Some(Window::Session { .. })) {
-                    return Err(Error::user(
-                        "a SESSION window needs an aggregate: GROUP BY window_start, window_end",
-                    ));
-                }
-                (None, Arc::new(plan.schema().as_arrow().clone()))
+        let mut pre = Vec::new();
+        for p in &pre_plans {
+            check_per_batch(p, slot_name)?;
+            pre.push(Stage::new(ctx, vec![source_slot.clone()], p).await?);
+        }
+        let mut aggs = Vec::new();
+        let mut post = None;
+        let output_schema = if cuts.is_empty() {
+            if matches!(window, Some(Window::Session { .. })) {
+                return Err(Error::user(
+                    "a SESSION window needs an aggregate: GROUP BY window_start, window_end",
+                ));
             }
-            Some((a, groups_slot)) => {
-                let Some(w) = &window else {
-                    return Err(Error::user(
-                        "an aggregate over a stream needs a window: its groups would never be complete",
-                    )
-                    .with_hint(format!(
-                        "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
-                        spec.source
-                    )));
-                };
-                let output_schema = Arc::new(upper.schema().as_arrow().clone());
-                let agg =
-                    Aggregation::new(ctx, &a, w, &upper, &spec.event_time, groups_slot).await?;
-                (Some(agg), output_schema)
+            Arc::new(plan.schema().as_arrow().clone())
+        } else {
+            let Some(w) = &window else {
+                return Err(Error::user(
+                    "an aggregate over a stream needs a window: its groups would never be complete",
+                )
+                .with_hint(format!(
+                    "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
+                    spec.source
+                )));
+            };
+            if cuts.len() > 1 && matches!(w, Window::Session { .. }) {
+                return Err(Error::user(
+                    "aggregates of SESSION windows cannot be joined: each key's sessions differ",
+                ));
             }
+            let mut slots = Vec::new();
+            for (a, slot) in &cuts {
+                aggs.push(Aggregation::new(ctx, a, w, &spec.event_time, slot).await?);
+                slots.push(slot.clone());
+            }
+            post = Some(Stage::new(ctx, slots, &upper).await?);
+            Arc::new(upper.schema().as_arrow().clone())
         };
         for f in output_schema.fields() {
             if !f
@@ -570,7 +595,8 @@ impl StreamSql {
             time_name: spec.event_time.clone().map(|t| t.0).unwrap_or_default(),
             partition_index,
             pre,
-            agg,
+            aggs,
+            post,
             output_schema,
             marks: BTreeMap::new(),
             emitted_to: None,
@@ -636,18 +662,20 @@ impl StreamSql {
             Some(w) => with_windows(&input, w, self.time.map(|t| t.0).unwrap_or(0))?,
             None => input,
         };
-        let out = self.pre.run(vec![input]).await?;
         let mut pushed = Pushed {
             rows: Vec::new(),
             late,
         };
-        match &mut self.agg {
-            None => pushed.rows = out,
-            Some(a) if a.session.is_some() => a.session_rows.extend(out),
-            Some(a) => {
-                for b in &out {
-                    let keys = a.groups.update(b)?;
-                    a.note_ends(&keys);
+        for (i, stage) in self.pre.iter().enumerate() {
+            let out = stage.run(vec![vec![input.clone()]]).await?;
+            match self.aggs.get_mut(i) {
+                None => pushed.rows = out,
+                Some(a) if a.session.is_some() => a.session_rows.extend(out),
+                Some(a) => {
+                    for b in &out {
+                        let keys = a.groups.update(b)?;
+                        a.note_ends(&keys);
+                    }
                 }
             }
         }
@@ -721,70 +749,129 @@ impl StreamSql {
         let Some(wm) = self.watermark() else {
             return Ok(Vec::new());
         };
-        let Some(a) = &mut self.agg else {
+        let Some(post) = &self.post else {
             return Ok(Vec::new());
         };
         self.emitted_to = Some(self.emitted_to.map_or(wm, |e| e.max(wm)));
-        let closed = match &a.session {
-            Some(_) => a.close_sessions(wm)?,
-            None => a.close_windows(wm)?,
-        };
-        match closed {
-            Some(batch) if batch.num_rows() > 0 => a.post.run(vec![batch]).await,
-            _ => Ok(Vec::new()),
+        let mut inputs = Vec::with_capacity(self.aggs.len());
+        let mut any = false;
+        for a in &mut self.aggs {
+            let closed = match &a.session {
+                Some(_) => a.close_sessions(wm)?,
+                None => a.close_windows(wm)?,
+            };
+            let closed = closed.unwrap_or_else(|| RecordBatch::new_empty(a.emitted.clone()));
+            any |= closed.num_rows() > 0;
+            inputs.push(vec![closed]);
+        }
+        match any {
+            true => post.run(inputs).await,
+            false => Ok(Vec::new()),
         }
     }
 
-    /// The state, as Arrow IPC: partitions' event times, and open windows.
+    /// The state: partitions' event times, and each aggregate's open windows, as Arrow IPC
+    /// streams (the first one carries the times in its schema's metadata).
     pub fn checkpoint(&mut self) -> Result<Vec<u8>, Error> {
         let meta = serde_json::json!({
-            "version": 1,
+            "version": 2,
             "marks": self.marks.iter().map(|(p, m)| (p.to_string(), *m)).collect::<BTreeMap<_, _>>(),
             "emitted_to": self.emitted_to,
         });
-        let batch = match &mut self.agg {
-            None => None,
-            Some(a) => a.state_batch()?,
-        };
-        let schema = batch
-            .as_ref()
-            .map(|b| b.schema_ref().as_ref().clone())
-            .unwrap_or_else(Schema::empty)
-            .with_metadata([("weir.stream.state".to_string(), meta.to_string())].into());
-        let mut out = Vec::new();
-        let io = |e: arrow::error::ArrowError| Error::internal(format!("stream checkpoint: {e}"));
-        {
-            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).map_err(io)?;
-            if let Some(b) = batch {
-                let b = b.with_schema(Arc::new(schema.clone())).map_err(io)?;
-                w.write(&b).map_err(io)?;
-            }
-            w.finish().map_err(io)?;
+        let mut streams = vec![ipc_stream(None, Some(&meta))?];
+        for a in &mut self.aggs {
+            streams.push(ipc_stream(a.state_batch()?, None)?);
+        }
+        let mut out = STATE_MAGIC.to_vec();
+        for s in streams {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s);
         }
         Ok(out)
     }
 
     /// Takes up the state [`StreamSql::checkpoint`] wrote.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        let bad = |e: String| Error::internal(format!("stream checkpoint unreadable: {e}"));
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-            .map_err(|e| bad(e.to_string()))?;
-        let schema = reader.schema();
-        let meta: serde_json::Value = schema
-            .metadata()
-            .get("weir.stream.state")
-            .and_then(|m| serde_json::from_str(m).ok())
-            .ok_or_else(|| bad("no state metadata".into()))?;
-        let mut batches = Vec::new();
-        for b in reader {
-            batches.push(b.map_err(|e| bad(e.to_string()))?);
+        let streams = state_streams(bytes)?;
+        let (meta, _) = read_ipc(streams[0])?;
+        let meta = meta.ok_or_else(|| Error::internal("stream checkpoint: no state metadata"))?;
+        if streams.len() != self.aggs.len() + 1 {
+            return Err(Error::user(format!(
+                "the stream's checkpoint holds {} aggregates, its query has {}",
+                streams.len() - 1,
+                self.aggs.len()
+            ))
+            .with_hint("the query changed: its open windows cannot be carried over; drop the sink table to start over"));
         }
         self.marks = marks_of(&meta);
         self.emitted_to = meta["emitted_to"].as_i64();
-        if let Some(a) = &mut self.agg {
+        for (a, s) in self.aggs.iter_mut().zip(&streams[1..]) {
+            let (_, batches) = read_ipc(s)?;
             a.load_state(&batches)?;
         }
         Ok(())
+    }
+}
+
+/// The start of a checkpoint: then, per stream, its length (u64, little-endian) and bytes.
+const STATE_MAGIC: &[u8; 8] = b"WEIRST02";
+
+fn ipc_stream(
+    batch: Option<RecordBatch>,
+    meta: Option<&serde_json::Value>,
+) -> Result<Vec<u8>, Error> {
+    let io = |e: arrow::error::ArrowError| Error::internal(format!("stream checkpoint: {e}"));
+    let mut schema = batch
+        .as_ref()
+        .map(|b| b.schema_ref().as_ref().clone())
+        .unwrap_or_else(Schema::empty);
+    if let Some(m) = meta {
+        schema = schema.with_metadata([("weir.stream.state".to_string(), m.to_string())].into());
+    }
+    let mut out = Vec::new();
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).map_err(io)?;
+    if let Some(b) = batch {
+        w.write(&b.with_schema(Arc::new(schema.clone())).map_err(io)?)
+            .map_err(io)?;
+    }
+    w.finish().map_err(io)?;
+    drop(w);
+    Ok(out)
+}
+
+fn read_ipc(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Vec<RecordBatch>), Error> {
+    let bad = |e: String| Error::internal(format!("stream checkpoint unreadable: {e}"));
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = reader
+        .schema()
+        .metadata()
+        .get("weir.stream.state")
+        .and_then(|m| serde_json::from_str(m).ok());
+    let batches = reader
+        .map(|b| b.map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((meta, batches))
+}
+
+/// The IPC streams of a checkpoint.
+fn state_streams(bytes: &[u8]) -> Result<Vec<&[u8]>, Error> {
+    let bad = || Error::internal("stream checkpoint unreadable: truncated or not a checkpoint");
+    let mut rest = bytes.strip_prefix(STATE_MAGIC.as_slice()).ok_or_else(bad)?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let len: [u8; 8] = rest
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        let len = u64::from_le_bytes(len) as usize;
+        out.push(rest.get(8..8 + len).ok_or_else(bad)?);
+        rest = &rest[8 + len..];
+    }
+    match out.is_empty() {
+        true => Err(bad()),
+        false => Ok(out),
     }
 }
 
@@ -793,9 +880,8 @@ impl Aggregation {
         ctx: &SessionContext,
         agg: &datafusion::logical_expr::Aggregate,
         window: &Window,
-        upper: &LogicalPlan,
         event_time: &Option<(String, Duration)>,
-        groups_slot: Slot,
+        groups_slot: &Slot,
     ) -> Result<Aggregation, Error> {
         let input_df = agg.input.schema();
         let input = Arc::new(input_df.as_arrow().clone());
@@ -901,7 +987,6 @@ impl Aggregation {
             filters,
             output: output.clone(),
         });
-        let post = Stage::new(ctx, groups_slot, upper).await?;
         Ok(Aggregation {
             groups: Groups::new(&spec)?,
             spec,
@@ -913,7 +998,7 @@ impl Aggregation {
                 Window::Session { gap, .. } => *gap,
                 _ => 0,
             },
-            post,
+            emitted: groups_slot.schema.clone(),
         })
     }
 
@@ -1124,14 +1209,9 @@ impl Aggregation {
 
 /// What a checkpoint says about time: per partition, the newest on-time event time (µs).
 pub fn checkpoint_marks(bytes: &[u8]) -> Result<BTreeMap<i32, i64>, Error> {
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .map_err(|e| Error::internal(format!("stream checkpoint unreadable: {e}")))?;
-    let meta: serde_json::Value = reader
-        .schema()
-        .metadata()
-        .get("weir.stream.state")
-        .and_then(|m| serde_json::from_str(m).ok())
-        .ok_or_else(|| Error::internal("stream checkpoint unreadable: no state metadata"))?;
+    let streams = state_streams(bytes)?;
+    let (meta, _) = read_ipc(streams[0])?;
+    let meta = meta.ok_or_else(|| Error::internal("stream checkpoint: no state metadata"))?;
     Ok(marks_of(&meta))
 }
 
@@ -1284,6 +1364,18 @@ struct FoundWindow {
 }
 
 impl FoundWindow {
+    /// What makes two windows the same.
+    fn signature(&self) -> String {
+        let args: Vec<String> = self.args.iter().map(|a| a.to_string()).collect();
+        format!(
+            "{}|{}|{}|{}",
+            self.kind,
+            self.time.to_ascii_lowercase(),
+            args.join(","),
+            self.keys.join(",")
+        )
+    }
+
     async fn window(&self, ctx: &SessionContext) -> Result<Window, Error> {
         let mut d = Vec::new();
         for a in &self.args {
@@ -1422,10 +1514,12 @@ fn rewrite_windows(
     if let Some(e) = finder.error {
         return Err(e);
     }
-    if finder.found.len() > 1 {
+    let first = finder.found.first().map(FoundWindow::signature);
+    if finder.found.iter().any(|f| Some(f.signature()) != first) {
         return Err(Error::user(
-            "a streaming query has one window over its source; this one has several",
-        ));
+            "the windows over a streaming query's source must be the same (kind, time column, sizes and keys)",
+        )
+        .with_hint("windows of the source are joined when they close together"));
     }
     Ok(finder.found.pop())
 }
@@ -1514,34 +1608,28 @@ fn count_scans(plan: &LogicalPlan, slot: &str) -> usize {
 /// The aggregate a plan was cut at, and the slot its groups are read from above the cut.
 type Cut = (datafusion::logical_expr::Aggregate, Slot);
 
-/// Cuts `plan` at the lowest aggregate above the source: the rest of the plan reads the
-/// aggregate's groups from `groups` instead. Without such an aggregate, nothing is cut.
-fn split(
-    plan: &LogicalPlan,
-    slot: &str,
-    groups: &TableReference,
-) -> Result<(LogicalPlan, Option<Cut>), Error> {
+/// Cuts `plan` at the lowest aggregate above each read of the source: the rest of the
+/// plan reads each aggregate's groups from a slot of its own. Without such an aggregate,
+/// nothing is cut.
+fn split(plan: &LogicalPlan, slot: &str) -> Result<(LogicalPlan, Vec<Cut>), Error> {
     fn walk(
         plan: &LogicalPlan,
         slot: &str,
-        groups: &TableReference,
-    ) -> Result<(Option<LogicalPlan>, Option<Cut>, bool), Error> {
+        cuts: &mut Vec<Cut>,
+    ) -> Result<(Option<LogicalPlan>, bool), Error> {
         if let LogicalPlan::TableScan(s) = plan {
-            return Ok((None, None, s.table_name.table() == slot));
+            return Ok((None, s.table_name.table() == slot));
         }
         let inputs = plan.inputs();
+        let before = cuts.len();
         let mut new_inputs = Vec::new();
-        let mut found = None;
         let mut reads = false;
         for input in &inputs {
-            let (rebuilt, agg, r) = walk(input, slot, groups)?;
+            let (rebuilt, r) = walk(input, slot, cuts)?;
             reads |= r;
-            if agg.is_some() {
-                found = agg;
-            }
             new_inputs.push(rebuilt);
         }
-        if found.is_some() {
+        if cuts.len() > before {
             let inputs: Vec<LogicalPlan> = new_inputs
                 .into_iter()
                 .zip(inputs)
@@ -1550,18 +1638,21 @@ fn split(
             let rebuilt = plan
                 .with_new_exprs(plan.expressions(), inputs)
                 .map_err(plan_error)?;
-            return Ok((Some(rebuilt), found, true));
+            return Ok((Some(rebuilt), reads));
         }
         if reads {
             if let LogicalPlan::Aggregate(a) = plan {
-                let (scan, slot) = groups_scan(a, groups)?;
-                return Ok((Some(scan), Some((a.clone(), slot)), true));
+                let name = TableReference::bare(format!("{GROUPS_SLOT}_{}", cuts.len()));
+                let (scan, groups) = groups_scan(a, &name)?;
+                cuts.push((a.clone(), groups));
+                return Ok((Some(scan), true));
             }
         }
-        Ok((None, None, reads))
+        Ok((None, reads))
     }
-    let (rebuilt, agg, _) = walk(plan, slot, groups)?;
-    Ok((rebuilt.unwrap_or_else(|| plan.clone()), agg))
+    let mut cuts = Vec::new();
+    let (rebuilt, _) = walk(plan, slot, &mut cuts)?;
+    Ok((rebuilt.unwrap_or_else(|| plan.clone()), cuts))
 }
 
 /// A scan of the emitted groups (a slot, returned too) that looks like the aggregate to
@@ -1999,6 +2090,21 @@ mod tests {
             ("SELECT * FROM TUMBLE(other, ts, '10s')", true, "first argument is the source"),
             ("SELECT * FROM HOP(events, ts, '10s', '5s')", true, "slide is longer than the size"),
             ("SELECT a.id FROM events a JOIN events b ON a.id = b.id", false, "reads it 2 times"),
+            (
+                "SELECT a.n FROM (SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') \
+                 GROUP BY window_start) a JOIN TUMBLE(events, ts, '10s') b \
+                 ON a.window_start = b.window_start",
+                true,
+                "each aggregated",
+            ),
+            (
+                "SELECT a.n FROM (SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') \
+                 GROUP BY window_start) a JOIN (SELECT window_start, count(*) AS m \
+                 FROM TUMBLE(events, ts, '20s') GROUP BY window_start) b \
+                 ON a.window_start = b.window_start",
+                true,
+                "must be the same",
+            ),
         ];
         for (sql, et, want) in cases {
             let e = StreamSql::compile(&ctx, &spec(sql, et)).await.unwrap_err();
@@ -2089,5 +2195,60 @@ mod tests {
         assert_eq!(b.num_rows(), 1);
         assert_eq!(b.column(1).as_primitive::<Int64Type>().value(0), want.0);
         assert_eq!(b.column(2).as_primitive::<Int64Type>().value(0), want.1);
+    }
+
+    #[tokio::test]
+    async fn aggregates_of_the_same_window_are_joined_when_it_closes() {
+        let sql = "SELECT u.window_start, u.user_name, u.n, t.total_n \
+             FROM (SELECT window_start, user_name, count(*) AS n \
+                   FROM TUMBLE(events, ts, '10s') WHERE amount >= 50 \
+                   GROUP BY window_start, user_name) u \
+             JOIN (SELECT window_start, count(*) AS total_n \
+                   FROM TUMBLE(events, ts, '10s') GROUP BY window_start) t \
+             ON u.window_start = t.window_start";
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(21);
+        let events = events(&mut rng, 3_000);
+        let (late, wm) = reference_late(&events);
+        let mut totals: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut per_user: BTreeMap<(i64, String), i64> = BTreeMap::new();
+        for e in events.iter().filter(|e| !late.contains(&e.id)) {
+            let s = e.ts.div_euclid(10_000) * 10_000;
+            if s + 10_000 > wm {
+                continue;
+            }
+            *totals.entry(s).or_default() += 1;
+            if e.amount >= 50 {
+                *per_user.entry((s, USERS[e.user].to_string())).or_default() += 1;
+            }
+        }
+        let want: BTreeMap<(i64, String), (i64, i64)> = per_user
+            .into_iter()
+            .map(|((s, u), n)| ((s * 1000, u), (n, totals[&s])))
+            .collect();
+        let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+        let mut got = BTreeMap::new();
+        for (i, chunk) in events.chunks(170).enumerate() {
+            q.push(&batch(chunk)).await.unwrap();
+            for b in q.advance().await.unwrap() {
+                let s = b
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+                let u = b.column(1).as_string::<i32>();
+                let n = b.column(2).as_primitive::<Int64Type>();
+                let t = b.column(3).as_primitive::<Int64Type>();
+                for r in 0..b.num_rows() {
+                    let k = (s.value(r), u.value(r).to_string());
+                    assert!(got.insert(k, (n.value(r), t.value(r))).is_none());
+                }
+            }
+            if i % 3 == 2 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        assert!(want.len() > 30, "{} rows", want.len());
+        assert_eq!(got, want);
     }
 }
