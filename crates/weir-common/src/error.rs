@@ -31,6 +31,9 @@ pub struct Error {
     pub message: String,
     pub hint: Option<String>,
     pub retryable: bool,
+    /// Another writer committed to the same table first: nothing was written, and trying
+    /// again (soon, at a random moment) is how optimistic concurrency resolves it.
+    pub conflict: bool,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -55,8 +58,15 @@ impl Error {
             message: message.into(),
             hint: None,
             retryable,
+            conflict: false,
             source: None,
         }
+    }
+
+    /// Marks a write conflict (see [`Error::conflict`]).
+    pub fn conflicting(mut self) -> Self {
+        self.conflict = true;
+        self
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {

@@ -81,7 +81,7 @@ pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableEr
     match &err {
         E::ObjectStore { .. } | E::Io { .. } => Error::external(format!("{context}: {text}")),
         E::VersionAlreadyExists(_) => {
-            Error::external(format!("{context}: concurrent commit: {text}"))
+            Error::external(format!("{context}: concurrent commit: {text}")).conflicting()
         }
         // Another writer committed something this commit conflicts with (two overwrites,
         // two creations of one table, a merge and a delete): nothing was written, and a new
@@ -93,7 +93,8 @@ pub fn delta_error(context: impl std::fmt::Display, err: deltalake::DeltaTableEr
                 | TransactionError::VersionAlreadyExists(_),
         } => Error::external(format!(
             "{context}: a concurrent commit to the same table conflicted: {text}"
-        )),
+        ))
+        .conflicting(),
         E::SchemaMismatch { .. } => Error::user(format!("{context}: {text}")),
         _ if text.contains("Schema error") || text.contains("schema") => {
             Error::user(format!("{context}: {text}"))

@@ -598,6 +598,9 @@ struct AssetCtx<'a> {
     partition: Option<&'a str>,
 }
 
+/// Lost commit races an asset attempt may retry before they count as failed attempts.
+const MAX_CONFLICT_RETRIES: i64 = 20;
+
 impl AssetCtx<'_> {
     /// Attempts an asset until it succeeds, fails for good or runs out of attempts. Each
     /// attempt is written to the store before it starts, so a worker that dies mid-attempt
@@ -606,6 +609,9 @@ impl AssetCtx<'_> {
         let asset = &self.graph.assets[i];
         let (policy, timeout) = asset_policy(self.project, &asset.kind);
         let t0 = Instant::now();
+        // Write conflicts (another worker committed to the table first) are retried apart
+        // from the asset's attempts: each is a lost race, not a failure.
+        let mut conflicts = 0i64;
         let outcome = loop {
             rec.attempts += 1;
             rec.status = "running".into();
@@ -625,7 +631,19 @@ impl AssetCtx<'_> {
                 None => work.await,
             };
             match out {
-                Err(e) if e.retryable && rec.attempts < rec.max_attempts => {
+                Err(e) if e.conflict && conflicts < MAX_CONFLICT_RETRIES => {
+                    // Another attempt, not counted against `max_attempts`; 50-550 ms later,
+                    // at random, so two workers that collided do not collide again in step.
+                    conflicts += 1;
+                    let delay = Duration::from_millis(50 + rand::random::<u64>() % 500);
+                    tracing::warn!(asset = %asset.name, attempt = rec.attempts, conflicts, delay_ms = delay.as_millis() as u64, error = %e, "a concurrent commit won; trying again");
+                    rec.status = "retrying".into();
+                    rec.error = Some(e.render());
+                    rec.error_domain = Some(e.domain.to_string());
+                    let _ = self.store.update_asset(&rec).await;
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) if e.retryable && rec.attempts - conflicts < rec.max_attempts => {
                     let delay = policy.backoff(rec.attempts as u32);
                     tracing::warn!(asset = %asset.name, attempt = rec.attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying after an external failure");
                     rec.status = "retrying".into();
