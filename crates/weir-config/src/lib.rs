@@ -30,7 +30,7 @@ pub use schedule::{CronExpr, OnMissed, ScheduleConfig, SensorConfig, TimeZone};
 pub use spec::*;
 pub use stream::{
     AvroConfig, AvroFraming, Delivery, EventTimeConfig, FlushConfig, KafkaSinkConfig,
-    KafkaSourceConfig, OnIncompatible, PayloadFormat, StartAt, Stream, StreamConfig,
+    KafkaSourceConfig, OnIncompatible, PayloadFormat, SinkFormat, StartAt, Stream, StreamConfig,
     StreamSinkConfig, StreamSourceKind,
 };
 pub use yaml::{closest, interpolate_env, parse_yaml, ConfigKeys};

@@ -189,6 +189,13 @@ pub struct KafkaSinkConfig {
     /// as a JSON object. Without a key, records are spread over partitions.
     #[serde(default)]
     pub key: Vec<String>,
+    /// `json` (default) or `avro`: Avro in the Confluent wire format, its schema (made from
+    /// the rows' columns) registered under `<topic>-value` in `registry`.
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// A Confluent-compatible schema registry (with `format: avro`).
+    #[serde(default)]
+    pub registry: Option<String>,
     /// `exactly_once` (default): each commit's rows in one Kafka transaction, with the
     /// record of what was published; readers use `isolation.level=read_committed`.
     /// `at_least_once`: no transactions (for brokers without them); a crash between
@@ -198,6 +205,14 @@ pub struct KafkaSinkConfig {
     /// librdkafka producer settings passed through (SASL/TLS, compression, ...).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    #[default]
+    Json,
+    Avro,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -305,6 +320,8 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "sink.kafka.brokers",
         "sink.kafka.key",
         "sink.kafka.delivery",
+        "sink.kafka.format",
+        "sink.kafka.registry",
         "sink.kafka.options",
         "flush.rows",
         "flush.bytes",

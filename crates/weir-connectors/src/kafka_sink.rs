@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir_common::Error;
-use weir_config::{Delivery, KafkaSinkConfig, KafkaSourceConfig};
+use weir_config::{Delivery, KafkaSinkConfig, KafkaSourceConfig, SinkFormat};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -27,6 +27,16 @@ pub struct Publisher {
     topic: String,
     key: Vec<String>,
     transactions: bool,
+    /// With `format: avro`: where the rows' schema is registered.
+    avro: Option<AvroOut>,
+}
+
+/// Avro output: the registry, and the ids of the schemas registered so far.
+struct AvroOut {
+    registry: url::Url,
+    client: reqwest::Client,
+    subject: String,
+    ids: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -99,12 +109,32 @@ impl Publisher {
                     e.with_hint("the broker must support transactions (Kafka 0.11 or later); or set `sink.kafka.delivery: at_least_once`")
                 })?;
         }
+        let avro = match (cfg.format, &cfg.registry) {
+            (SinkFormat::Json, _) => None,
+            (SinkFormat::Avro, None) => {
+                return Err(Error::user(
+                    "sink.kafka: `format: avro` needs `registry` (the schema registry the rows' schema is registered in)",
+                ))
+            }
+            (SinkFormat::Avro, Some(r)) => Some(AvroOut {
+                registry: url::Url::parse(r).map_err(|e| {
+                    Error::user(format!("sink.kafka.registry `{r}` is not a URL: {e}"))
+                })?,
+                client: reqwest::Client::builder()
+                    .timeout(TIMEOUT)
+                    .build()
+                    .map_err(|e| Error::internal(format!("HTTP client: {e}")))?,
+                subject: format!("{topic}-value"),
+                ids: Default::default(),
+            }),
+        };
         Ok(Publisher {
             producer,
             marker,
             topic,
             key: cfg.key.clone(),
             transactions,
+            avro,
         })
     }
 
@@ -125,7 +155,17 @@ impl Publisher {
     /// Publishes the rows of commit `epoch` and records the epoch, in one transaction.
     /// Returns the records sent.
     pub fn publish(&self, epoch: i64, rows: &[RecordBatch]) -> Result<u64, Error> {
-        let messages = messages(rows, &self.key)?;
+        let messages = match &self.avro {
+            None => messages(rows, &self.key)?,
+            Some(a) => {
+                let keys = keys(rows, &self.key)?;
+                let values = a.encode(rows)?;
+                match keys {
+                    Some(k) => k.into_iter().map(Some).zip(values).collect(),
+                    None => values.into_iter().map(|v| (None, v)).collect(),
+                }
+            }
+        };
         let fail = |what: &str, e: rdkafka::error::KafkaError| {
             if self.transactions {
                 let _ = self.producer.abort_transaction(TIMEOUT);
@@ -187,32 +227,30 @@ impl Publisher {
     }
 }
 
-/// One JSON object per row, with its key (see [`KafkaSinkConfig::key`]).
-#[allow(clippy::type_complexity)]
-fn messages(
-    rows: &[RecordBatch],
-    key: &[String],
-) -> Result<Vec<(Option<Vec<u8>>, Vec<u8>)>, Error> {
-    let lines = |batches: &[RecordBatch]| -> Result<Vec<Vec<u8>>, Error> {
-        let mut buf = Vec::new();
-        {
-            let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
-            for b in batches {
-                w.write(b)
-                    .map_err(|e| Error::internal(format!("rows as JSON: {e}")))?;
-            }
-            w.finish()
+/// Rows as lines of JSON, one per row.
+fn json_lines(batches: &[RecordBatch]) -> Result<Vec<Vec<u8>>, Error> {
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+        for b in batches {
+            w.write(b)
                 .map_err(|e| Error::internal(format!("rows as JSON: {e}")))?;
         }
-        Ok(buf
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(<[u8]>::to_vec)
-            .collect())
-    };
-    let values = lines(rows)?;
+        w.finish()
+            .map_err(|e| Error::internal(format!("rows as JSON: {e}")))?;
+    }
+    // The writer emits one line per row (`{}` when every column is null).
+    Ok(buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// Each row's key (see [`KafkaSinkConfig::key`]); `None` without key columns.
+fn keys(rows: &[RecordBatch], key: &[String]) -> Result<Option<Vec<Vec<u8>>>, Error> {
     if key.is_empty() {
-        return Ok(values.into_iter().map(|v| (None, v)).collect());
+        return Ok(None);
     }
     let mut keyed = Vec::new();
     for b in rows {
@@ -229,8 +267,7 @@ fn messages(
                 .map_err(|e| Error::internal(format!("keys: {e}")))?,
         );
     }
-    let keys = lines(&keyed)?;
-    let keys = keys.into_iter().map(|k| {
+    let keys = json_lines(&keyed)?.into_iter().map(|k| {
         if key.len() > 1 {
             return k;
         }
@@ -244,9 +281,99 @@ fn messages(
             Err(_) => k,
         }
     });
-    // The writer emits one line per row (`{}` when the key columns are null), so keys and
-    // values stay aligned.
-    Ok(keys.zip(values).map(|(k, v)| (Some(k), v)).collect())
+    Ok(Some(keys.collect()))
+}
+
+/// One JSON object per row, with its key.
+#[allow(clippy::type_complexity)]
+fn messages(
+    rows: &[RecordBatch],
+    key: &[String],
+) -> Result<Vec<(Option<Vec<u8>>, Vec<u8>)>, Error> {
+    let values = json_lines(rows)?;
+    Ok(match keys(rows, key)? {
+        Some(k) => k.into_iter().map(Some).zip(values).collect(),
+        None => values.into_iter().map(|v| (None, v)).collect(),
+    })
+}
+
+impl AvroOut {
+    /// Each row in the Confluent wire format, under the id of the rows' schema.
+    fn encode(&self, rows: &[RecordBatch]) -> Result<Vec<Vec<u8>>, Error> {
+        use arrow_avro::schema::{AvroSchema, FingerprintStrategy};
+        use arrow_avro::writer::{format::AvroSoeFormat, WriterBuilder};
+        let fail = |e: arrow_avro::errors::AvroError| Error::internal(format!("rows as Avro: {e}"));
+        let mut out = Vec::new();
+        for b in rows.iter().filter(|b| b.num_rows() > 0) {
+            let schema = arrow::datatypes::Schema::new(b.schema().fields().clone());
+            let avro = AvroSchema::try_from(&schema).map_err(|e| {
+                Error::user(format!("sink.kafka: the rows have no Avro schema: {e}"))
+            })?;
+            let id = self.register(&avro.json_string)?;
+            let mut enc = WriterBuilder::new(schema)
+                .with_fingerprint_strategy(FingerprintStrategy::Id(id))
+                .build_encoder::<AvroSoeFormat>()
+                .map_err(fail)?;
+            enc.encode(b).map_err(fail)?;
+            out.extend(enc.flush().iter().map(|r| r.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The registry's id for `schema` (registered under the subject on first use).
+    fn register(&self, schema: &str) -> Result<u32, Error> {
+        if let Some(id) = self
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(schema)
+        {
+            return Ok(*id);
+        }
+        let mut url = self
+            .registry
+            .join(&format!("subjects/{}/versions", self.subject))
+            .map_err(|e| Error::internal(format!("registry URL: {e}")))?;
+        let auth = (
+            url.username().to_string(),
+            url.password().map(str::to_string),
+        );
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let mut req = self
+            .client
+            .post(url.clone())
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .body(serde_json::json!({ "schema": schema }).to_string());
+        if !auth.0.is_empty() {
+            req = req.basic_auth(auth.0, auth.1);
+        }
+        let failed = |e: String| {
+            Error::external(format!("schema registry {url}: {e}"))
+                .with_hint("check `sink.kafka.registry`")
+        };
+        let answer = tokio::runtime::Handle::current().block_on(async {
+            let resp = req.send().await.map_err(|e| failed(e.to_string()))?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| failed(e.to_string()))?;
+            match status.is_success() {
+                true => Ok(body),
+                false => Err(failed(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body)
+                ))),
+            }
+        })?;
+        let id = serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["id"].as_u64())
+            .ok_or_else(|| failed("the answer has no `id`".into()))? as u32;
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(schema.to_string(), id);
+        Ok(id)
+    }
 }
 
 #[cfg(test)]

@@ -1399,6 +1399,13 @@ impl FoundWindow {
                         "HOP(source, time, slide, size): the slide is longer than the size, so rows would fall between windows",
                     ));
                 }
+                if size / slide > 1_000 {
+                    return Err(Error::user(format!(
+                        "HOP(source, time, slide, size): each row would be in {} windows",
+                        size / slide
+                    ))
+                    .with_hint("at most 1,000 windows per row: a longer slide or a shorter size"));
+                }
                 Window::Hop { slide, size }
             }
             _ => Window::Session {
@@ -2089,6 +2096,7 @@ mod tests {
             ("SELECT window_start, window_end, count(*) FROM TUMBLE(events, ts, '10s') GROUP BY window_start, window_end", true, "needs a name"),
             ("SELECT * FROM TUMBLE(other, ts, '10s')", true, "first argument is the source"),
             ("SELECT * FROM HOP(events, ts, '10s', '5s')", true, "slide is longer than the size"),
+            ("SELECT * FROM HOP(events, ts, '1ms', '1d')", true, "in 86400000 windows"),
             ("SELECT a.id FROM events a JOIN events b ON a.id = b.id", false, "reads it 2 times"),
             (
                 "SELECT a.n FROM (SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') \

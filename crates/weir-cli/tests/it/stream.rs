@@ -848,12 +848,14 @@ fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
     );
 }
 
-/// A schema registry's lookup by id (`GET /schemas/ids/N`), as Confluent's serves it, on
-/// loopback: no registry installs from this machine's package registries.
+/// A schema registry on loopback, as Confluent's serves it: lookup by id
+/// (`GET /schemas/ids/N`) and registration (`POST /subjects/S/versions`, ids from 1000). No
+/// registry installs from this machine's package registries.
 fn schema_registry(schemas: Vec<(u32, String)>) -> String {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let mut schemas = schemas;
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
@@ -862,32 +864,176 @@ fn schema_registry(schemas: Vec<(u32, String)>) -> String {
             if reader.read_line(&mut line).is_err() {
                 continue;
             }
+            let mut length = 0usize;
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                     break;
                 }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
             }
-            let id: Option<u32> = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.strip_prefix("/schemas/ids/"))
-                .and_then(|i| i.parse().ok());
-            let (status, body) = match schemas.iter().find(|(i, _)| Some(*i) == id) {
-                Some((_, s)) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
-                None => (
-                    "404 Not Found",
-                    r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
-                ),
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let mut words = line.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let (status, answer) = if method == "POST" && path.ends_with("/versions") {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let schema = v["schema"].as_str().unwrap().to_string();
+                let id = match schemas.iter().find(|(_, s)| *s == schema) {
+                    Some((id, _)) => *id,
+                    None => {
+                        let id = 1000 + schemas.len() as u32;
+                        schemas.push((id, schema));
+                        id
+                    }
+                };
+                ("200 OK", serde_json::json!({ "id": id }).to_string())
+            } else {
+                let id: Option<u32> = path
+                    .strip_prefix("/schemas/ids/")
+                    .and_then(|i| i.parse().ok());
+                match schemas.iter().find(|(i, _)| Some(*i) == id) {
+                    Some((_, s)) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
+                    None => (
+                        "404 Not Found",
+                        r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                    ),
+                }
             };
             let _ = write!(
                 conn,
-                "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
             );
         }
     });
     format!("http://{addr}")
+}
+
+/// The schema registry's schema `id`, fetched as a consumer would.
+fn registered_schema(registry: &str, id: u32) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(registry.trim_start_matches("http://")).unwrap();
+    write!(
+        s,
+        "GET /schemas/ids/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    serde_json::from_str(v["schema"].as_str().unwrap()).unwrap()
+}
+
+/// Decodes one Avro value of `schema` (records, unions, long/int/double/string and their
+/// logical types), written here from the specification, not with the library weir uses.
+fn avro_decode(schema: &serde_json::Value, bytes: &mut &[u8]) -> serde_json::Value {
+    fn long(bytes: &mut &[u8]) -> i64 {
+        let (mut z, mut shift) = (0u64, 0);
+        loop {
+            let b = bytes[0];
+            *bytes = &bytes[1..];
+            z |= ((b & 0x7f) as u64) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        ((z >> 1) as i64) ^ -((z & 1) as i64)
+    }
+    match schema {
+        serde_json::Value::Array(branches) => {
+            let i = long(bytes) as usize;
+            avro_decode(&branches[i], bytes)
+        }
+        serde_json::Value::Object(o) if o["type"] == "record" => {
+            let mut out = serde_json::Map::new();
+            for f in o["fields"].as_array().unwrap() {
+                out.insert(
+                    f["name"].as_str().unwrap().to_string(),
+                    avro_decode(&f["type"], bytes),
+                );
+            }
+            serde_json::Value::Object(out)
+        }
+        serde_json::Value::Object(o) => avro_decode(&o["type"], bytes),
+        serde_json::Value::String(t) => match t.as_str() {
+            "null" => serde_json::Value::Null,
+            "long" | "int" => long(bytes).into(),
+            "double" => {
+                let v = f64::from_le_bytes(bytes[..8].try_into().unwrap());
+                *bytes = &bytes[8..];
+                v.into()
+            }
+            "string" => {
+                let n = long(bytes) as usize;
+                let s = String::from_utf8(bytes[..n].to_vec()).unwrap();
+                *bytes = &bytes[n..];
+                s.into()
+            }
+            other => panic!("type {other} not decoded here"),
+        },
+        other => panic!("schema {other}"),
+    }
+}
+
+#[test]
+fn query_results_are_published_as_avro_with_a_registered_schema() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let out = format!("avro-out-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &out, 1);
+    let registry = schema_registry(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    let lines: String = (0..200)
+        .map(|i| {
+            format!(
+                r#"{{"id": {i}, "user_name": "u{}", "amount": {i}, "ts": 1}}"#,
+                i % 7
+            ) + "\n"
+        })
+        .collect();
+    crate::write(dir.path(), "data/clicks.jsonl", &lines);
+    crate::write(
+        dir.path(),
+        "streams/clicks.yaml",
+        &format!(
+            "source:\n  type: file\n  path: data/clicks.jsonl\n  name: clicks\n{CLICK_COLUMNS}\
+             sql: SELECT id, user_name, amount * 0.5 AS half FROM clicks WHERE amount >= 150\n\
+             sink:\n  table: agg.clicks\n  kafka:\n    topic: {out}\n    brokers: {broker}\n    key: [id]\n    format: avro\n    registry: {registry}\n    delivery: at_least_once\n\
+             flush:\n  rows: 64\n"
+        ),
+    );
+    let s: serde_json::Value = serde_json::from_str(
+        ok(&weir(
+            dir.path(),
+            &["stream", "run", "clicks", "--format", "json"],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(s["published"], 50, "{s}");
+    let mut seen = std::collections::BTreeMap::new();
+    for (key, value) in read_committed(&broker, &out) {
+        assert_eq!(value[0], 0, "Confluent magic byte");
+        let id = u32::from_be_bytes(value[1..5].try_into().unwrap());
+        let schema = registered_schema(&registry, id);
+        let mut body = &value[5..];
+        let row = avro_decode(&schema, &mut body);
+        assert!(body.is_empty(), "bytes left after the record");
+        let n = row["id"].as_i64().unwrap();
+        assert_eq!(key.unwrap(), n.to_string().into_bytes());
+        assert_eq!(row["user_name"], format!("u{}", n % 7));
+        assert_eq!(row["half"].as_f64().unwrap(), n as f64 * 0.5);
+        seen.insert(n, ());
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (150..200).collect::<Vec<_>>()
+    );
 }
 
 /// Avro's binary encoding of a long (zigzag, then base-128 varint).
