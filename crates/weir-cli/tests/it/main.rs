@@ -1,5 +1,6 @@
 //! End-to-end tests through the real `weir` binary.
 
+mod cdc;
 mod checks;
 mod crash;
 mod demo;

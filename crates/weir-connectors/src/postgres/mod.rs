@@ -11,6 +11,7 @@
 //!   bounded whatever the table size.
 
 mod binary;
+pub mod cdc;
 pub mod conn;
 pub mod encode;
 pub mod sink;
