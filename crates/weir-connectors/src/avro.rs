@@ -18,6 +18,29 @@ use weir_config::{AvroConfig, AvroFraming};
 /// The id a schema file is known by when values carry no framing.
 const FILE_SCHEMA_ID: u32 = 0;
 
+/// A request to `path` of schema registry `base`: credentials in the URL
+/// (`https://user:password@host`) become basic auth. Returns the URL without them (for
+/// messages) and the request.
+pub(crate) fn registry_request(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    base: &url::Url,
+    path: &str,
+) -> Result<(url::Url, reqwest::RequestBuilder), Error> {
+    let mut url = base
+        .join(path)
+        .map_err(|e| Error::internal(format!("registry URL: {e}")))?;
+    let user = url.username().to_string();
+    let password = url.password().map(str::to_string);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let mut req = client.request(method, url.clone());
+    if !user.is_empty() {
+        req = req.basic_auth(user, password);
+    }
+    Ok((url, req))
+}
+
 /// The schemas Avro values are decoded with.
 pub struct AvroSchemas {
     registry: Option<Registry>,
@@ -138,20 +161,12 @@ impl AvroSchemas {
                 }
                 continue;
             };
-            let mut url = reg
-                .base
-                .join(&format!("schemas/ids/{id}"))
-                .map_err(|e| Error::internal(format!("registry URL: {e}")))?;
-            let auth = (
-                url.username().to_string(),
-                url.password().map(str::to_string),
-            );
-            let _ = url.set_username("");
-            let _ = url.set_password(None);
-            let mut req = reg.client.get(url.clone());
-            if !auth.0.is_empty() {
-                req = req.basic_auth(auth.0, auth.1);
-            }
+            let (url, req) = registry_request(
+                &reg.client,
+                reqwest::Method::GET,
+                &reg.base,
+                &format!("schemas/ids/{id}"),
+            )?;
             let failed = |e: String| {
                 Error::external(format!("schema registry {url}: {e}"))
                     .with_hint("check `source.avro.registry`")

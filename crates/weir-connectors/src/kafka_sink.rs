@@ -330,24 +330,15 @@ impl AvroOut {
         {
             return Ok(*id);
         }
-        let mut url = self
-            .registry
-            .join(&format!("subjects/{}/versions", self.subject))
-            .map_err(|e| Error::internal(format!("registry URL: {e}")))?;
-        let auth = (
-            url.username().to_string(),
-            url.password().map(str::to_string),
-        );
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        let mut req = self
-            .client
-            .post(url.clone())
+        let (url, req) = crate::avro::registry_request(
+            &self.client,
+            reqwest::Method::POST,
+            &self.registry,
+            &format!("subjects/{}/versions", self.subject),
+        )?;
+        let req = req
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
             .body(serde_json::json!({ "schema": schema }).to_string());
-        if !auth.0.is_empty() {
-            req = req.basic_auth(auth.0, auth.1);
-        }
         let failed = |e: String| {
             Error::external(format!("schema registry {url}: {e}"))
                 .with_hint("check `sink.kafka.registry`")

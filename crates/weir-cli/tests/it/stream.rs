@@ -103,6 +103,23 @@ fn project_with(dir: &Path, broker: &str, topic: &str, sink: &str) {
     );
 }
 
+/// Starts `weir stream run NAME`, calls `meanwhile` (records arrive while it runs), lets it
+/// run 0.3-1.5 s more and SIGKILLs it.
+fn run_and_kill(project: &Path, name: &str, rng: &mut Lcg, meanwhile: impl FnOnce()) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(project)
+        .args(["stream", "run", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    meanwhile();
+    std::thread::sleep(Duration::from_millis(300 + rng.next(1_200)));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 /// A small deterministic generator (the seed is printed, to replay a failure).
 struct Lcg(u64);
 impl Lcg {
@@ -341,22 +358,13 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let mut sent = N / 3;
     let mut landed = Vec::new();
     while kills < 8 && started.elapsed() < Duration::from_secs(120) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--project")
-            .arg(dir.path())
-            .args(["stream", "run", "events"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        if sent < N {
-            let upto = (sent + N / 12).min(N);
-            produce(&broker, &name, &values[sent..upto]);
-            sent = upto;
-        }
-        std::thread::sleep(Duration::from_millis(300 + rng.next(1_200)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        run_and_kill(dir.path(), "events", &mut rng, || {
+            if sent < N {
+                let upto = (sent + N / 12).min(N);
+                produce(&broker, &name, &values[sent..upto]);
+                sent = upto;
+            }
+        });
         kills += 1;
         if dir.path().join("lake/raw/events/_delta_log").exists() {
             landed.push(scalar(dir.path(), "select count(*) from raw.events"));
@@ -619,22 +627,13 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
     let started = Instant::now();
     let mut kills = 0;
     while kills < 6 && started.elapsed() < Duration::from_secs(120) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--project")
-            .arg(dir.path())
-            .args(["stream", "run", "clicks"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        if sent < N {
-            let upto = (sent + N / 9).min(N);
-            produce_to(&broker, &name, &records[sent..upto]);
-            sent = upto;
-        }
-        std::thread::sleep(Duration::from_millis(300 + rng.next(1_200)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        run_and_kill(dir.path(), "clicks", &mut rng, || {
+            if sent < N {
+                let upto = (sent + N / 9).min(N);
+                produce_to(&broker, &name, &records[sent..upto]);
+                sent = upto;
+            }
+        });
         kills += 1;
     }
     produce_to(&broker, &name, &records[sent..]);
