@@ -103,6 +103,13 @@ fn project_with(dir: &Path, broker: &str, topic: &str, sink: &str) {
     );
 }
 
+/// `weir ARGS --format json`, which must succeed, parsed.
+fn weir_json(project: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--format", "json"]);
+    serde_json::from_str(ok(&weir(project, &all)).trim()).unwrap()
+}
+
 /// Starts `weir stream run NAME`, calls `meanwhile` (records arrive while it runs), lets it
 /// run 0.3-1.5 s more and SIGKILLs it.
 fn run_and_kill(project: &Path, name: &str, rng: &mut Lcg, meanwhile: impl FnOnce()) {
@@ -683,14 +690,7 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
         .unwrap()
         .starts_with("late: event time")));
     // The status shows the watermark: the hour-later records minus the allowed delay.
-    let status: serde_json::Value = serde_json::from_str(
-        ok(&weir(
-            dir.path(),
-            &["stream", "status", "clicks", "--format", "json"],
-        ))
-        .trim(),
-    )
-    .unwrap();
+    let status = weir_json(dir.path(), &["stream", "status", "clicks"]);
     let wm = chrono::DateTime::from_timestamp_millis(end - 3_000)
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
@@ -792,22 +792,10 @@ fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
     ));
     records.push((0, "no json".into()));
     produce_to(&broker, &name, &records);
-    let s: serde_json::Value = serde_json::from_str(
-        ok(&weir(
-            dir.path(),
-            &[
-                "stream",
-                "run",
-                "clicks",
-                "--until-idle",
-                "2s",
-                "--format",
-                "json",
-            ],
-        ))
-        .trim(),
-    )
-    .unwrap();
+    let s = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "2s"],
+    );
     assert_eq!(s["records"], 103, "{s}");
     assert_eq!(s["quarantined"], 3, "{s}");
     // ann and bob (not cy) with amount > 10: ids 11..99 not divisible by 3 at 2.
@@ -1006,14 +994,7 @@ fn query_results_are_published_as_avro_with_a_registered_schema() {
              flush:\n  rows: 64\n"
         ),
     );
-    let s: serde_json::Value = serde_json::from_str(
-        ok(&weir(
-            dir.path(),
-            &["stream", "run", "clicks", "--format", "json"],
-        ))
-        .trim(),
-    )
-    .unwrap();
+    let s = weir_json(dir.path(), &["stream", "run", "clicks"]);
     assert_eq!(s["published"], 50, "{s}");
     let mut seen = std::collections::BTreeMap::new();
     for (key, value) in read_committed(&broker, &out) {
@@ -1129,22 +1110,10 @@ fn avro_records_are_decoded_with_registry_schemas_and_bad_ones_set_aside() {
              sink:\n  table: raw.clicks\nflush:\n  rows: 40\n  interval: 300ms\n"
         ),
     );
-    let s: serde_json::Value = serde_json::from_str(
-        ok(&weir(
-            dir.path(),
-            &[
-                "stream",
-                "run",
-                "clicks",
-                "--until-idle",
-                "2s",
-                "--format",
-                "json",
-            ],
-        ))
-        .trim(),
-    )
-    .unwrap();
+    let s = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "2s"],
+    );
     assert_eq!(s["records"], 103, "{s}");
     assert_eq!(s["rows"], 100, "{s}");
     assert_eq!(s["quarantined"], 3, "{s}");
@@ -1231,16 +1200,7 @@ fn a_file_replays_through_a_windowed_query_and_a_rerun_reads_only_new_lines() {
     };
     let first = lines(&events[..2_000]) + "not json\n";
     crate::write(dir.path(), "data/clicks.jsonl", &first);
-    let run = || -> serde_json::Value {
-        serde_json::from_str(
-            ok(&weir(
-                dir.path(),
-                &["stream", "run", "clicks", "--format", "json"],
-            ))
-            .trim(),
-        )
-        .unwrap()
-    };
+    let run = || weir_json(dir.path(), &["stream", "run", "clicks"]);
     let s = run();
     assert_eq!(s["records"], 2_001, "{s}");
     assert_eq!(s["positions"]["0"], 2_001, "{s}");
@@ -1251,14 +1211,7 @@ fn a_file_replays_through_a_windowed_query_and_a_rerun_reads_only_new_lines() {
     crate::write(dir.path(), "data/clicks.jsonl", &(first + &rest));
     let s = run();
     assert_eq!(s["records"], 1_001, "{s}");
-    let status: serde_json::Value = serde_json::from_str(
-        ok(&weir(
-            dir.path(),
-            &["stream", "status", "clicks", "--format", "json"],
-        ))
-        .trim(),
-    )
-    .unwrap();
+    let status = weir_json(dir.path(), &["stream", "status", "clicks"]);
     assert_eq!(status["lag"], 0, "{status}");
     // One partition in file order: the reference applies as it is.
     let (late, want) = expected_windows(&events);
