@@ -189,6 +189,11 @@ enum Command {
         #[command(subcommand)]
         command: StreamCommand,
     },
+    /// Mirror PostgreSQL tables into the lake from logical replication (`cdc/*.yaml`).
+    Cdc {
+        #[command(subcommand)]
+        command: CdcCommand,
+    },
     /// Check the connections in weir.yaml.
     Connections {
         #[command(subcommand)]
@@ -245,6 +250,30 @@ enum StreamCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum CdcCommand {
+    /// Snapshot the tables (first run), then apply their changes exactly once until
+    /// stopped (Ctrl-C or SIGTERM stop after the batch being applied).
+    Run {
+        name: String,
+        /// Stop once the slot has had nothing new for this long (`5s`).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        until_idle: Option<std::time::Duration>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// The slot, its lag in bytes and time, and each mirror's position; exits 1 when the
+    /// slot is gone or invalidated or the lag is past `lag_limit`.
+    Status {
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Copy tables again (all of the job's without TABLE): a running job does it between
+    /// batches, a stopped one when it starts.
+    Resnapshot { name: String, tables: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -805,6 +834,102 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 format == Format::Json,
                 &text,
             );
+            Ok(0)
+        }
+        Command::Cdc {
+            command:
+                CdcCommand::Run {
+                    name,
+                    until_idle,
+                    format,
+                },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let opts = weir_orchestrator::cdc::CdcOptions { until_idle };
+            let s = weir_orchestrator::cdc::run_cdc(&project, &lake, &name, &opts).await?;
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+            let text = format!(
+                "cdc {}: {} snapshot rows, {} changes in {} transactions applied ({} already held), \
+                 {} commits; slot at {}; latency p50 {}, p99 {}",
+                s.job,
+                s.snapshot_rows,
+                s.changes,
+                s.transactions,
+                s.skipped,
+                s.commits,
+                s.lsn,
+                ms(s.latency_p50_ms),
+                ms(s.latency_p99_ms)
+            );
+            output::print_record(
+                serde_json::to_value(&s).unwrap_or_default(),
+                format == Format::Json,
+                &text,
+            );
+            Ok(0)
+        }
+        Command::Cdc {
+            command: CdcCommand::Status { name, format },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let s = weir_orchestrator::cdc::status(&project, &lake, &name).await?;
+            let mut text = format!(
+                "cdc {}: slot {} {}, confirmed {}, server at {}, lag {}{}{}\n\
+                 source  mirror  lsn  rows  snapshot",
+                s.job,
+                s.slot,
+                match (s.slot_exists, s.slot_active) {
+                    (false, _) => "MISSING",
+                    (true, true) => "(active)",
+                    (true, false) => "(idle)",
+                },
+                s.confirmed_lsn.as_deref().unwrap_or("-"),
+                s.server_lsn,
+                s.lag_bytes
+                    .map_or("-".to_string(), |b| format!("{b} bytes")),
+                s.lag_seconds.map_or(String::new(), |t| format!(
+                    ", oldest unapplied change {t:.1}s old"
+                )),
+                s.problem
+                    .as_deref()
+                    .map_or(String::new(), |p| format!("\nPROBLEM: {p}")),
+            );
+            for t in &s.tables {
+                text.push_str(&format!(
+                    "\n{}  {}  {}  {}  {}{}",
+                    t.source,
+                    t.mirror,
+                    t.lsn.as_deref().unwrap_or("-"),
+                    t.rows.map_or("-".to_string(), |r| r.to_string()),
+                    t.snapshot,
+                    if t.resnapshot_requested {
+                        " (re-snapshot requested)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            output::print_record(
+                serde_json::to_value(&s).unwrap_or_default(),
+                format == Format::Json,
+                &text,
+            );
+            Ok(if s.problem.is_some() { 1 } else { 0 })
+        }
+        Command::Cdc {
+            command: CdcCommand::Resnapshot { name, tables },
+        } => {
+            let project = weir_config::load_project(&cli.project)?;
+            let lake = weir_lake::Lake::for_project(&project);
+            let done =
+                weir_orchestrator::cdc::request_resnapshot(&project, &lake, &name, &tables).await?;
+            if done.is_empty() {
+                println!("nothing to copy again: no table of `{name}` has been copied yet");
+            } else {
+                println!("re-snapshot requested for {}", done.join(", "));
+            }
             Ok(0)
         }
         Command::Tables { format } => {

@@ -8,6 +8,7 @@
 //! `${env:VAR}` is substituted in the raw text before parsing; every substituted value is
 //! registered as a secret so it is redacted from everything weir prints.
 
+mod cdc;
 mod checks;
 mod dimension;
 mod load;
@@ -18,6 +19,10 @@ mod spec;
 mod stream;
 mod yaml;
 
+pub use cdc::{
+    Cdc, CdcBatchConfig, CdcConfig, CdcSinkConfig, CdcSourceConfig, CdcSourceKind, LagLimit,
+    SnapshotConfig, SnapshotMode,
+};
 pub use checks::{CheckKind, CheckSpec, OnFail, SchemaCheckMode, Severity};
 pub use dimension::{DeleteMode, Dimension, ScdType, DEFAULT_SURROGATE_KEY, UNKNOWN_MEMBER};
 pub use load::{load_project, validate_table_name, ModelFile, Pipeline, Project};

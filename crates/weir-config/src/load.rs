@@ -18,6 +18,8 @@ pub struct Project {
     pub models: Vec<ModelFile>,
     /// `streams/*.yaml`.
     pub streams: Vec<crate::Stream>,
+    /// `cdc/*.yaml`.
+    pub cdc: Vec<crate::Cdc>,
 }
 
 /// A pipeline with its resolved name and the file it came from.
@@ -238,13 +240,88 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
             config: cfg,
         });
     }
+    let cdc = load_cdc(root, &config)?;
     Ok(Project {
         root: root.to_path_buf(),
         config,
         pipelines,
         models,
         streams,
+        cdc,
     })
+}
+
+/// `cdc/*.yaml`, checked against the project's connections.
+fn load_cdc(root: &Path, config: &ProjectConfig) -> Result<Vec<crate::Cdc>, Error> {
+    let mut out: Vec<crate::Cdc> = Vec::new();
+    for file in list_files(&root.join("cdc"), &["yaml", "yml"])? {
+        let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
+        let cfg: crate::CdcConfig = parse_yaml(&shown, &read(&file, &shown)?)?;
+        let name = cfg.name.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::user(format!(
+                "{}: CDC job name `{name}` may hold only letters, digits and `_`",
+                shown.display()
+            ))
+            .with_hint("it names the replication slot and publication (`weir_<name>`)"));
+        }
+        if !config.connections.contains_key(&cfg.source.connection) {
+            let names: Vec<String> = config.connections.keys().cloned().collect();
+            return Err(Error::user(format!(
+                "{}: `source.connection` names `{}`, which weir.yaml does not define",
+                shown.display(),
+                cfg.source.connection
+            ))
+            .with_hint(match crate::closest(&cfg.source.connection, &names) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => "add it under `connections:` in weir.yaml".into(),
+            }));
+        }
+        if cfg.source.tables.is_empty() {
+            return Err(
+                Error::user(format!("{}: `source.tables` is empty", shown.display()))
+                    .with_hint("list the tables to capture, e.g. `tables: [public.orders]`"),
+            );
+        }
+        if cfg.batch.max_changes == 0 || cfg.snapshot.chunk_rows == 0 {
+            return Err(Error::user(format!(
+                "{}: `batch.max_changes` and `snapshot.chunk_rows` must be at least 1",
+                shown.display()
+            )));
+        }
+        let job = crate::Cdc {
+            name,
+            file: shown.clone(),
+            config: cfg,
+        };
+        let mut mirrors = BTreeMap::new();
+        for (schema, table) in job.source_tables() {
+            let mirror = job.mirror(&table);
+            validate_table_name(&mirror, &shown)?;
+            if let Some(other) = mirrors.insert(mirror.clone(), format!("{schema}.{table}")) {
+                return Err(Error::user(format!(
+                    "{}: `{other}` and `{schema}.{table}` would both be mirrored in `{mirror}`",
+                    shown.display()
+                ))
+                .with_hint("capture them in two CDC jobs with different `sink.schema`"));
+            }
+        }
+        if let Some(other) = out.iter().find(|o| o.name == job.name) {
+            return Err(Error::user(format!(
+                "two CDC jobs are named `{}`: {} and {}",
+                job.name,
+                other.file.display(),
+                shown.display()
+            )));
+        }
+        out.push(job);
+    }
+    Ok(out)
 }
 
 /// Schedules need unique names; a sensor watches exactly one thing.

@@ -180,6 +180,34 @@ impl Lake {
         Ok(())
     }
 
+    /// Records `positions` (txn actions) and `metadata` in a commit of table `name` that
+    /// changes no data: a source position that moved without rows (a CDC heartbeat).
+    pub async fn commit_positions(
+        &self,
+        name: &str,
+        positions: &[(String, i64)],
+        metadata: HashMap<String, serde_json::Value>,
+    ) -> Result<u64, Error> {
+        use deltalake::kernel::transaction::CommitBuilder;
+        let table = self.open_existing(name).await?;
+        let mut commit = CommitProperties::default().with_metadata(metadata);
+        for (app, n) in positions {
+            commit = commit.with_application_transaction(Transaction::new(app, *n));
+        }
+        let snapshot = table.snapshot().map_err(|e| delta_error(name, e))?;
+        let operation = deltalake::protocol::DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let committed = CommitBuilder::from(commit)
+            .with_actions(Vec::new())
+            .build(Some(snapshot), table.log_store(), operation)
+            .await
+            .map_err(|e| delta_error(format!("committing `{name}`"), e))?;
+        Ok(committed.version() as u64)
+    }
+
     /// Writes `df` into table `name` according to `spec`, once per txn version.
     pub async fn write(
         &self,

@@ -10,6 +10,7 @@
 //! same files again; the quarantine commit is skipped if it already holds N+1.
 
 pub mod alert;
+pub mod cdc;
 mod gate;
 mod pipeline;
 mod quarantine;

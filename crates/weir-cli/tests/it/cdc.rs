@@ -55,7 +55,7 @@ fn pgoutput_changes_are_decoded_and_the_slot_moves_only_when_told() {
             )
             .await
             .unwrap();
-        let changes = cdc::peek(&client, &slot, "weir_pub", 1_000).await.unwrap();
+        let changes = cdc::peek(&client, &slot, "weir_pub", 1_000, false).await.unwrap();
         let kinds: Vec<&str> = changes
             .iter()
             .map(|(_, m)| match m {
@@ -101,13 +101,13 @@ fn pgoutput_changes_are_decoded_and_the_slot_moves_only_when_told() {
         }
         // Peeking again reads the same; after advancing past the first transaction, only
         // the later ones remain.
-        let again = cdc::peek(&client, &slot, "weir_pub", 1_000).await.unwrap();
+        let again = cdc::peek(&client, &slot, "weir_pub", 1_000, false).await.unwrap();
         assert_eq!(again.len(), changes.len());
         let Message::Commit { end_lsn, .. } = changes[4].1 else {
             panic!("{:?}", changes[4]);
         };
         cdc::advance(&client, &slot, end_lsn).await.unwrap();
-        let rest = cdc::peek(&client, &slot, "weir_pub", 1_000).await.unwrap();
+        let rest = cdc::peek(&client, &slot, "weir_pub", 1_000, false).await.unwrap();
         // A new decoding session sends the table's Relation again before its first change.
         assert!(matches!(rest[0].1, Message::Begin { .. }), "{rest:?}");
         assert!(matches!(rest[1].1, Message::Relation(_)), "{rest:?}");
@@ -118,4 +118,212 @@ fn pgoutput_changes_are_decoded_and_the_slot_moves_only_when_told() {
             .await
             .unwrap();
     });
+}
+
+use std::path::Path;
+
+use crate::{ok, pg_connection, query, weir};
+
+/// A project with connection `app` to `db` and CDC job `app` over `tables`.
+fn cdc_project(dir: &Path, db: &str, tables: &[&str], extra: &str) {
+    std::fs::create_dir_all(dir.join("cdc")).unwrap();
+    std::fs::write(
+        dir.join("weir.yaml"),
+        format!("name: t\nconnections:\n{}", pg_connection("app", db)),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cdc/app.yaml"),
+        format!(
+            "source:\n  type: postgres_cdc\n  connection: app\n  tables: [{}]\n  slot: weir_{db}\n\
+             sink:\n  schema: mirror\n{extra}",
+            tables.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+fn cdc_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["cdc"];
+    all.extend(args);
+    all.extend(["--format", "json"]);
+    serde_json::from_str(ok(&weir(dir, &all)).trim()).unwrap()
+}
+
+/// The source table as sorted lines of `cols` (psql's unaligned output).
+fn source_rows(db: &str, table: &str, cols: &str, key: &str) -> Vec<String> {
+    let pg = weir_test::PgServer::shared();
+    let out = pg
+        .psql(
+            db,
+            &format!("select concat_ws('|', {cols}) from {table} order by {key}"),
+        )
+        .unwrap();
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The mirror as the same lines.
+fn mirror_rows(dir: &Path, table: &str, cols: &str, key: &str) -> Vec<String> {
+    query(
+        dir,
+        &format!("select concat_ws('|', {cols}) as r from {table} order by {key}"),
+    )
+    .iter()
+    .map(|r| r["r"].as_str().unwrap_or_default().to_string())
+    .collect()
+}
+
+#[test]
+fn every_kind_of_change_reaches_the_mirrors_exactly() {
+    let pg = weir_test::PgServer::shared();
+    let db = pg.fresh_database("cdcdml").unwrap();
+    pg.psql(
+        &db,
+        "create table customers (id bigint primary key, name text, body text);
+         alter table customers alter column body set storage external;
+         create table orders (id integer primary key, customer_id bigint, amount numeric(12,2),
+                              placed timestamptz, tags text[]);
+         create table nokey (a int, b text);
+         insert into customers select g, 'c' || g, repeat('b' || g, 30000) from generate_series(1, 5) g;
+         insert into orders select g, g % 5 + 1, g * 1.5, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
+                                   array['t' || g] from generate_series(1, 7) g;",
+    )
+    .unwrap();
+    pg.psql(&db, super::postgres::ALL_TYPES).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cdc_project(
+        d,
+        &db,
+        &["public.customers", "orders", "all_types"],
+        "  change_log: true\nsnapshot:\n  chunk_rows: 2\n",
+    );
+    // First run: the snapshot, in chunks of two rows.
+    let s = cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    assert_eq!(s["snapshot_rows"], 14, "{s}");
+    let cust = "id, name, md5(body)";
+    assert_eq!(
+        mirror_rows(d, "mirror.customers", cust, "id"),
+        source_rows(&db, "customers", cust, "id")
+    );
+
+    // Every kind of change, a transaction over two tables, an unchanged TOASTed value,
+    // a key change, a truncate and new rows after it, and a column added.
+    pg.psql(
+        &db,
+        "insert into customers values (6, 'c6', repeat('x', 50000));
+         update customers set name = 'renamed' where id = 1;
+         update customers set body = 'short' where id = 2;
+         update customers set id = 100 where id = 3;
+         delete from customers where id = 4;
+         begin;
+           insert into orders values (8, 6, 99.99, now(), '{a,b}');
+           update customers set name = 'in txn' where id = 5;
+           delete from orders where id = 1;
+         commit;
+         begin;
+           insert into customers values (7, 'seven', 'v7');
+           update customers set name = 'seven again' where id = 7;
+           update customers set name = 'toast kept' where id = 6;
+         commit;
+         truncate orders;
+         insert into orders values (20, 1, 1.25, '2024-06-01 12:00:00+00', null);
+         alter table customers add column tier text;
+         update customers set tier = 'gold' where id = 1;
+         insert into customers values (8, 'eight', 'b8', 'silver');
+         insert into all_types select 3, b, i2, i4, r, d, n, nu, t, v, c, dt, ts, tz, tm, iv, u, j, jb, by, ai, at, o
+           from all_types where id = 1;
+         update all_types set t = 'changed' where id = 2;",
+    )
+    .unwrap();
+    let s = cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    assert_eq!(s["snapshot_rows"], 0, "{s}");
+    assert_eq!(s["changes"], 17, "{s}");
+    let cust = "id, name, md5(body), coalesce(tier, '-')";
+    let want = source_rows(&db, "customers", cust, "id");
+    assert_eq!(mirror_rows(d, "mirror.customers", cust, "id"), want);
+    assert!(want.iter().any(|r| r.starts_with("6|toast kept|")));
+    let ord = "id, customer_id, amount, placed, coalesce(array_to_string(tags, ','), '-')";
+    let ord_mirror = "id, customer_id, amount, placed, coalesce(array_to_string(tags, ','), '-')";
+    assert_eq!(
+        mirror_rows(d, "mirror.orders", "id, customer_id, amount", "id"),
+        source_rows(&db, "orders", "id, customer_id, amount", "id")
+    );
+    assert_eq!(
+        mirror_rows(d, "mirror.orders", ord_mirror, "id").len(),
+        source_rows(&db, "orders", ord, "id").len()
+    );
+    // Row 3 of all_types came through the change stream, row 1 through the snapshot: every
+    // type decodes the same both ways.
+    let rows = query(d, "select * from mirror.all_types order by id");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let mut one = rows[0].as_object().unwrap().clone();
+    let mut three = rows[2].as_object().unwrap().clone();
+    one.remove("id");
+    three.remove("id");
+    assert_eq!(one, three);
+    assert_eq!(rows[1]["t"], "changed");
+
+    // The change log holds each change with its operation.
+    let ops = query(
+        d,
+        "select _op, count(*) as n from mirror.customers__changes group by _op order by _op",
+    );
+    let ops: Vec<(String, i64)> = ops
+        .iter()
+        .map(|r| {
+            (
+                r["_op"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("delete".to_string(), 1),
+            ("insert".to_string(), 3),
+            ("update".to_string(), 7)
+        ]
+    );
+    let unchanged = query(
+        d,
+        "select _unchanged from mirror.customers__changes where id = 6 and _op = 'update'",
+    );
+    assert_eq!(unchanged[0]["_unchanged"], "body");
+
+    // The slot is where the mirrors are, never past them.
+    let st = cdc_json(d, &["status", "app"]);
+    let confirmed = cdc::parse_lsn(st["confirmed_lsn"].as_str().unwrap()).unwrap();
+    let held = st["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| cdc::parse_lsn(t["lsn"].as_str().unwrap()).unwrap())
+        .max()
+        .unwrap();
+    assert!(confirmed <= held, "{st}");
+    assert!(st["problem"].is_null(), "{st}");
+
+    // A table without a primary key is refused, with the way out.
+    std::fs::write(
+        d.join("cdc/bad.yaml"),
+        "source:\n  type: postgres_cdc\n  connection: app\n  tables: [nokey]\nsink:\n  schema: bad\n",
+    )
+    .unwrap();
+    let out = weir(d, &["cdc", "run", "bad", "--until-idle", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no primary key") && err.contains("REPLICA IDENTITY"),
+        "{err}"
+    );
+    pg.psql(
+        &db,
+        &format!("select pg_drop_replication_slot('weir_{db}')"),
+    )
+    .unwrap();
 }

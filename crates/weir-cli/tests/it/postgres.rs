@@ -37,7 +37,7 @@ fn first_asset(s: &serde_json::Value) -> &serde_json::Value {
     &s["assets"][0]
 }
 
-const ALL_TYPES: &str = "create table all_types (
+pub const ALL_TYPES: &str = "create table all_types (
             id bigint primary key, b boolean, i2 smallint, i4 integer, r real,
             d double precision, n numeric(12,2), nu numeric, t text, v varchar(20), c char(3),
             dt date, ts timestamp, tz timestamptz, tm time, iv interval, u uuid,

@@ -8,8 +8,15 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use tokio_postgres::Client;
 use weir_common::Error;
+
+use super::binary::CopyDecoder;
+use super::types::Kind;
 
 /// A column of a published table, as its Relation message describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +25,7 @@ pub struct RelColumn {
     /// Part of the replica identity (the primary key, by default).
     pub key: bool,
     pub type_oid: u32,
+    pub type_modifier: i32,
 }
 
 /// A published table.
@@ -40,6 +48,9 @@ pub enum Value {
     Unchanged,
     /// The value in PostgreSQL's text form.
     Text(String),
+    /// The value in its type's binary send format (the `binary` option), as binary COPY
+    /// carries it.
+    Binary(Vec<u8>),
 }
 
 /// A decoded `pgoutput` message.
@@ -131,10 +142,14 @@ impl<'a> Reader<'a> {
             out.push(match self.u8("column kind")? {
                 b'n' => Value::Null,
                 b'u' => Value::Unchanged,
-                b't' | b'b' => {
+                b't' => {
                     let len = self.u32("value length")? as usize;
                     let v = self.take(len, "value")?;
                     Value::Text(String::from_utf8_lossy(v).into_owned())
+                }
+                b'b' => {
+                    let len = self.u32("value length")? as usize;
+                    Value::Binary(self.take(len, "value")?.to_vec())
                 }
                 k => {
                     return Err(Error::internal(format!(
@@ -176,11 +191,12 @@ pub fn decode(bytes: &[u8]) -> Result<Message, Error> {
                 let flags = r.u8("column flags")?;
                 let name = r.cstr("column name")?;
                 let type_oid = r.u32("type oid")?;
-                let _modifier = r.u32("type modifier")?;
+                let type_modifier = r.u32("type modifier")? as i32;
                 columns.push(RelColumn {
                     name,
                     key: flags & 1 == 1,
                     type_oid,
+                    type_modifier,
                 });
             }
             Message::Relation(Relation {
@@ -261,10 +277,7 @@ pub async fn ensure_slot(
     slot: &str,
     tables: &[String],
 ) -> Result<u64, Error> {
-    let pg = |what: &str| {
-        let what = what.to_string();
-        move |e: tokio_postgres::Error| Error::external(format!("{what}: {e}"))
-    };
+    let pg = pg_err;
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -313,22 +326,25 @@ pub async fn ensure_slot(
     parse_lsn(&lsn)
 }
 
-/// Up to `limit` changes after the slot's position, with the LSN each message is at; the
-/// slot does not move.
+/// Up to `limit` changes after the slot's position (whole transactions: the last one is
+/// finished past the limit), with the LSN each message is at; the slot does not move.
+/// Values come in their binary send format with `binary`, else as text.
 pub async fn peek(
     client: &Client,
     slot: &str,
     publication: &str,
     limit: i32,
+    binary: bool,
 ) -> Result<Vec<(u64, Message)>, Error> {
+    let binary = if binary { "true" } else { "false" };
     let rows = client
         .query(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-             'proto_version', '1', 'publication_names', $3)",
-            &[&slot, &limit, &publication],
+             'proto_version', '1', 'publication_names', $3, 'binary', $4)",
+            &[&slot, &limit, &publication, &binary],
         )
         .await
-        .map_err(|e| Error::external(format!("reading changes from slot `{slot}`: {e}")))?;
+        .map_err(|e| pg_err(&format!("reading changes from slot `{slot}`"))(e))?;
     rows.iter()
         .map(|r| {
             let lsn: String = r.get(0);
@@ -347,7 +363,7 @@ pub async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), Error>
             &[&slot, &format_lsn(lsn)],
         )
         .await
-        .map_err(|e| Error::external(format!("advancing slot `{slot}`: {e}")))?;
+        .map_err(|e| pg_err(&format!("advancing slot `{slot}`"))(e))?;
     Ok(())
 }
 
@@ -363,6 +379,423 @@ impl Relations {
             self.0.insert(r.id, r.clone());
         }
     }
+}
+
+/// A captured table's columns and key, from the catalog or a Relation message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableShape {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<ShapeColumn>,
+    /// The replica identity's columns (the primary key, or the identity index's).
+    pub key: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeColumn {
+    pub name: String,
+    pub kind: Kind,
+    /// The type as PostgreSQL names it (`numeric(12,2)`), recorded in the field metadata.
+    pub pg_type: String,
+}
+
+impl TableShape {
+    /// The Arrow schema of the mirror: every column nullable (a delete carries only the
+    /// key; a column added later is empty in older rows).
+    pub fn arrow_schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .map(|c| c.kind.field(&c.name, true, &c.pg_type))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    pub fn kinds(&self) -> Vec<Kind> {
+        self.columns.iter().map(|c| c.kind.clone()).collect()
+    }
+
+    /// Positions of the key columns.
+    pub fn key_positions(&self) -> Vec<usize> {
+        self.key
+            .iter()
+            .filter_map(|k| self.columns.iter().position(|c| &c.name == k))
+            .collect()
+    }
+}
+
+pub fn pg_err(what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+    move |e| match e.as_db_error() {
+        Some(db) => Error::external(format!("{what}: {}", db.message())),
+        None => Error::external(format!("{what}: {e}")),
+    }
+}
+
+/// How a column of type `oid` is decoded: built-in types directly, enums as text, domains
+/// as their base type. Other types are refused with a hint.
+pub async fn kind_of(
+    client: &Client,
+    oid: u32,
+    typmod: i32,
+    column: &str,
+    table: &str,
+) -> Result<Kind, Error> {
+    if let Some(k) = Kind::of(oid, typmod) {
+        return Ok(k);
+    }
+    let row = client
+        .query_opt(
+            "SELECT typtype::text, typbasetype, typtypmod, format_type(oid, NULL) \
+             FROM pg_type WHERE oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(pg_err("reading column types"))?;
+    let Some(row) = row else {
+        return Err(Error::internal(format!(
+            "type {oid} of `{table}.{column}` is unknown"
+        )));
+    };
+    let typtype: String = row.get(0);
+    let base: u32 = row.get(1);
+    let base_mod: i32 = row.get(2);
+    let name: String = row.get(3);
+    match typtype.as_str() {
+        // An enum's binary form is its label.
+        "e" => Ok(Kind::Text),
+        "d" => Box::pin(kind_of(client, base, if typmod >= 0 { typmod } else { base_mod }, column, table)).await,
+        _ => Err(Error::user(format!(
+            "column `{column}` of `{table}` has type `{name}`, which change data capture does not map"
+        ))
+        .with_hint("capture a table without it, or change the column to a built-in type (text, jsonb, numeric...)")),
+    }
+}
+
+/// The shape of `schema.table` from the catalog: its columns and replica identity key.
+/// A table without a primary key or replica identity index is refused.
+pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<TableShape, Error> {
+    let shown = format!("{schema}.{table}");
+    let rel = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(pg_err("reading the catalog"))?;
+    let Some(rel) = rel else {
+        return Err(Error::user(format!("table `{shown}` does not exist"))
+            .with_hint("check `source.tables`: `schema.table`, as PostgreSQL spells it"));
+    };
+    let oid: u32 = rel.get(0);
+    let ident: String = rel.get(1);
+    let rows = client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod) \
+             FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(pg_err("reading the catalog"))?;
+    let mut columns = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let name: String = r.get(0);
+        let kind = kind_of(client, r.get(1), r.get(2), &name, &shown).await?;
+        columns.push(ShapeColumn {
+            name,
+            kind,
+            pg_type: r.get(3),
+        });
+    }
+    // The replica identity: the primary key by default, or the chosen index.
+    let index = match ident.as_str() {
+        "i" => "i.indisreplident",
+        "d" => "i.indisprimary",
+        _ => "false",
+    };
+    let key: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT a.attname::text FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n) \
+                 JOIN pg_attribute a ON a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND a.attrelid = $1 AND {index} ORDER BY k.n"
+            ),
+            &[&oid],
+        )
+        .await
+        .map_err(pg_err("reading the catalog"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if key.is_empty() {
+        return Err(Error::user(format!(
+            "table `{shown}` has no primary key, so its changes cannot be applied by key"
+        ))
+        .with_hint(format!(
+            "add one (`ALTER TABLE {shown} ADD PRIMARY KEY (...)`), or name a unique index: \
+             `ALTER TABLE {shown} REPLICA IDENTITY USING INDEX <index>`"
+        )));
+    }
+    Ok(TableShape {
+        schema: schema.to_string(),
+        name: table.to_string(),
+        columns,
+        key,
+    })
+}
+
+/// The shape a Relation message describes (the columns as they were when the changes
+/// after it were made). Its key is the message's key columns, else `key`.
+pub async fn relation_shape(
+    client: &Client,
+    rel: &Relation,
+    key: &[String],
+    known: Option<&TableShape>,
+) -> Result<TableShape, Error> {
+    let shown = format!("{}.{}", rel.schema, rel.name);
+    let mut columns = Vec::with_capacity(rel.columns.len());
+    for c in &rel.columns {
+        // The catalog's type name where the column is unchanged.
+        let same = known.and_then(|k| k.columns.iter().find(|k| k.name == c.name));
+        let kind = kind_of(client, c.type_oid, c.type_modifier, &c.name, &shown).await?;
+        let pg_type = match same {
+            Some(s) if s.kind == kind => s.pg_type.clone(),
+            _ => client
+                .query_one(
+                    "SELECT format_type($1, nullif($2, -1))",
+                    &[&c.type_oid, &c.type_modifier],
+                )
+                .await
+                .map_err(pg_err("reading column types"))?
+                .get(0),
+        };
+        columns.push(ShapeColumn {
+            name: c.name.clone(),
+            kind,
+            pg_type,
+        });
+    }
+    let from_message: Vec<String> = rel
+        .columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| c.name.clone())
+        .collect();
+    Ok(TableShape {
+        schema: rel.schema.clone(),
+        name: rel.name.clone(),
+        columns,
+        key: if from_message.is_empty() {
+            key.to_vec()
+        } else {
+            from_message
+        },
+    })
+}
+
+/// Rows of binary values as one batch of `shape`'s schema. `Null` and `Unchanged` become
+/// null (the caller tracks which were unchanged). A value that cannot be represented is
+/// an error naming the table, column and reason.
+pub fn rows_to_batch(shape: &TableShape, rows: &[&[Value]]) -> Result<RecordBatch, Error> {
+    let schema = shape.arrow_schema();
+    let mut copy = COPY_HEADER.to_vec();
+    for row in rows {
+        copy.extend_from_slice(&(row.len() as i16).to_be_bytes());
+        for v in row.iter() {
+            match v {
+                Value::Null | Value::Unchanged => copy.extend_from_slice(&(-1i32).to_be_bytes()),
+                Value::Binary(b) => {
+                    copy.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    copy.extend_from_slice(b);
+                }
+                Value::Text(_) => {
+                    return Err(Error::internal("a text value in a binary change stream"))
+                }
+            }
+        }
+    }
+    copy.extend_from_slice(&(-1i16).to_be_bytes());
+    let mut dec = CopyDecoder::new(schema, shape.kinds());
+    let shown = format!("{}.{}", shape.schema, shape.name);
+    dec.feed(&copy)
+        .map_err(|e| Error::internal(format!("decoding changes of `{shown}`: {e}")))?;
+    if let Some((_, reason, raw)) = dec.rejected.first() {
+        return Err(Error::user(format!(
+            "a change of `{shown}` cannot be stored: {reason} (row {raw})"
+        ))
+        .with_hint("the mirror cannot hold this value (an infinite date, a numeric beyond 38 digits...): fix or cast it at the source"));
+    }
+    dec.take_batch()
+        .map_err(|e| Error::internal(format!("decoding changes of `{shown}`: {e}")))
+}
+
+/// The header of a binary COPY stream (signature, flags, no extension).
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// A snapshot's visibility (`pg_current_snapshot()`) and the WAL position it was taken
+/// at: a transaction committed before that position is in the snapshot's rows exactly
+/// when it is visible to the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotMark {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+    pub lsn: u64,
+}
+
+impl SnapshotMark {
+    /// Whether the rows read in this snapshot already hold the effects of the transaction
+    /// with 32-bit id `xid` that committed at `commit_lsn`.
+    pub fn sees(&self, xid: u32, commit_lsn: u64) -> bool {
+        if commit_lsn >= self.lsn {
+            return false;
+        }
+        // Widen the 32-bit id with the epoch of xmax.
+        let mut full = (self.xmax & !0xffff_ffff) | xid as u64;
+        if full > self.xmax {
+            full = full.wrapping_sub(1 << 32);
+        }
+        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    }
+
+    fn parse(text: &str, lsn: u64) -> Result<SnapshotMark, Error> {
+        let bad = || Error::internal(format!("unreadable snapshot `{text}`"));
+        let mut parts = text.split(':');
+        let xmin = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let xmax = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let xip = parts
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().map_err(|_| bad()))
+            .collect::<Result<Vec<u64>, Error>>()?;
+        Ok(SnapshotMark {
+            xmin,
+            xmax,
+            xip,
+            lsn,
+        })
+    }
+}
+
+/// Starts a repeatable-read, read-only transaction on `client` and returns its snapshot.
+/// Every `snapshot_chunk` until `COMMIT` reads as of that snapshot.
+pub async fn begin_snapshot(client: &Client) -> Result<SnapshotMark, Error> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(pg_err("starting the snapshot"))?;
+    let row = client
+        .query_one(
+            "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(pg_err("starting the snapshot"))?;
+    let lsn = parse_lsn(row.get(1))?;
+    SnapshotMark::parse(row.get(0), lsn)
+}
+
+/// The next `limit` rows of `shape`'s table after key `after` (text values, in key
+/// order), and the last row's key. Runs in the caller's snapshot transaction.
+pub async fn snapshot_chunk(
+    client: &Client,
+    shape: &TableShape,
+    after: Option<&[String]>,
+    limit: usize,
+) -> Result<(RecordBatch, Option<Vec<String>>), Error> {
+    use super::conn::{quote_ident, quote_literal};
+    use futures::StreamExt;
+    let table = format!(
+        "{}.{}",
+        quote_ident(&shape.schema),
+        quote_ident(&shape.name)
+    );
+    let keys: Vec<String> = shape.key.iter().map(|k| quote_ident(k)).collect();
+    let mut select: Vec<String> = shape.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    select.extend(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k}::text AS \"__weir_key_{i}\"")),
+    );
+    let filter = match after {
+        Some(vals) => {
+            let typed: Vec<String> = vals
+                .iter()
+                .zip(&shape.key)
+                .map(|(v, k)| {
+                    let t = shape
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == k)
+                        .map(|c| c.pg_type.clone())
+                        .unwrap_or_else(|| "text".into());
+                    format!("{}::{t}", quote_literal(v))
+                })
+                .collect();
+            format!("WHERE ({}) > ({})", keys.join(", "), typed.join(", "))
+        }
+        None => String::new(),
+    };
+    let sql = format!(
+        "COPY (SELECT {} FROM {table} {filter} ORDER BY {} LIMIT {limit}) TO STDOUT (FORMAT binary)",
+        select.join(", "),
+        keys.join(", ")
+    );
+    let shown = format!("{}.{}", shape.schema, shape.name);
+    let stream = client
+        .copy_out(sql.as_str())
+        .await
+        .map_err(pg_err("reading the snapshot"))?;
+    futures::pin_mut!(stream);
+    let mut fields: Vec<arrow::datatypes::Field> = shape
+        .arrow_schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut kinds = shape.kinds();
+    for k in &shape.key {
+        fields.push(arrow::datatypes::Field::new(
+            format!("__weir_key_{k}"),
+            arrow::datatypes::DataType::Utf8,
+            true,
+        ));
+        kinds.push(Kind::Text);
+    }
+    let mut dec = CopyDecoder::new(Arc::new(Schema::new(fields)), kinds);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(pg_err("reading the snapshot"))?;
+        dec.feed(&chunk)
+            .map_err(|e| Error::internal(format!("decoding the snapshot of `{shown}`: {e}")))?;
+    }
+    if let Some((_, reason, raw)) = dec.rejected.first() {
+        return Err(Error::user(format!(
+            "a row of `{shown}` cannot be stored: {reason} (row {raw})"
+        ))
+        .with_hint("the mirror cannot hold this value (an infinite date, a numeric beyond 38 digits...): fix or cast it at the source"));
+    }
+    let batch = dec
+        .take_batch()
+        .map_err(|e| Error::internal(format!("decoding the snapshot of `{shown}`: {e}")))?;
+    let n = shape.columns.len();
+    let last = (batch.num_rows() > 0).then(|| {
+        (n..batch.num_columns())
+            .map(|i| {
+                batch
+                    .column(i)
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .map(|a| a.value(batch.num_rows() - 1).to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
+    });
+    let data = batch
+        .project(&(0..n).collect::<Vec<_>>())
+        .map_err(|e| Error::internal(format!("snapshot batch: {e}")))?;
+    Ok((data, last))
 }
 
 #[cfg(test)]
