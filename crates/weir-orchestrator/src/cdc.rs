@@ -425,11 +425,6 @@ pub async fn run_cdc(
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
-        if let Some(idle) = opts.until_idle {
-            if last_change.elapsed() >= idle {
-                break;
-            }
-        }
         if last_check.elapsed() >= Duration::from_secs(5) {
             last_check = Instant::now();
             for m in mirrors.iter_mut() {
@@ -449,6 +444,13 @@ pub async fn run_cdc(
         )
         .await?;
         if messages.is_empty() {
+            // Idle is measured from the end of the last batch applied, and only stops a run
+            // whose slot had nothing more to read.
+            if let Some(idle) = opts.until_idle {
+                if last_change.elapsed() >= idle {
+                    break;
+                }
+            }
             // Quiet: record the server's position in the lake, then let the slot go there.
             if last_change.elapsed() >= cfg.heartbeat && wal > position {
                 let first = &mut mirrors[0];
@@ -474,7 +476,6 @@ pub async fn run_cdc(
             }
             continue;
         }
-        last_change = Instant::now();
         let end = apply_batch(
             lake,
             &client,
@@ -490,6 +491,7 @@ pub async fn run_cdc(
             position = end;
         }
         summary.batches += 1;
+        last_change = Instant::now();
         // A signal between batches stops here, with everything read applied.
         if futures::FutureExt::now_or_never(&mut stop).is_some() {
             break;
@@ -656,7 +658,17 @@ fn snapshot_holds(m: &Mirror, row: &[Value], xid: u32, commit_lsn: u64) -> bool 
             })
             .unwrap_or(&segs[segs.len() - 1])
     };
-    seg.mark.sees(xid, commit_lsn)
+    let sees = seg.mark.sees(xid, commit_lsn);
+    if sees && tracing::enabled!(tracing::Level::TRACE) {
+        let key: Vec<String> = m
+            .shape
+            .key_positions()
+            .iter()
+            .map(|i| key_text(&m.shape, *i, row.get(*i)))
+            .collect();
+        tracing::trace!(table = %m.table, ?key, xid, lsn = %format_lsn(commit_lsn), mark = ?seg.mark, upto = ?seg.upto, "held by the snapshot");
+    }
+    sees
 }
 
 /// A key value (integer or uuid, in binary form) as text.

@@ -77,7 +77,7 @@ impl PgServer {
         )?;
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
-             wal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             wal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 20\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              max_connections = 100\nshared_buffers = 128MB\n",
             server.dir.path().display()
@@ -156,6 +156,11 @@ impl PgServer {
             Some(user) => chown_tree(data, user).is_ok(),
             None => true,
         }
+    }
+
+    /// The server's bin directory (psql, pgbench, pg_recvlogical).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
     }
 
     pub fn port(&self) -> u16 {

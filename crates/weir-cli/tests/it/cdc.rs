@@ -327,3 +327,151 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
     )
     .unwrap();
 }
+
+/// The slot's confirmed position, if the slot exists.
+fn slot_lsn(db: &str) -> Option<u64> {
+    let pg = weir_test::PgServer::shared();
+    let out = pg
+        .psql(
+            db,
+            &format!("select confirmed_flush_lsn from pg_replication_slots where slot_name = 'weir_{db}'"),
+        )
+        .unwrap();
+    (!out.is_empty()).then(|| cdc::parse_lsn(out.trim()).unwrap())
+}
+
+/// The highest LSN any mirror holds, from `weir cdc status`.
+fn held_lsn(dir: &Path) -> Option<u64> {
+    let st = cdc_json(dir, &["status", "app"]);
+    st["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["lsn"].as_str().map(|l| cdc::parse_lsn(l).unwrap()))
+        .max()
+}
+
+fn pgbench(db: &str, args: &[&str]) -> std::process::Command {
+    let pg = weir_test::PgServer::shared();
+    let mut c = std::process::Command::new(pg.bin_dir().join("pgbench"));
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        pg.user(),
+    ])
+    .args(args)
+    .arg(db)
+    .env("PGPASSWORD", weir_test::PgServer::PASSWORD)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    c
+}
+
+#[test]
+fn mirrors_equal_their_tables_after_sigkills_during_a_pgbench_load() {
+    let db = weir_test::PgServer::shared()
+        .fresh_database("cdckill")
+        .unwrap();
+    let init = pgbench(&db, &["-i", "-s", "1", "-q"]).output().unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cdc_project(
+        d,
+        &db,
+        &["pgbench_accounts", "pgbench_branches", "pgbench_tellers"],
+        "  change_log: true\nsnapshot:\n  chunk_rows: 20000\nbatch:\n  max_changes: 3000\n  poll: 50ms\n",
+    );
+    // The load runs from before the snapshot to after the last kill.
+    // (Rate-limited, so that the debug build's catch-up stays short.)
+    let load = pgbench(&db, &["-n", "-c", "2", "-T", "14", "-R", "400"])
+        .spawn()
+        .unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = crate::stream::Lcg(seed);
+    let mut kills = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(12) && kills < 8 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--project")
+            .arg(d)
+            .args(["cdc", "run", "app"])
+            .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700 + rng.next(2_500)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        // The slot never confirms what the lake does not hold.
+        if let (Some(slot), Some(held)) = (slot_lsn(&db), held_lsn(d)) {
+            assert!(
+                slot <= held,
+                "slot at {} past the lake's {}",
+                cdc::format_lsn(slot),
+                cdc::format_lsn(held)
+            );
+        }
+    }
+    let out = load.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = cdc_json(d, &["run", "app", "--until-idle", "2s"]);
+    eprintln!("{kills} kills; last run {s}");
+    let pg = weir_test::PgServer::shared();
+    let txns: u64 = pg
+        .psql(&db, "select count(*) from pgbench_history")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(txns > 200, "the load ran only {txns} transactions");
+    for (table, cols, key) in [
+        ("pgbench_accounts", "aid, bid, abalance", "aid"),
+        ("pgbench_branches", "bid, bbalance", "bid"),
+        ("pgbench_tellers", "tid, bid, tbalance", "tid"),
+    ] {
+        let want = source_rows(&db, table, cols, key);
+        let mirror = format!("mirror.{table}");
+        let got = mirror_rows(d, &mirror, cols, key);
+        assert_eq!(got.len(), want.len(), "{table}");
+        let diff: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).collect();
+        assert!(
+            diff.is_empty(),
+            "{table}: {} rows differ, first {:?}, last {:?}",
+            diff.len(),
+            &diff[..diff.len().min(5)],
+            diff.last()
+        );
+    }
+    // The change log holds each change once: one account update per source transaction.
+    let twice = query(
+        d,
+        "select _lsn, aid, count(*) as n from mirror.pgbench_accounts__changes \
+         group by _lsn, aid having count(*) > 1",
+    );
+    assert!(twice.is_empty(), "logged twice: {twice:?}");
+    let slot = slot_lsn(&db).unwrap();
+    assert!(slot <= held_lsn(d).unwrap());
+    pg.psql(
+        &db,
+        &format!("select pg_drop_replication_slot('weir_{db}')"),
+    )
+    .unwrap();
+}

@@ -128,9 +128,9 @@ fn run_and_kill(project: &Path, name: &str, rng: &mut Lcg, meanwhile: impl FnOnc
 }
 
 /// A small deterministic generator (the seed is printed, to replay a failure).
-struct Lcg(u64);
+pub(crate) struct Lcg(pub(crate) u64);
 impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
+    pub(crate) fn next(&mut self, below: u64) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
