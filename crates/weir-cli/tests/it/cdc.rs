@@ -475,3 +475,147 @@ fn mirrors_equal_their_tables_after_sigkills_during_a_pgbench_load() {
     )
     .unwrap();
 }
+
+/// Commits in table `table`'s Delta log so far.
+fn commits(dir: &Path, table: &str) -> usize {
+    std::fs::read_dir(
+        dir.join("lake")
+            .join(table.replace('.', "/"))
+            .join("_delta_log"),
+    )
+    .map(|r| {
+        r.filter(|e| {
+            e.as_ref()
+                .map(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .unwrap_or(false)
+        })
+        .count()
+    })
+    .unwrap_or(0)
+}
+
+#[test]
+fn a_snapshot_killed_midway_resumes_and_hands_over_exactly_under_writes() {
+    let pg = weir_test::PgServer::shared();
+    let db = pg.fresh_database("cdcsnap").unwrap();
+    pg.psql(
+        &db,
+        "create table items (id bigint primary key, v int, note text);
+         insert into items select g, 0, 'n' || g from generate_series(1, 30000) g;",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cdc_project(
+        d,
+        &db,
+        &["items"],
+        "snapshot:\n  chunk_rows: 1000\nbatch:\n  poll: 50ms\n",
+    );
+    // Upserts and deletes all over the key range, while the snapshot runs.
+    let script = d.join("load.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 40000)\n\
+         insert into items values (:id, 1, 'new') on conflict (id) do update set v = items.v + 1;\n\
+         \\set gone random(1, 40000)\n\
+         delete from items where id = :gone;\n\
+         begin;\n\
+         update items set v = v + 10 where id = :id;\n\
+         update items set note = 'moved' where id = :gone + 1;\n\
+         commit;\n",
+    )
+    .unwrap();
+    let load = pgbench(
+        &db,
+        &[
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            "10",
+            "-R",
+            "300",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    // Two runs killed in the middle of the snapshot, a few chunks in each.
+    let mut seen = 0;
+    for _ in 0..2 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--project")
+            .arg(d)
+            .args(["cdc", "run", "app"])
+            .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while commits(d, "mirror.items") < seen + 4
+            && t.elapsed() < std::time::Duration::from_secs(30)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        seen = commits(d, "mirror.items");
+    }
+    let st = cdc_json(d, &["status", "app"]);
+    assert!(
+        st["tables"][0]["snapshot"]
+            .as_str()
+            .unwrap()
+            .starts_with("in progress"),
+        "{st}"
+    );
+    let out = load.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = cdc_json(d, &["run", "app", "--until-idle", "2s"]);
+    // It went on after the chunks the killed runs committed (at least four each).
+    let rest = s["snapshot_rows"].as_u64().unwrap();
+    assert!(rest > 0 && rest < 25_000, "{s}");
+    // Changes the snapshot already held were recognized as such.
+    assert!(s["skipped"].as_u64().unwrap() > 0, "{s}");
+    let cols = "id, v, note";
+    let want = source_rows(&db, "items", cols, "id");
+    assert_eq!(mirror_rows(d, "mirror.items", cols, "id"), want);
+    assert_eq!(
+        cdc_json(d, &["status", "app"])["tables"][0]["snapshot"],
+        "done"
+    );
+
+    // A re-snapshot on demand copies the table again, and changes go on from there.
+    ok(&weir(d, &["cdc", "resnapshot", "app", "items"]));
+    pg.psql(
+        &db,
+        "update items set v = -1 where id % 7 = 0; delete from items where id % 11 = 0;",
+    )
+    .unwrap();
+    let s = cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    let rows: u64 = pg
+        .psql(&db, "select count(*) from items")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(s["snapshot_rows"].as_u64().unwrap(), rows, "{s}");
+    pg.psql(&db, "update items set note = 'after' where id % 5 = 0")
+        .unwrap();
+    cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    assert_eq!(
+        mirror_rows(d, "mirror.items", cols, "id"),
+        source_rows(&db, "items", cols, "id")
+    );
+    pg.psql(
+        &db,
+        &format!("select pg_drop_replication_slot('weir_{db}')"),
+    )
+    .unwrap();
+}
