@@ -619,3 +619,69 @@ fn a_snapshot_killed_midway_resumes_and_hands_over_exactly_under_writes() {
     )
     .unwrap();
 }
+
+#[test]
+fn heartbeats_lag_limits_and_a_dropped_slot_are_handled() {
+    let pg = weir_test::PgServer::shared();
+    let db = pg.fresh_database("cdcbeat").unwrap();
+    pg.psql(
+        &db,
+        "create table quiet (id int primary key, v text);
+         create table busy (id serial primary key, v text);
+         insert into quiet values (1, 'a');",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cdc_project(
+        d,
+        &db,
+        &["quiet"],
+        "heartbeat: 1s\nlag_limit:\n  bytes: 1000\nbatch:\n  poll: 50ms\n",
+    );
+    cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    let before = slot_lsn(&db).unwrap();
+    // Writes elsewhere in the database: nothing to capture, but WAL the slot would keep.
+    pg.psql(
+        &db,
+        "insert into busy (v) select repeat('x', 100) from generate_series(1, 2000)",
+    )
+    .unwrap();
+    // Lagging: the slot holds the WAL of those writes.
+    let out = weir(d, &["cdc", "status", "app", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(st["lag_bytes"].as_u64().unwrap() > 1000, "{st}");
+    assert!(st["problem"].as_str().unwrap().contains("lagging"), "{st}");
+    // A run with nothing to apply moves the slot on, recording the position in the lake
+    // first.
+    cdc_json(d, &["run", "app", "--until-idle", "3s"]);
+    let after = slot_lsn(&db).unwrap();
+    assert!(after > before, "the heartbeat did not move the slot");
+    assert!(after <= held_lsn(d).unwrap());
+    let st = cdc_json(d, &["status", "app"]);
+    assert!(st["problem"].is_null(), "{st}");
+
+    // A dropped slot is reported, not silently recreated at a later position.
+    pg.psql(&db, "insert into quiet values (2, 'lost unless resnapshotted')")
+        .unwrap();
+    pg.psql(&db, &format!("select pg_drop_replication_slot('weir_{db}')"))
+        .unwrap();
+    let out = weir(d, &["cdc", "run", "app", "--until-idle", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is gone") && err.contains("weir cdc resnapshot app"), "{err}");
+    let out = weir(d, &["cdc", "status", "app"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("MISSING"));
+    // The way out: copy again from a new slot.
+    ok(&weir(d, &["cdc", "resnapshot", "app"]));
+    let s = cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    assert_eq!(s["snapshot_rows"], 2, "{s}");
+    assert_eq!(
+        mirror_rows(d, "mirror.quiet", "id, v", "id"),
+        source_rows(&db, "quiet", "id, v", "id")
+    );
+    pg.psql(&db, &format!("select pg_drop_replication_slot('weir_{db}')"))
+        .unwrap();
+}
