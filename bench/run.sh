@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|tpch|orchestration|nexmark|all] [args...]`.
+# Builds weir (release) and runs the benchmarks: `bench/run.sh [csv|pg|checks|tpch|orchestration|nexmark|cdc|all] [args...]`.
 # Not part of the test suite; numbers go to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +19,4 @@ if [ "$which" = orchestration ] || [ "$which" = all ]; then
 fi
 # Nexmark installs Apache Flink (PyPI, in its own venv under ~/.cache/weir-tools) on first use.
 if [ "$which" = nexmark ] || [ "$which" = all ]; then python3 bench/nexmark.py --weir "$weir" "$@"; fi
+if [ "$which" = cdc ] || [ "$which" = all ]; then python3 bench/cdc.py --weir "$weir" "$@"; fi
