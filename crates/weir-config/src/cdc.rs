@@ -74,6 +74,11 @@ pub struct CdcSinkConfig {
     /// time, transaction id, the row after (before, for deletes) and the old key or row.
     #[serde(default)]
     pub change_log: bool,
+    /// Also keep the type 2 history of every row in `<schema>.<table>__history`
+    /// (`valid_from`, `valid_to`, `is_current`... from source commit times), built by the
+    /// dimension writer.
+    #[serde(default)]
+    pub history: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +197,7 @@ impl crate::yaml::ConfigKeys for CdcConfig {
         "sink",
         "sink.schema",
         "sink.change_log",
+        "sink.history",
         "snapshot",
         "snapshot.mode",
         "snapshot.chunk_rows",

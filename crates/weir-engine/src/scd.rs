@@ -41,6 +41,8 @@ pub struct Scd2 {
     pub deletes: DeleteMode,
     /// The changes have an [`INFERRED`] column (and the history an `is_inferred` one).
     pub inferred: bool,
+    /// Columns of binary type (hashed as hex).
+    pub binary: Vec<String>,
 }
 
 fn ident(c: &str) -> String {
@@ -51,13 +53,23 @@ fn ident(c: &str) -> String {
 /// null as `-` (which no length starts with), so null, `''` and values holding the
 /// separator all hash differently. Change detection and `surrogate_key()` use it.
 pub fn hash_expr(columns: &[String]) -> String {
+    hash_expr_typed(columns, &[])
+}
+
+/// [`hash_expr`], with the `binary` columns hashed as their hex text (a cast to text would
+/// fail on bytes that are not UTF-8).
+pub fn hash_expr_typed(columns: &[String], binary: &[String]) -> String {
     if columns.is_empty() {
         return "md5('')".into();
     }
     let parts: Vec<String> = columns
         .iter()
         .map(|c| {
-            let text = format!("cast({} as varchar)", ident(c));
+            let text = if binary.contains(c) {
+                format!("encode({}, 'hex')", ident(c))
+            } else {
+                format!("cast({} as varchar)", ident(c))
+            };
             format!("coalesce(cast(character_length({text}) as varchar) || ':' || {text}, '-')")
         })
         .collect();
@@ -172,7 +184,7 @@ impl Scd2 {
                __weir_hash as row_hash{marker} \
              from effective {rows}",
             seq = ident(SEQ),
-            hash = hash_expr(&tracked),
+            hash = hash_expr_typed(&tracked, &self.binary),
         ))
     }
 
@@ -210,12 +222,27 @@ impl Scd2 {
             .schema()
             .field_with_unqualified_name(INFERRED)
             .is_ok();
+        let binary: Vec<String> = changes
+            .schema()
+            .fields()
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.data_type(),
+                    arrow::datatypes::DataType::Binary
+                        | arrow::datatypes::DataType::LargeBinary
+                        | arrow::datatypes::DataType::BinaryView
+                )
+            })
+            .map(|f| f.name().clone())
+            .collect();
         let name = "__weir_scd_history_input";
         let _ = ctx.deregister_table(name);
         ctx.register_table(name, changes.into_view())
             .map_err(|e| Error::internal(format!("changes: {e}")))?;
         let sql = Scd2 {
             inferred,
+            binary,
             ..self.clone()
         }
         .history_sql(name, &columns)?;

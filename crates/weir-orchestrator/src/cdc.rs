@@ -452,23 +452,13 @@ pub async fn run_cdc(
                 }
             }
             // Quiet: record the server's position in the lake, then let the slot go there.
-            if last_change.elapsed() >= cfg.heartbeat && wal > position {
-                let first = &mut mirrors[0];
-                if first.exists && wal > first.lsn {
-                    lake.commit_positions(
-                        &first.table,
-                        &[(lsn_app(&job.name), wal as i64)],
-                        HashMap::from([(
-                            "weir.cdc".to_string(),
-                            serde_json::json!({"job": job.name, "heartbeat": format_lsn(wal)}),
-                        )]),
-                    )
-                    .await?;
-                    first.lsn = wal;
-                    pg::advance(&client, &slot, wal).await?;
-                    position = wal;
-                    tracing::debug!(job = name, lsn = %format_lsn(wal), "heartbeat");
-                }
+            if last_change.elapsed() >= cfg.heartbeat
+                && wal > position
+                && record_position(lake, job, &mut mirrors, wal, "heartbeat").await?
+            {
+                pg::advance(&client, &slot, wal).await?;
+                position = wal;
+                tracing::debug!(job = name, lsn = %format_lsn(wal), "heartbeat");
             }
             tokio::select! {
                 _ = tokio::time::sleep(cfg.batch.poll) => {}
@@ -476,6 +466,7 @@ pub async fn run_cdc(
             }
             continue;
         }
+        let commits_before = summary.commits;
         let end = apply_batch(
             lake,
             &client,
@@ -487,6 +478,11 @@ pub async fn run_cdc(
         )
         .await?;
         if let Some(end) = end {
+            // A batch whose changes the mirrors already held (a snapshot's rows) commits
+            // nothing: its end is recorded anyway before the slot moves past it.
+            if summary.commits == commits_before {
+                record_position(lake, job, &mut mirrors, end, "held").await?;
+            }
             pg::advance(&client, &slot, end).await?;
             position = end;
         }
@@ -506,6 +502,35 @@ pub async fn run_cdc(
     summary.latency_p50_ms = pct(0.5);
     summary.latency_p99_ms = pct(0.99);
     Ok(summary)
+}
+
+/// Records `lsn` in the first existing mirror with a commit that changes no data (unless
+/// a mirror already holds it), so that the slot can move there while never being past
+/// what the lake holds. Returns whether the slot may move.
+async fn record_position(
+    lake: &Lake,
+    job: &Cdc,
+    mirrors: &mut [Mirror],
+    lsn: u64,
+    why: &str,
+) -> Result<bool, Error> {
+    if mirrors.iter().any(|m| m.lsn >= lsn) {
+        return Ok(true);
+    }
+    let Some(first) = mirrors.iter_mut().find(|m| m.exists) else {
+        return Ok(false);
+    };
+    lake.commit_positions(
+        &first.table,
+        &[(lsn_app(&job.name), lsn as i64)],
+        HashMap::from([(
+            "weir.cdc".to_string(),
+            serde_json::json!({"job": job.name, why: format_lsn(lsn)}),
+        )]),
+    )
+    .await?;
+    first.lsn = lsn;
+    Ok(true)
 }
 
 /// Whether keys of these kinds compare in Rust as PostgreSQL orders them.
@@ -587,6 +612,10 @@ async fn snapshot(
         lake.write_state_file(&m.table, &lsn_app(&job.name), &snapshot_file(n), bytes)
             .await?;
         let ctx = weir_lake::new_session();
+        if job.config.sink.history && rows > 0 {
+            let seed = vec![history_rows(&batch)?];
+            apply_history(lake, &ctx, job, &m.table, &m.shape, seed, lsn).await?;
+        }
         let df = ctx
             .read_batch(batch)
             .map_err(|e| Error::internal(format!("snapshot batch: {e}")))?;
@@ -976,6 +1005,10 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
         write_change_log(lake, job, m, end).await?;
         commits += 1;
     }
+    if job.config.sink.history {
+        write_history(lake, job, m, end).await?;
+        commits += 2;
+    }
     let upserts: Vec<&[Value]> = net.rows.iter().filter_map(|(_, r)| r.as_deref()).collect();
     // The key each upsert's unchanged values are found under in the mirror.
     let lookups: Vec<Vec<Value>> = net
@@ -1139,6 +1172,11 @@ async fn keep_unchanged(
                 .with_name(format!("__weir_lookup_{i}")),
         );
     }
+    // The join does not keep the input's order; callers rely on it.
+    cols.push(Arc::new(Int64Array::from_iter_values(
+        0..live.num_rows() as i64,
+    )));
+    fields.push(Field::new("__weir_row", DataType::Int64, false));
     for j in unchanged {
         let mask: BooleanArray = rows
             .iter()
@@ -1179,7 +1217,7 @@ async fn keep_unchanged(
         .map(|(i, k)| format!("c.\"__weir_lookup_{i}\" = t.{}", q(k)))
         .collect();
     let sql = format!(
-        "SELECT {} FROM __weir_changes c LEFT JOIN __weir_mirror t ON {}",
+        "SELECT {} FROM __weir_changes c LEFT JOIN __weir_mirror t ON {} ORDER BY c.\"__weir_row\"",
         select.join(", "),
         on.join(" AND ")
     );
@@ -1284,6 +1322,279 @@ async fn write_change_log(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Resul
     };
     lake.write(&table, &ctx, df, &spec, &opts).await?;
     Ok(())
+}
+
+/// The type 2 history of `m`'s rows in `<mirror>__history` (with its own change table
+/// `<mirror>__history__changes`), built by the dimension writer from every change:
+/// `valid_from`/`valid_to` are source commit times. A key change closes the old key and
+/// opens the new one; a truncate closes every key. Written before the mirror's commit,
+/// since unchanged TOASTed values are looked up in the mirror as it was before the batch.
+async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(), Error> {
+    let table = format!("{}__history", m.table);
+    // The LSN the history holds: its last load's, from that commit's metadata.
+    let held = if lake.exists(&table).await {
+        lake.last_commit_info(&table)
+            .await?
+            .get("weir.cdc")
+            .and_then(|v| v.get("lsn"))
+            .and_then(|v| v.as_str())
+            .map(pg::parse_lsn)
+            .transpose()?
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let shape = &m.shape;
+    let positions = shape.key_positions();
+    let key_row = |key: &Key| {
+        let mut row = vec![Value::Null; shape.columns.len()];
+        for (p, k) in positions.iter().zip(key) {
+            row[*p] = match k {
+                Some(b) => Value::Binary(b.clone()),
+                None => Value::Null,
+            };
+        }
+        row
+    };
+    let mut last: HashMap<Key, Vec<Value>> = HashMap::new();
+    let mut rows: Vec<Vec<Value>> = Vec::new();
+    let mut lookups: Vec<Vec<Value>> = Vec::new();
+    let mut deleted: Vec<bool> = Vec::new();
+    let mut times: Vec<i64> = Vec::new();
+    // Truncates: the time, and where in `rows` it falls.
+    let mut truncates: Vec<(i64, usize)> = Vec::new();
+    for c in m.pending.iter().filter(|c| c.commit_lsn >= held) {
+        let mut push = |row: Vec<Value>, lookup: Vec<Value>, del: bool| {
+            rows.push(row);
+            lookups.push(lookup);
+            deleted.push(del);
+            times.push(c.commit_time_us);
+        };
+        match c.op {
+            Op::Truncate => {
+                for key in std::mem::take(&mut last).into_keys() {
+                    let row = key_row(&key);
+                    push(row.clone(), row, true);
+                }
+                truncates.push((c.commit_time_us, rows.len()));
+            }
+            Op::Insert => {
+                last.insert(key_of(&c.row, &positions), c.row.clone());
+                push(c.row.clone(), c.row.clone(), false);
+            }
+            Op::Delete => {
+                let key = key_of(&c.row, &positions);
+                last.remove(&key);
+                let row = key_row(&key);
+                push(row.clone(), row, true);
+            }
+            Op::Update => {
+                let key = key_of(&c.row, &positions);
+                let mut from = key.clone();
+                if let Some(old) = &c.old {
+                    let old_key = key_of(old, &positions);
+                    if old_key != key {
+                        let row = key_row(&old_key);
+                        push(row.clone(), row, true);
+                        from = old_key;
+                    }
+                }
+                let mut row = c.row.clone();
+                let prev = last.remove(&from);
+                if let Some(prev) = &prev {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if *v == Value::Unchanged {
+                            *v = prev.get(j).cloned().unwrap_or(Value::Null);
+                        }
+                    }
+                }
+                // Values still unchanged are the mirror's, under the key they had.
+                let mut lookup = row.clone();
+                for (p, k) in positions.iter().zip(&from) {
+                    lookup[*p] = match k {
+                        Some(b) => Value::Binary(b.clone()),
+                        None => Value::Null,
+                    };
+                }
+                last.insert(key, row.clone());
+                push(row, lookup, false);
+            }
+        }
+    }
+    let refs: Vec<&[Value]> = rows.iter().map(|r| r.as_slice()).collect();
+    let mut batch = pg::rows_to_batch(shape, &refs)?;
+    let ctx = weir_lake::new_session();
+    let unchanged: Vec<usize> = (0..shape.columns.len())
+        .filter(|j| refs.iter().any(|r| r.get(*j) == Some(&Value::Unchanged)))
+        .collect();
+    if !unchanged.is_empty() && m.exists {
+        let lookup_refs: Vec<&[Value]> = lookups.iter().map(|r| r.as_slice()).collect();
+        let lookup = pg::rows_to_batch(shape, &lookup_refs)?;
+        batch = keep_unchanged(
+            lake, &ctx, &m.table, shape, batch, &lookup, &refs, &unchanged,
+        )
+        .await?;
+    }
+    let time_type = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let with_meta = |b: RecordBatch, times: Vec<i64>, deleted: Vec<bool>, seq0: usize| {
+        let n = b.num_rows();
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut cols = b.columns().to_vec();
+        fields.push(Field::new("_commit_time", time_type.clone(), false));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(times).with_timezone("UTC"),
+        ));
+        fields.push(Field::new(DELETED, DataType::Boolean, false));
+        cols.push(Arc::new(BooleanArray::from(deleted)));
+        fields.push(Field::new(weir_engine::scd::SEQ, DataType::Int64, false));
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            (seq0..seq0 + n).map(|i| i as i64),
+        )));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
+    };
+    let mut parts = vec![with_meta(batch, times, deleted, 0)?];
+    // A truncate closes every key the mirror held before the batch, too (closing a key
+    // that has no current version is no change).
+    if !truncates.is_empty() && m.exists {
+        let t = lake.open_existing(&m.table).await?;
+        t.update_datafusion_session(&ctx.state())
+            .map_err(|e| weir_lake::delta_error(&m.table, e))?;
+        let provider = t
+            .table_provider()
+            .await
+            .map_err(|e| Error::internal(format!("table provider for `{}`: {e}", m.table)))?;
+        ctx.register_table("__weir_mirror_keys", provider)
+            .map_err(batch_err)?;
+        let keys: Vec<String> = shape
+            .key
+            .iter()
+            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
+            .collect();
+        let found = ctx
+            .sql(&format!(
+                "SELECT {} FROM __weir_mirror_keys",
+                keys.join(", ")
+            ))
+            .await
+            .map_err(batch_err)?
+            .collect()
+            .await
+            .map_err(batch_err)?;
+        let _ = ctx.deregister_table("__weir_mirror_keys");
+        let schema = parts[0].schema();
+        let mut seq = rows.len();
+        for b in found {
+            let cols: Vec<ArrayRef> = shape
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    let dt = schema.field(j).data_type();
+                    match b.schema().index_of(&c.name) {
+                        Ok(i) if shape.key.contains(&c.name) => {
+                            arrow::compute::cast(b.column(i), dt).map_err(batch_err)
+                        }
+                        _ => Ok(arrow::array::new_null_array(dt, b.num_rows())),
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            let data = RecordBatch::try_new(
+                Arc::new(Schema::new(
+                    schema.fields()[..shape.columns.len()]
+                        .iter()
+                        .map(|f| f.as_ref().clone())
+                        .collect::<Vec<_>>(),
+                )),
+                cols,
+            )
+            .map_err(batch_err)?;
+            let n = data.num_rows();
+            let (time, _) = truncates[0];
+            let part = with_meta(data, vec![time; n], vec![true; n], seq)?;
+            seq += n;
+            parts.push(
+                RecordBatch::try_new(schema.clone(), part.columns().to_vec()).map_err(batch_err)?,
+            );
+        }
+    }
+    if parts.iter().all(|p| p.num_rows() == 0) {
+        return Ok(());
+    }
+    apply_history(lake, &ctx, job, &m.table, shape, parts, end).await
+}
+
+/// Applies change rows (the columns, `_commit_time`, the delete flag and the order) to
+/// `<mirror>__history` as one load of the dimension writer, recording `lsn`.
+async fn apply_history(
+    lake: &Lake,
+    ctx: &datafusion::prelude::SessionContext,
+    job: &Cdc,
+    mirror: &str,
+    shape: &TableShape,
+    parts: Vec<RecordBatch>,
+    lsn: u64,
+) -> Result<(), Error> {
+    let table = format!("{mirror}__history");
+    let app = format!("{}:history", lsn_app(&job.name));
+    let n = if lake.exists(&table).await {
+        let t = lake.open(&table).await?;
+        lake.txn_version(&t, &app).await?.unwrap_or(0)
+    } else {
+        0
+    };
+    let df = ctx.read_batches(parts).map_err(batch_err)?;
+    let dim = weir_config::Dimension {
+        scd: weir_config::ScdType::Scd2,
+        key: shape.key.clone(),
+        tracked: Vec::new(),
+        change_ts: Some("_commit_time".into()),
+        deletes: weir_config::DeleteMode::Close,
+        delete_flag: Some(DELETED.into()),
+        surrogate_key: weir_config::DEFAULT_SURROGATE_KEY.into(),
+        unknown_member: false,
+        inferred_members: None,
+    };
+    let load = weir_engine::scd::apply::Load {
+        txn: (app, n + 1),
+        time: chrono::Utc::now(),
+        rebuild: false,
+        metadata: HashMap::from([(
+            "weir.cdc".to_string(),
+            serde_json::json!({"job": job.name, "lsn": format_lsn(lsn)}),
+        )]),
+    };
+    weir_engine::scd::apply::apply(lake, ctx, &table, &dim, df, &load).await?;
+    Ok(())
+}
+
+/// A snapshot chunk as the history's change rows: each row valid from now.
+fn history_rows(batch: &RecordBatch) -> Result<RecordBatch, Error> {
+    let n = batch.num_rows();
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut cols = batch.columns().to_vec();
+    fields.push(Field::new(
+        "_commit_time",
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    ));
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![now_us(); n]).with_timezone("UTC"),
+    ));
+    fields.push(Field::new(DELETED, DataType::Boolean, false));
+    cols.push(Arc::new(BooleanArray::from(vec![false; n])));
+    fields.push(Field::new(weir_engine::scd::SEQ, DataType::Int64, false));
+    cols.push(Arc::new(Int64Array::from_iter_values(0..n as i64)));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
 }
 
 /// One mirror in `weir cdc status`.

@@ -571,6 +571,7 @@ async fn dimension_rows(
         tracked: dim.tracked.clone(),
         deletes: dim.deletes,
         inferred: false,
+        binary: Vec::new(),
     };
     let hist = scd2.history(ctx, changes).await?;
     register(ctx, "__weir_scd_history", hist)?;

@@ -104,6 +104,7 @@ async fn computed(changes: &[Change], mode: DeleteMode) -> Vec<Row> {
         tracked: vec![],
         deletes: mode,
         inferred: false,
+        binary: Vec::new(),
     };
     let batches = scd
         .history(&ctx, df)
