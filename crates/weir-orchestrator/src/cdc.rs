@@ -428,11 +428,21 @@ pub async fn run_cdc(
         if last_check.elapsed() >= Duration::from_secs(5) {
             last_check = Instant::now();
             for m in mirrors.iter_mut() {
-                if resnapshot_requested(lake, job, m).await? {
+                if !m.snapshot.done || !resnapshot_requested(lake, job, m).await? {
+                    continue;
+                }
+                if ranged(&m.shape) {
+                    // Chunk by chunk between batches; the other tables go on.
+                    tracing::info!(table = %m.source, "re-snapshot started");
+                    m.snapshot = SnapshotState::default();
+                } else {
                     summary.snapshot_rows +=
                         snapshot(lake, project, job, m, position, true).await?;
                 }
             }
+        }
+        for m in mirrors.iter_mut().filter(|m| !m.snapshot.done) {
+            summary.snapshot_rows += copy_next_chunk(lake, project, job, m).await?;
         }
         let wal = current_lsn(&client).await?;
         let messages = pg::peek(
@@ -599,53 +609,8 @@ async fn snapshot(
             job.config.snapshot.chunk_rows,
         )
         .await?;
-        let rows = batch.num_rows();
-        copied += rows as u64;
-        state.rows += rows as u64;
-        if let Some(last) = last {
-            state.last_key = Some(last);
-        }
-        state.done = rows < job.config.snapshot.chunk_rows;
-        let n = m.chunks + 1;
-        let bytes = serde_json::to_vec(&state)
-            .map_err(|e| Error::internal(format!("snapshot state: {e}")))?;
-        lake.write_state_file(&m.table, &lsn_app(&job.name), &snapshot_file(n), bytes)
-            .await?;
-        let ctx = weir_lake::new_session();
-        if job.config.sink.history && rows > 0 {
-            let seed = vec![history_rows(&batch)?];
-            apply_history(lake, &ctx, job, &m.table, &m.shape, seed, lsn).await?;
-        }
-        let df = ctx
-            .read_batch(batch)
-            .map_err(|e| Error::internal(format!("snapshot batch: {e}")))?;
-        let spec = WriteSpec {
-            mode: if first {
-                WriteMode::Overwrite
-            } else {
-                WriteMode::Append
-            },
-            ..Default::default()
-        };
-        let opts = WriteOptions {
-            txn: None,
-            positions: vec![
-                (snapshot_app(&job.name), n),
-                (lsn_app(&job.name), lsn as i64),
-            ],
-            metadata: HashMap::from([(
-                "weir.cdc".to_string(),
-                serde_json::json!({"job": job.name, "snapshot_chunk": n, "rows": rows, "done": state.done}),
-            )]),
-        };
-        lake.write(&m.table, &ctx, df, &spec, &opts).await?;
-        if n > 1 {
-            let _ = lake
-                .delete_state_file(&m.table, &lsn_app(&job.name), &snapshot_file(n - 1))
-                .await;
-        }
-        m.chunks = n;
-        m.exists = true;
+        copied += batch.num_rows() as u64;
+        commit_chunk(lake, job, m, &mut state, batch, last, lsn, first).await?;
         first = false;
         if state.done {
             break;
@@ -663,9 +628,181 @@ async fn snapshot(
     Ok(copied)
 }
 
+/// Whether the mirror's key is one integer or uuid column: its snapshot chunks then
+/// replace their key range, and a re-snapshot runs between the stream's batches.
+fn ranged(shape: &TableShape) -> bool {
+    shape.key.len() == 1 && comparable_keys(shape)
+}
+
+/// `key > lo AND key <= hi` over the mirror's key column, as SQL.
+fn key_range(shape: &TableShape, lo: Option<&[String]>, hi: Option<&[String]>) -> String {
+    use weir_connectors::postgres::types::Kind;
+    let key = &shape.key[0];
+    let numeric = shape
+        .columns
+        .iter()
+        .any(|c| &c.name == key && matches!(c.kind, Kind::Int2 | Kind::Int4 | Kind::Int8));
+    let lit = |v: &[String]| {
+        let v = v.first().cloned().unwrap_or_default();
+        if numeric {
+            v
+        } else {
+            format!("'{}'", v.replace('\'', "''"))
+        }
+    };
+    let col = format!("\"{}\"", key.replace('"', "\"\""));
+    let mut parts = Vec::new();
+    if let Some(lo) = lo {
+        parts.push(format!("{col} > {}", lit(lo)));
+    }
+    if let Some(hi) = hi {
+        parts.push(format!("{col} <= {}", lit(hi)));
+    }
+    if parts.is_empty() {
+        "true".into()
+    } else {
+        parts.join(" AND ")
+    }
+}
+
+/// Commits one snapshot chunk of `m` (the rows after `state.last_key` up to `last`):
+/// the state file first, then the rows with the chunk number and `lsn` in one commit.
+/// With a ranged key the chunk replaces its key range, so a mirror being copied again
+/// keeps its other rows meanwhile; otherwise the first chunk replaces the table and the
+/// others append.
+#[allow(clippy::too_many_arguments)] // two call sites, both in this file
+async fn commit_chunk(
+    lake: &Lake,
+    job: &Cdc,
+    m: &mut Mirror,
+    state: &mut SnapshotState,
+    batch: RecordBatch,
+    last: Option<Vec<String>>,
+    lsn: u64,
+    first: bool,
+) -> Result<(), Error> {
+    let rows = batch.num_rows();
+    let lo = state.last_key.clone();
+    state.rows += rows as u64;
+    if let Some(last) = last {
+        state.last_key = Some(last);
+    }
+    state.done = rows < job.config.snapshot.chunk_rows;
+    let n = m.chunks + 1;
+    let bytes =
+        serde_json::to_vec(&state).map_err(|e| Error::internal(format!("snapshot state: {e}")))?;
+    lake.write_state_file(&m.table, &lsn_app(&job.name), &snapshot_file(n), bytes)
+        .await?;
+    let ctx = weir_lake::new_session();
+    if job.config.sink.history && rows > 0 {
+        let seed = vec![history_rows(&batch)?];
+        apply_history(lake, &ctx, job, &m.table, &m.shape, seed, lsn).await?;
+    }
+    let df = ctx
+        .read_batch(batch)
+        .map_err(|e| Error::internal(format!("snapshot batch: {e}")))?;
+    let spec = if ranged(&m.shape) {
+        let hi = if state.done {
+            None
+        } else {
+            state.last_key.as_deref()
+        };
+        WriteSpec {
+            mode: WriteMode::Overwrite,
+            replace_where: m.exists.then(|| key_range(&m.shape, lo.as_deref(), hi)),
+            ..Default::default()
+        }
+    } else {
+        WriteSpec {
+            mode: if first {
+                WriteMode::Overwrite
+            } else {
+                WriteMode::Append
+            },
+            ..Default::default()
+        }
+    };
+    let opts = WriteOptions {
+        txn: None,
+        positions: vec![
+            (snapshot_app(&job.name), n),
+            (lsn_app(&job.name), lsn as i64),
+        ],
+        metadata: HashMap::from([(
+            "weir.cdc".to_string(),
+            serde_json::json!({"job": job.name, "snapshot_chunk": n, "rows": rows, "done": state.done}),
+        )]),
+    };
+    lake.write(&m.table, &ctx, df, &spec, &opts).await?;
+    if n > 1 {
+        let _ = lake
+            .delete_state_file(&m.table, &lsn_app(&job.name), &snapshot_file(n - 1))
+            .await;
+    }
+    m.chunks = n;
+    m.exists = true;
+    Ok(())
+}
+
+/// One chunk of a re-snapshot that runs between the stream's batches: read in a
+/// snapshot of its own, which judges the streamed changes of its key range. Returns the
+/// rows copied.
+async fn copy_next_chunk(
+    lake: &Lake,
+    project: &Project,
+    job: &Cdc,
+    m: &mut Mirror,
+) -> Result<u64, Error> {
+    let client = connect(project, job).await?;
+    let mark = pg::begin_snapshot(&client).await?;
+    let (batch, last) = pg::snapshot_chunk(
+        &client,
+        &m.shape,
+        m.snapshot.last_key.as_deref(),
+        job.config.snapshot.chunk_rows,
+    )
+    .await?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(pg_err("ending the snapshot"))?;
+    let rows = batch.num_rows();
+    let mut state = m.snapshot.clone();
+    let done = rows < job.config.snapshot.chunk_rows;
+    state.segments.push(Segment {
+        mark,
+        upto: if done { None } else { last.clone() },
+    });
+    let lsn = m.lsn;
+    commit_chunk(lake, job, m, &mut state, batch, last, lsn, false).await?;
+    m.snapshot = state;
+    if m.snapshot.done {
+        lake.delete_state_file(&m.table, &lsn_app(&job.name), RESNAPSHOT_FILE)
+            .await?;
+        tracing::info!(table = %m.source, rows = m.snapshot.rows, "re-snapshot done");
+    }
+    Ok(rows as u64)
+}
+
 /// Whether `m`'s snapshot already holds the effect of transaction `xid` on the row with
 /// key `key`.
 fn snapshot_holds(m: &Mirror, row: &[Value], xid: u32, commit_lsn: u64) -> bool {
+    // A re-snapshot under way: a key it has not reached yet will be copied with the
+    // change in it.
+    if !m.snapshot.done && ranged(&m.shape) {
+        let Some(last) = &m.snapshot.last_key else {
+            return true;
+        };
+        let key: Vec<String> = m
+            .shape
+            .key_positions()
+            .iter()
+            .map(|i| key_text(&m.shape, *i, row.get(*i)))
+            .collect();
+        if cmp_keys(&key, last) == std::cmp::Ordering::Greater {
+            return true;
+        }
+    }
     let segs = &m.snapshot.segments;
     if segs.is_empty() {
         return false;

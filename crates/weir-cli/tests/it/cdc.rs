@@ -644,6 +644,63 @@ fn a_snapshot_killed_midway_resumes_and_hands_over_exactly_under_writes() {
         mirror_rows(d, "mirror.items", cols, "id"),
         source_rows(&db, "items", cols, "id")
     );
+    // A re-snapshot on demand while the job runs: chunk by chunk between batches, each
+    // chunk replacing its key range, under the same writes.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(d)
+        .args(["cdc", "run", "app"])
+        .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    ok(&weir(d, &["cdc", "resnapshot", "app", "items"]));
+    let load = pgbench(
+        &db,
+        &[
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            "6",
+            "-R",
+            "200",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let t = std::time::Instant::now();
+    loop {
+        let out = weir(d, &["cdc", "status", "app", "--format", "json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let table = &st["tables"][0];
+        if table["snapshot"] == "done" && table["resnapshot_requested"] == false {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "the re-snapshot did not finish: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    pg.psql(&db, "update items set note = 'last' where id % 3 = 0")
+        .unwrap();
+    cdc_json(d, &["run", "app", "--until-idle", "1s"]);
+    assert_eq!(
+        mirror_rows(d, "mirror.items", cols, "id"),
+        source_rows(&db, "items", cols, "id")
+    );
     pg.psql(
         &db,
         &format!("select pg_drop_replication_slot('weir_{db}')"),
