@@ -422,6 +422,8 @@ pub async fn run_cdc(
     let mut latencies: Vec<f64> = Vec::new();
     let mut last_change = Instant::now();
     let mut last_check = Instant::now();
+    // When the last lag alert went out (one per 5 minutes while lagging).
+    let mut alerted: Option<Instant> = None;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -453,6 +455,33 @@ pub async fn run_cdc(
             true,
         )
         .await?;
+        // Lag: the WAL the slot holds back, and the age of the oldest change read now.
+        let oldest = messages.iter().find_map(|(_, m)| match m {
+            Message::Begin { commit_time_us, .. } => Some(*commit_time_us),
+            _ => None,
+        });
+        let lag_bytes = wal.saturating_sub(position);
+        let lag_secs = oldest.map_or(0.0, |t| (now_us() - t) as f64 / 1e6);
+        let limit = &cfg.lag_limit;
+        let over = limit.bytes.is_some_and(|b| lag_bytes > b)
+            || limit.time.is_some_and(|t| lag_secs > t.as_secs_f64());
+        if over && alerted.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(300)) {
+            alerted = Some(Instant::now());
+            tracing::warn!(job = name, lag_bytes, lag_secs, "cdc lag past lag_limit");
+            crate::alert::send(
+                project,
+                serde_json::json!({
+                    "kind": "cdc_lag",
+                    "job": name,
+                    "slot": slot,
+                    "lag_bytes": lag_bytes,
+                    "lag_seconds": lag_secs,
+                }),
+            )
+            .await;
+        } else if !over {
+            alerted = None;
+        }
         if messages.is_empty() {
             // Idle is measured from the end of the last batch applied, and only stops a run
             // whose slot had nothing more to read.

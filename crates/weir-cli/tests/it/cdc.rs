@@ -727,6 +727,13 @@ fn heartbeats_lag_limits_and_a_dropped_slot_are_handled() {
         &["quiet"],
         "heartbeat: 1s\nlag_limit:\n  bytes: 1000\nbatch:\n  poll: 50ms\n",
     );
+    let (hook, alerts) = crate::orchestration::webhook();
+    let yaml = std::fs::read_to_string(d.join("weir.yaml")).unwrap();
+    std::fs::write(
+        d.join("weir.yaml"),
+        format!("{yaml}alerts: {{webhook: '{hook}'}}\n"),
+    )
+    .unwrap();
     cdc_json(d, &["run", "app", "--until-idle", "1s"]);
     let before = slot_lsn(&db).unwrap();
     // Writes elsewhere in the database: nothing to capture, but WAL the slot would keep.
@@ -747,6 +754,13 @@ fn heartbeats_lag_limits_and_a_dropped_slot_are_handled() {
     let after = slot_lsn(&db).unwrap();
     assert!(after > before, "the heartbeat did not move the slot");
     assert!(after <= held_lsn(d).unwrap());
+    // The run alerted on the lag before the heartbeat caught up.
+    let got = alerts.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .any(|a| a["kind"] == "cdc_lag" && a["lag_bytes"].as_u64().unwrap() > 1000),
+        "{got:?}"
+    );
     // (Other tests write to the same server, so the lag may be back over the limit here.)
 
     // A dropped slot is reported, not silently recreated at a later position.

@@ -754,7 +754,7 @@ fn a_backfill_of_30_daily_partitions_interrupted_and_resumed_builds_each_once() 
 }
 
 /// A webhook receiver on loopback: collects the JSON bodies POSTed to it.
-fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+pub(crate) fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
