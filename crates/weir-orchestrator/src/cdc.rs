@@ -631,7 +631,7 @@ async fn snapshot(
     let started = Instant::now();
     tracing::info!(table = %m.source, mirror = %m.table, resume, "snapshot started");
     loop {
-        let (batch, last) = pg::snapshot_chunk(
+        let (batch, last, bad) = pg::snapshot_chunk(
             &client,
             &m.shape,
             state.last_key.as_deref(),
@@ -639,6 +639,9 @@ async fn snapshot(
         )
         .await?;
         copied += batch.num_rows() as u64;
+        if !bad.is_empty() {
+            quarantine(lake, job, m, &bad, -(m.chunks + 1), "the snapshot").await?;
+        }
         commit_chunk(lake, job, m, &mut state, batch, last, lsn, first).await?;
         first = false;
         if state.done {
@@ -784,13 +787,16 @@ async fn copy_next_chunk(
 ) -> Result<u64, Error> {
     let client = connect(project, job).await?;
     let mark = pg::begin_snapshot(&client).await?;
-    let (batch, last) = pg::snapshot_chunk(
+    let (batch, last, bad) = pg::snapshot_chunk(
         &client,
         &m.shape,
         m.snapshot.last_key.as_deref(),
         job.config.snapshot.chunk_rows,
     )
     .await?;
+    if !bad.is_empty() {
+        quarantine(lake, job, m, &bad, -(m.chunks + 1), "the snapshot").await?;
+    }
     client
         .batch_execute("COMMIT")
         .await
@@ -1212,11 +1218,22 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
     let unchanged: Vec<usize> = (0..shape.columns.len())
         .filter(|j| upserts.iter().any(|r| r.get(*j) == Some(&Value::Unchanged)))
         .collect();
-    let mut live = pg::rows_to_batch(&shape, &upserts)?;
+    let (mut live, bad) = pg::rows_to_batch(&shape, &upserts)?;
+    if !bad.is_empty() {
+        quarantine(
+            lake,
+            job,
+            m,
+            &bad,
+            end as i64,
+            &format!("the change at {}", format_lsn(end)),
+        )
+        .await?;
+    }
     let ctx = weir_lake::new_session();
     if !unchanged.is_empty() && m.exists && !net.truncated {
         let lookup_refs: Vec<&[Value]> = lookups.iter().map(|r| r.as_slice()).collect();
-        let lookup = pg::rows_to_batch(&shape, &lookup_refs)?;
+        let lookup = pg::rows_to_batch(&shape, &lookup_refs)?.0;
         live = keep_unchanged(
             lake, &ctx, &m.table, &shape, live, &lookup, &upserts, &unchanged,
         )
@@ -1262,7 +1279,7 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
         )
     } else {
         let del_refs: Vec<&[Value]> = deletes.iter().map(|r| r.as_slice()).collect();
-        let dead = pg::rows_to_batch(&shape, &del_refs)?;
+        let dead = pg::rows_to_batch(&shape, &del_refs)?.0;
         let live = widen(live, Some(false))?;
         let dead = widen(dead, Some(true))?;
         let dead =
@@ -1298,6 +1315,42 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
     m.lsn = end;
     m.exists = true;
     Ok(commits + 1)
+}
+
+/// Sets aside, in `<mirror>__quarantine`, the rows whose values the mirror cannot hold
+/// (they land with those values null), with the reason and the row as text. `load`
+/// identifies the batch (its end LSN) or snapshot chunk (negative), so a replay replaces
+/// its rows instead of adding them again.
+async fn quarantine(
+    lake: &Lake,
+    job: &Cdc,
+    m: &Mirror,
+    bad: &[pg::BadValue],
+    load: i64,
+    what: &str,
+) -> Result<(), Error> {
+    let table = format!("{}__quarantine", m.table);
+    tracing::warn!(table = %m.source, rows = bad.len(), "values the mirror cannot hold were set to null and quarantined");
+    let rows: Vec<weir_core::BadRow> = bad
+        .iter()
+        .map(|b| weir_core::BadRow {
+            reason: format!("{} (stored as null in `{}`)", b.reason, m.table),
+            source: format!("postgres_cdc:{}/{}: {what}", job.name, m.source),
+            line: b.row as u64 + 1,
+            raw: b.raw.clone(),
+        })
+        .collect();
+    let metadata = HashMap::new();
+    let target = crate::quarantine::Target {
+        lake,
+        table: &table,
+        pipeline: &job.name,
+        run_id: "cdc",
+        load,
+        partition: None,
+        metadata: &metadata,
+    };
+    crate::quarantine::write(&target, crate::quarantine::Scope::Read, &rows).await
 }
 
 /// Fills the unchanged TOASTed values of `live` from the mirror's current rows, found by
@@ -1435,7 +1488,7 @@ async fn write_change_log(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Resul
             }
         })
         .collect();
-    let data = pg::rows_to_batch(&m.shape, &rows)?;
+    let data = pg::rows_to_batch(&m.shape, &rows)?.0;
     let mut fields = vec![
         Field::new("_op", DataType::Utf8, false),
         Field::new("_lsn", DataType::Utf8, false),
@@ -1588,14 +1641,14 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
         }
     }
     let refs: Vec<&[Value]> = rows.iter().map(|r| r.as_slice()).collect();
-    let mut batch = pg::rows_to_batch(shape, &refs)?;
+    let mut batch = pg::rows_to_batch(shape, &refs)?.0;
     let ctx = weir_lake::new_session();
     let unchanged: Vec<usize> = (0..shape.columns.len())
         .filter(|j| refs.iter().any(|r| r.get(*j) == Some(&Value::Unchanged)))
         .collect();
     if !unchanged.is_empty() && m.exists {
         let lookup_refs: Vec<&[Value]> = lookups.iter().map(|r| r.as_slice()).collect();
-        let lookup = pg::rows_to_batch(shape, &lookup_refs)?;
+        let lookup = pg::rows_to_batch(shape, &lookup_refs)?.0;
         batch = keep_unchanged(
             lake, &ctx, &m.table, shape, batch, &lookup, &refs, &unchanged,
         )

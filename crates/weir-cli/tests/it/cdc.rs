@@ -189,7 +189,8 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
          create table nokey (a int, b text);
          insert into customers select g, 'c' || g, repeat('b' || g, 30000) from generate_series(1, 5) g;
          insert into orders select g, g % 5 + 1, g * 1.5, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
-                                   array['t' || g] from generate_series(1, 7) g;",
+                                   array['t' || g] from generate_series(1, 7) g;
+         update orders set placed = 'infinity' where id = 7;",
     )
     .unwrap();
     pg.psql(&db, super::postgres::ALL_TYPES).unwrap();
@@ -231,6 +232,7 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
          commit;
          truncate orders;
          insert into orders values (20, 1, 1.25, '2024-06-01 12:00:00+00', null);
+         insert into orders values (21, 2, 3.5, 'infinity', null);
          alter table customers add column tier text;
          update customers set tier = 'gold' where id = 1;
          insert into customers values (8, 'eight', 'b8', 'silver');
@@ -241,7 +243,7 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
     .unwrap();
     let s = cdc_json(d, &["run", "app", "--until-idle", "1s"]);
     assert_eq!(s["snapshot_rows"], 0, "{s}");
-    assert_eq!(s["changes"], 17, "{s}");
+    assert_eq!(s["changes"], 18, "{s}");
     let cust = "id, name, md5(body), coalesce(tier, '-')";
     let want = source_rows(&db, "customers", cust, "id");
     assert_eq!(mirror_rows(d, "mirror.customers", cust, "id"), want);
@@ -295,6 +297,28 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
     );
     assert_eq!(unchanged[0]["_unchanged"], "body");
 
+    // Infinite timestamps (one copied, one changed) land as null and are quarantined
+    // with the reason and the row.
+    let q = query(
+        d,
+        "select reason, source, raw from mirror.orders__quarantine order by source",
+    );
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(q
+        .iter()
+        .all(|r| r["reason"].as_str().unwrap().contains("infinite timestamp")));
+    assert!(
+        q[0]["source"].as_str().unwrap().contains("the change at"),
+        "{q:?}"
+    );
+    assert!(
+        q[1]["source"].as_str().unwrap().contains("the snapshot"),
+        "{q:?}"
+    );
+    assert_eq!(
+        query(d, "select placed from mirror.orders where id = 21")[0]["placed"],
+        serde_json::Value::Null
+    );
     // The history's current versions are the mirror; earlier versions stay, closed.
     assert_eq!(
         mirror_rows(
@@ -317,7 +341,7 @@ fn every_kind_of_change_reaches_the_mirrors_exactly() {
     assert!(versions("select * from mirror.customers__history where id = 1") >= 2);
     assert_eq!(
         mirror_rows(d, "mirror.orders__history where is_current", "id", "id"),
-        ["20"]
+        ["20", "21"]
     );
     assert_eq!(
         versions("select * from mirror.orders__history where not is_current"),

@@ -64,6 +64,9 @@ pub struct CopyDecoder {
     pub rejected: Vec<(u64, String, String)>,
     /// Rows seen in this stream (good and rejected).
     pub seen: u64,
+    /// Keep a row whose value cannot be represented, with that value null (the row is
+    /// still listed in `rejected`, with the reason), instead of rejecting it.
+    pub null_bad_values: bool,
 }
 
 impl CopyDecoder {
@@ -82,6 +85,7 @@ impl CopyDecoder {
             buf: Vec::new(),
             rejected: Vec::new(),
             seen: 0,
+            null_bad_values: false,
         }
     }
 
@@ -162,6 +166,7 @@ impl CopyDecoder {
             self.seen += 1;
             let mut values = Vec::with_capacity(n);
             let mut failure = None;
+            let mut nulled: Option<String> = None;
             for (i, span) in spans.iter().enumerate() {
                 let v = match span {
                     None => Ok(Value::Null),
@@ -169,6 +174,14 @@ impl CopyDecoder {
                 };
                 match v {
                     Ok(v) => values.push(v),
+                    Err(reason) if self.null_bad_values => {
+                        let reason = format!("column `{}`: {reason}", self.schema.field(i).name());
+                        nulled = Some(match nulled {
+                            Some(r) => format!("{r}; {reason}"),
+                            None => reason,
+                        });
+                        values.push(Value::Null);
+                    }
                     Err(reason) => {
                         failure = Some(format!(
                             "column `{}`: {reason}",
@@ -194,6 +207,10 @@ impl CopyDecoder {
                     self.rejected.push((self.seen, reason, raw));
                 }
                 None => {
+                    if let Some(reason) = nulled {
+                        let raw = raw_text(&spans, buf);
+                        self.rejected.push((self.seen, reason, raw));
+                    }
                     for (col, v) in self.cols.iter_mut().zip(&values) {
                         append(col.as_mut(), v)?;
                     }

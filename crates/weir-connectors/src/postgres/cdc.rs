@@ -593,10 +593,35 @@ pub async fn relation_shape(
     })
 }
 
+/// A value a mirror cannot hold (an infinite date, a numeric past 38 digits): its row is
+/// kept with the value null, and this says which row and why.
+#[derive(Debug, Clone)]
+pub struct BadValue {
+    /// The row's index in the input.
+    pub row: usize,
+    pub reason: String,
+    /// The row's values as text.
+    pub raw: String,
+}
+
+fn bad_values(dec: &mut CopyDecoder) -> Vec<BadValue> {
+    dec.rejected
+        .drain(..)
+        .map(|(seen, reason, raw)| BadValue {
+            row: seen.saturating_sub(1) as usize,
+            reason,
+            raw,
+        })
+        .collect()
+}
+
 /// Rows of binary values as one batch of `shape`'s schema. `Null` and `Unchanged` become
-/// null (the caller tracks which were unchanged). A value that cannot be represented is
-/// an error naming the table, column and reason.
-pub fn rows_to_batch(shape: &TableShape, rows: &[&[Value]]) -> Result<RecordBatch, Error> {
+/// null (the caller tracks which were unchanged); a value that cannot be represented
+/// becomes null too, and is reported.
+pub fn rows_to_batch(
+    shape: &TableShape,
+    rows: &[&[Value]],
+) -> Result<(RecordBatch, Vec<BadValue>), Error> {
     let schema = shape.arrow_schema();
     let mut copy = COPY_HEADER.to_vec();
     for row in rows {
@@ -616,17 +641,15 @@ pub fn rows_to_batch(shape: &TableShape, rows: &[&[Value]]) -> Result<RecordBatc
     }
     copy.extend_from_slice(&(-1i16).to_be_bytes());
     let mut dec = CopyDecoder::new(schema, shape.kinds());
+    dec.null_bad_values = true;
     let shown = format!("{}.{}", shape.schema, shape.name);
     dec.feed(&copy)
         .map_err(|e| Error::internal(format!("decoding changes of `{shown}`: {e}")))?;
-    if let Some((_, reason, raw)) = dec.rejected.first() {
-        return Err(Error::user(format!(
-            "a change of `{shown}` cannot be stored: {reason} (row {raw})"
-        ))
-        .with_hint("the mirror cannot hold this value (an infinite date, a numeric beyond 38 digits...): fix or cast it at the source"));
-    }
-    dec.take_batch()
-        .map_err(|e| Error::internal(format!("decoding changes of `{shown}`: {e}")))
+    let bad = bad_values(&mut dec);
+    let batch = dec
+        .take_batch()
+        .map_err(|e| Error::internal(format!("decoding changes of `{shown}`: {e}")))?;
+    Ok((batch, bad))
 }
 
 /// The header of a binary COPY stream (signature, flags, no extension).
@@ -698,13 +721,13 @@ pub async fn begin_snapshot(client: &Client) -> Result<SnapshotMark, Error> {
 }
 
 /// The next `limit` rows of `shape`'s table after key `after` (text values, in key
-/// order), and the last row's key. Runs in the caller's snapshot transaction.
+/// order), the last row's key, and the values that could not be represented (nulled). Runs in the caller's snapshot transaction.
 pub async fn snapshot_chunk(
     client: &Client,
     shape: &TableShape,
     after: Option<&[String]>,
     limit: usize,
-) -> Result<(RecordBatch, Option<Vec<String>>), Error> {
+) -> Result<(RecordBatch, Option<Vec<String>>, Vec<BadValue>), Error> {
     use super::conn::{quote_ident, quote_literal};
     use futures::StreamExt;
     let table = format!(
@@ -765,17 +788,13 @@ pub async fn snapshot_chunk(
         kinds.push(Kind::Text);
     }
     let mut dec = CopyDecoder::new(Arc::new(Schema::new(fields)), kinds);
+    dec.null_bad_values = true;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(pg_err("reading the snapshot"))?;
         dec.feed(&chunk)
             .map_err(|e| Error::internal(format!("decoding the snapshot of `{shown}`: {e}")))?;
     }
-    if let Some((_, reason, raw)) = dec.rejected.first() {
-        return Err(Error::user(format!(
-            "a row of `{shown}` cannot be stored: {reason} (row {raw})"
-        ))
-        .with_hint("the mirror cannot hold this value (an infinite date, a numeric beyond 38 digits...): fix or cast it at the source"));
-    }
+    let bad = bad_values(&mut dec);
     let batch = dec
         .take_batch()
         .map_err(|e| Error::internal(format!("decoding the snapshot of `{shown}`: {e}")))?;
@@ -795,7 +814,7 @@ pub async fn snapshot_chunk(
     let data = batch
         .project(&(0..n).collect::<Vec<_>>())
         .map_err(|e| Error::internal(format!("snapshot batch: {e}")))?;
-    Ok((data, last))
+    Ok((data, last, bad))
 }
 
 #[cfg(test)]
