@@ -148,6 +148,16 @@ struct Change {
 
 type Key = Vec<Option<Vec<u8>>>;
 
+/// Puts `key`'s values at the key `positions` of `row`.
+fn set_key(row: &mut [Value], positions: &[usize], key: &Key) {
+    for (p, k) in positions.iter().zip(key) {
+        row[*p] = match k {
+            Some(b) => Value::Binary(b.clone()),
+            None => Value::Null,
+        };
+    }
+}
+
 fn key_of(row: &[Value], positions: &[usize]) -> Key {
     positions
         .iter()
@@ -1190,12 +1200,7 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
         .map(|(key, r)| {
             let mut row = r.clone().unwrap_or_default();
             if let Some(from) = net.moved.get(key) {
-                for (p, k) in positions.iter().zip(from) {
-                    row[*p] = match k {
-                        Some(b) => Value::Binary(b.clone()),
-                        None => Value::Null,
-                    };
-                }
+                set_key(&mut row, &positions, from);
             }
             row
         })
@@ -1206,12 +1211,7 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
         .filter(|(_, r)| r.is_none())
         .map(|(key, _)| {
             let mut row = vec![Value::Null; shape.columns.len()];
-            for (p, k) in positions.iter().zip(key) {
-                row[*p] = match k {
-                    Some(b) => Value::Binary(b.clone()),
-                    None => Value::Null,
-                };
-            }
+            set_key(&mut row, &positions, key);
             row
         })
         .collect();
@@ -1567,12 +1567,7 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
     let positions = shape.key_positions();
     let key_row = |key: &Key| {
         let mut row = vec![Value::Null; shape.columns.len()];
-        for (p, k) in positions.iter().zip(key) {
-            row[*p] = match k {
-                Some(b) => Value::Binary(b.clone()),
-                None => Value::Null,
-            };
-        }
+        set_key(&mut row, &positions, key);
         row
     };
     let mut last: HashMap<Key, Vec<Value>> = HashMap::new();
@@ -1629,12 +1624,7 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
                 }
                 // Values still unchanged are the mirror's, under the key they had.
                 let mut lookup = row.clone();
-                for (p, k) in positions.iter().zip(&from) {
-                    lookup[*p] = match k {
-                        Some(b) => Value::Binary(b.clone()),
-                        None => Value::Null,
-                    };
-                }
+                set_key(&mut lookup, &positions, &from);
                 last.insert(key, row.clone());
                 push(row, lookup, false);
             }

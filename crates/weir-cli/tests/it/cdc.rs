@@ -143,6 +143,19 @@ fn cdc_project(dir: &Path, db: &str, tables: &[&str], extra: &str) {
     .unwrap();
 }
 
+/// `weir cdc run app` in the background, until killed.
+fn spawn_run(dir: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(dir)
+        .args(["cdc", "run", "app"])
+        .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn cdc_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["cdc"];
     all.extend(args);
@@ -459,15 +472,7 @@ fn mirrors_equal_their_tables_after_sigkills_during_a_pgbench_load() {
     let mut kills = 0;
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(12) && kills < 8 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--project")
-            .arg(d)
-            .args(["cdc", "run", "app"])
-            .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(d);
         std::thread::sleep(std::time::Duration::from_millis(700 + rng.next(2_500)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -600,15 +605,7 @@ fn a_snapshot_killed_midway_resumes_and_hands_over_exactly_under_writes() {
     // Two runs killed in the middle of the snapshot, a few chunks in each.
     let mut seen = 0;
     for _ in 0..2 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--project")
-            .arg(d)
-            .args(["cdc", "run", "app"])
-            .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(d);
         let t = std::time::Instant::now();
         while commits(d, "mirror.items") < seen + 4
             && t.elapsed() < std::time::Duration::from_secs(30)
@@ -670,15 +667,7 @@ fn a_snapshot_killed_midway_resumes_and_hands_over_exactly_under_writes() {
     );
     // A re-snapshot on demand while the job runs: chunk by chunk between batches, each
     // chunk replacing its key range, under the same writes.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--project")
-        .arg(d)
-        .args(["cdc", "run", "app"])
-        .env("WEIR_TEST_PG_PASSWORD", weir_test::PgServer::PASSWORD)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(d);
     std::thread::sleep(std::time::Duration::from_secs(2));
     ok(&weir(d, &["cdc", "resnapshot", "app", "items"]));
     let load = pgbench(
