@@ -138,6 +138,19 @@ pub fn cast_to_table(
             }
         }
     }
+    // Columns of the table the data lacks are null in the new rows, as Delta appends them
+    // (a column dropped at the source stays in the table).
+    for tf in table.fields() {
+        if df.schema().field_with_unqualified_name(tf.name()).is_err() && tf.is_nullable() {
+            exprs.push(
+                datafusion::logical_expr::cast(
+                    lit(datafusion::scalar::ScalarValue::Null),
+                    tf.data_type().clone(),
+                )
+                .alias(tf.name()),
+            );
+        }
+    }
     if !new_cols.is_empty() && evolution == SchemaEvolution::Strict {
         return Err(Error::user(format!(
             "new column(s) {} are not in `{table_name}` and schema_evolution is `strict`",

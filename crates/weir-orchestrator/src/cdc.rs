@@ -1239,17 +1239,8 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
         )
         .await?;
     }
-    // Columns dropped at the source stay in the mirror, empty in new rows.
-    let mut extra: Vec<Field> = Vec::new();
-    if m.exists {
-        if let Some(ts) = lake.schema(&m.table).await? {
-            for f in ts.fields() {
-                if live.schema().field_with_name(f.name()).is_err() {
-                    extra.push(f.as_ref().clone().with_nullable(true));
-                }
-            }
-        }
-    }
+    // (Columns dropped at the source stay in the mirror: `Lake::write` fills them with
+    // nulls.)
     let widen = |b: RecordBatch, flag: Option<bool>| -> Result<RecordBatch, Error> {
         let mut fields: Vec<Field> = b
             .schema()
@@ -1258,10 +1249,6 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
             .map(|f| f.as_ref().clone())
             .collect();
         let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-        for f in &extra {
-            cols.push(arrow::array::new_null_array(f.data_type(), b.num_rows()));
-            fields.push(f.clone());
-        }
         if let Some(flag) = flag {
             cols.push(Arc::new(BooleanArray::from(vec![flag; b.num_rows()])));
             fields.push(Field::new(DELETED, DataType::Boolean, false));

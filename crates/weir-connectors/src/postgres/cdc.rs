@@ -3,8 +3,8 @@
 //!
 //! Changes are read with `pg_logical_slot_peek_binary_changes`, which leaves the slot where
 //! it is; the slot moves on (`pg_replication_slot_advance`) only once the changes are
-//! durable elsewhere, so a crash in between reads them again. This is the groundwork of
-//! `type: postgres_cdc` (issue 9): the apply side (mirror tables in Delta) comes next.
+//! durable elsewhere, so a crash in between reads them again. The apply side (mirrors in
+//! Delta) is `weir_orchestrator::cdc`.
 
 use std::collections::HashMap;
 
@@ -328,6 +328,7 @@ pub async fn ensure_slot(
 
 /// Up to `limit` changes after the slot's position (whole transactions: the last one is
 /// finished past the limit), with the LSN each message is at; the slot does not move.
+/// While another session reads the slot, this waits for it (up to 10 s).
 /// Values come in their binary send format with `binary`, else as text.
 pub async fn peek(
     client: &Client,
@@ -337,14 +338,17 @@ pub async fn peek(
     binary: bool,
 ) -> Result<Vec<(u64, Message)>, Error> {
     let binary = if binary { "true" } else { "false" };
-    let rows = client
-        .query(
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&slot, &limit, &publication, &binary];
+    let rows = while_busy(|| {
+        client.query(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
              'proto_version', '1', 'publication_names', $3, 'binary', $4)",
-            &[&slot, &limit, &publication, &binary],
+            &params,
         )
-        .await
-        .map_err(|e| pg_err(&format!("reading changes from slot `{slot}`"))(e))?;
+    })
+    .await
+    .map_err(|e| pg_err(&format!("reading changes from slot `{slot}`"))(e))?;
     rows.iter()
         .map(|r| {
             let lsn: String = r.get(0);
@@ -354,16 +358,42 @@ pub async fn peek(
         .collect()
 }
 
+/// Runs `f` again while the slot is busy (up to 10 s): a slot is held only while it is
+/// read or moved, so another reader (`weir cdc status`, a monitoring query) makes it busy
+/// for a moment.
+async fn while_busy<T, F, Fut>(mut f: F) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut busy = 0;
+    loop {
+        match f().await {
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && busy < 100 =>
+            {
+                busy += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Moves the slot to `lsn` (the end of a transaction that is durable elsewhere): PostgreSQL
 /// may then recycle the WAL before it.
 pub async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), Error> {
-    client
-        .query_one(
+    let to = format_lsn(lsn);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slot, &to];
+    while_busy(|| {
+        client.query_one(
             "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
-            &[&slot, &format_lsn(lsn)],
+            &params,
         )
-        .await
-        .map_err(|e| pg_err(&format!("advancing slot `{slot}`"))(e))?;
+    })
+    .await
+    .map_err(|e| pg_err(&format!("advancing slot `{slot}`"))(e))?;
     Ok(())
 }
 
