@@ -490,6 +490,7 @@ fn mirrors_equal_their_tables_after_sigkills_during_a_pgbench_load() {
             );
         }
     }
+    assert!(kills >= 4, "only {kills} kills");
     let out = load.wait_with_output().unwrap();
     assert!(
         out.status.success(),
