@@ -474,7 +474,7 @@ fn mirrors_equal_their_tables_after_sigkills_during_a_pgbench_load() {
     let mut rng = crate::stream::Lcg(seed);
     let mut kills = 0;
     let started = std::time::Instant::now();
-    while started.elapsed() < std::time::Duration::from_secs(12) && kills < 8 {
+    while (started.elapsed() < std::time::Duration::from_secs(12) || kills < 4) && kills < 8 {
         let mut child = spawn_run(d);
         std::thread::sleep(std::time::Duration::from_millis(700 + rng.next(2_500)));
         child.kill().unwrap(); // SIGKILL
