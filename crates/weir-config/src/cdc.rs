@@ -220,12 +220,14 @@ pub struct Cdc {
 }
 
 impl Cdc {
+    /// The replication slot: `source.slot`, else `weir_<job>` in lower case (slot names
+    /// allow only lower-case letters, digits and `_`).
     pub fn slot(&self) -> String {
         self.config
             .source
             .slot
             .clone()
-            .unwrap_or_else(|| format!("weir_{}", self.name))
+            .unwrap_or_else(|| format!("weir_{}", self.name.to_lowercase()))
     }
     pub fn publication(&self) -> String {
         self.config

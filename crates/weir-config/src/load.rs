@@ -299,6 +299,20 @@ fn load_cdc(root: &Path, config: &ProjectConfig) -> Result<Vec<crate::Cdc>, Erro
             file: shown.clone(),
             config: cfg,
         };
+        let slot = job.slot();
+        if slot.len() > 63
+            || !slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(Error::user(format!(
+                "{}: replication slot name `{slot}` is not valid in PostgreSQL",
+                shown.display()
+            ))
+            .with_hint(
+                "use lower-case letters, digits and `_`, at most 63 characters, in `source.slot`",
+            ));
+        }
         let mut mirrors = BTreeMap::new();
         for (schema, table) in job.source_tables() {
             let mirror = job.mirror(&table);

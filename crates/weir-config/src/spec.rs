@@ -1064,6 +1064,61 @@ mod key_tests {
     }
 
     #[test]
+    fn cdc_key_lists_match_and_bad_jobs_are_refused_with_their_file() {
+        let base = "source: {type: postgres_cdc, connection: db, tables: [t]}\nsink: {schema: m}\n";
+        for section in ["", "source", "sink", "snapshot", "batch", "lag_limit"] {
+            assert_eq!(
+                accepted::<crate::CdcConfig>(base, section),
+                listed(crate::CdcConfig::KEYS, section),
+                "cdc section `{section}`"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("cdc")).unwrap();
+        std::fs::write(
+            d.join("weir.yaml"),
+            "name: p\nconnections:\n  app_db:\n    type: postgres\n    host: localhost\n",
+        )
+        .unwrap();
+        let load = |text: &str| {
+            std::fs::write(d.join("cdc/app.yaml"), text).unwrap();
+            crate::load_project(d)
+        };
+        let err = load(
+            "source: {type: postgres_cdc, connection: app_bd, tables: [t]}\nsink: {schema: m}\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("cdc/app.yaml") && err.message.contains("app_bd"),
+            "{err:?}"
+        );
+        assert_eq!(err.hint.as_deref(), Some("did you mean `app_db`?"));
+        let err = load("source: {type: postgres_cdc, connection: app_db, tables: [t], slot: Bad-Slot}\nsink: {schema: m}\n")
+            .unwrap_err();
+        assert!(err.message.contains("Bad-Slot"), "{err:?}");
+        let err = load("source: {type: postgres_cdc, connection: app_db, tables: [a.t, b.t]}\nsink: {schema: m}\n")
+            .unwrap_err();
+        assert!(
+            err.message.contains("would both be mirrored in `m.t`"),
+            "{err:?}"
+        );
+        let err = load("source: {type: postgres_cdc, connection: app_db, tables: [t]}\nsink: {schema: m, changelog: true}\n")
+            .unwrap_err();
+        assert!(err.message.contains("cdc/app.yaml:2"), "{err:?}");
+        assert!(
+            err.hint.as_deref().unwrap_or("").contains("change_log"),
+            "{err:?}"
+        );
+        let p = load(
+            "source: {type: postgres_cdc, connection: app_db, tables: [t]}\nsink: {schema: m}\n",
+        )
+        .unwrap();
+        assert_eq!(p.cdc[0].slot(), "weir_app");
+        assert_eq!(p.cdc[0].mirror("T"), "m.t");
+    }
+
+    #[test]
     fn a_key_in_the_wrong_section_points_to_its_place() {
         let text =
             "source:\n  type: files\n  path: x.csv\n  delimeter: ';'\nsink:\n  table: raw.x\n";
