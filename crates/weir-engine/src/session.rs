@@ -14,6 +14,17 @@ use weir_lake::Lake;
 /// A session in which every lake table is `schema.table`. Tables open on first use, so a
 /// query over a lake of hundreds of tables reads the logs of the ones it names only.
 pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
+    session_over(lake, false).await
+}
+
+/// [`lake_session`] for a long-running query (a stream's): each lake table follows the
+/// table's new commits, checked at most once a second when a plan scans it, so records
+/// are joined with the table as it is when they arrive, not as it was at the start.
+pub async fn live_lake_session(lake: &Lake) -> Result<SessionContext, Error> {
+    session_over(lake, true).await
+}
+
+async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> {
     let ctx = weir_lake::new_session();
     let mut names = lake.list().await?;
     // weir's own tables (`_weir.*`) are left out of listings but can be queried.
@@ -41,6 +52,7 @@ pub async fn lake_session(lake: &Lake) -> Result<SessionContext, Error> {
             config: state.config().clone(),
             runtime: state.runtime_env().clone(),
             tables: Default::default(),
+            live,
         };
         catalog
             .register_schema(&schema, Arc::new(provider))
@@ -60,6 +72,8 @@ struct LakeSchema {
     config: datafusion::prelude::SessionConfig,
     runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
     tables: RwLock<HashMap<String, Arc<dyn TableProvider>>>,
+    /// Tables follow new commits ([`Live`]).
+    live: bool,
 }
 
 impl std::fmt::Debug for LakeSchema {
@@ -91,9 +105,23 @@ impl SchemaProvider for LakeSchema {
         let full = format!("{}.{name}", self.schema);
         let external = |e: Error| DataFusionError::External(Box::new(e));
         let table = self.lake.open_existing(&full).await.map_err(external)?;
-        let provider = provider_for(&self.config, &self.runtime, &table, &full)
+        let mut provider = provider_for(&self.config, &self.runtime, &table, &full)
             .await
             .map_err(external)?;
+        if self.live {
+            provider = Arc::new(Live {
+                lake: self.lake.clone(),
+                name: full.clone(),
+                config: self.config.clone(),
+                runtime: self.runtime.clone(),
+                schema: provider.schema(),
+                current: std::sync::Mutex::new(LiveState {
+                    version: table.version(),
+                    provider,
+                    checked: std::time::Instant::now(),
+                }),
+            });
+        }
         if let Ok(mut t) = self.tables.write() {
             t.entry(name.to_string())
                 .or_insert_with(|| provider.clone());
@@ -124,6 +152,112 @@ impl SchemaProvider for LakeSchema {
     fn table_exist(&self, name: &str) -> bool {
         self.known.iter().any(|k| k == name)
             || self.tables.read().is_ok_and(|t| t.contains_key(name))
+    }
+}
+
+/// A lake table that follows its new commits: a scan first checks (at most once a
+/// second) whether the table has a newer version, and scans that one. A version whose
+/// columns differ from the planned ones is not taken (the plan was made for those
+/// columns); the stream keeps the last version that fits and says so once.
+struct Live {
+    lake: Lake,
+    name: String,
+    config: datafusion::prelude::SessionConfig,
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    schema: arrow::datatypes::SchemaRef,
+    current: std::sync::Mutex<LiveState>,
+}
+
+struct LiveState {
+    version: Option<u64>,
+    provider: Arc<dyn TableProvider>,
+    checked: std::time::Instant,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("name", &self.name).finish()
+    }
+}
+
+impl Live {
+    fn inner(&self) -> Arc<dyn TableProvider> {
+        match self.current.lock() {
+            Ok(c) => c.provider.clone(),
+            Err(p) => p.into_inner().provider.clone(),
+        }
+    }
+
+    /// The provider of the table's newest version that fits the plan.
+    async fn latest(&self) -> DfResult<Arc<dyn TableProvider>> {
+        let (version, stale) = match self.current.lock() {
+            Ok(c) => (
+                c.version,
+                c.checked.elapsed() >= std::time::Duration::from_secs(1),
+            ),
+            Err(_) => return Ok(self.inner()),
+        };
+        if !stale {
+            return Ok(self.inner());
+        }
+        let external = |e: Error| DataFusionError::External(Box::new(e));
+        let table = self
+            .lake
+            .open_existing(&self.name)
+            .await
+            .map_err(external)?;
+        let mut fresh = None;
+        if table.version() != version {
+            let provider = provider_for(&self.config, &self.runtime, &table, &self.name)
+                .await
+                .map_err(external)?;
+            if provider.schema().fields() == self.schema.fields() {
+                tracing::info!(table = %self.name, version = ?table.version(), "reading the table's new version");
+                fresh = Some(provider);
+            } else {
+                tracing::warn!(table = %self.name, version = ?table.version(), "the table's columns changed; the running query keeps reading the version it was planned with");
+            }
+        }
+        if let Ok(mut c) = self.current.lock() {
+            c.checked = std::time::Instant::now();
+            c.version = table.version();
+            if let Some(p) = fresh {
+                c.provider = p;
+            }
+            return Ok(c.provider.clone());
+        }
+        Ok(self.inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for Live {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::prelude::Expr],
+    ) -> DfResult<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        self.inner().supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::prelude::Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        self.latest()
+            .await?
+            .scan(state, projection, filters, limit)
+            .await
     }
 }
 

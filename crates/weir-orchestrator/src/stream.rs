@@ -493,7 +493,7 @@ impl SqlJob {
             .filter(|c| !c.nullable)
             .filter_map(|c| source.index_of(&c.name).ok())
             .collect();
-        let ctx = weir_engine::session::lake_session(lake).await?;
+        let ctx = weir_engine::session::live_lake_session(lake).await?;
         let spec = weir_engine::stream_sql::StreamSqlSpec {
             sql: cfg.sql.clone().unwrap_or_default(),
             source: src.name.clone().unwrap_or_else(|| "source".into()),

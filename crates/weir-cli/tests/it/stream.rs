@@ -833,6 +833,75 @@ fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
         reasons[2]["reason"].as_str().unwrap().contains("not JSON"),
         "{reasons:?}"
     );
+
+    // A running stream joins new records with the lake table as it is now: the table is
+    // rewritten while the stream runs, and records produced after that see the new rows.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--project")
+        .arg(dir.path())
+        .args(["stream", "run", "clicks"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    crate::write(
+        dir.path(),
+        "data/users.csv",
+        "name,country\nann,DK\nbob,FR\ncy,SE\n",
+    );
+    ok(&weir(dir.path(), &["run", "users", "--full-refresh"]));
+    std::thread::sleep(Duration::from_millis(1_500));
+    let later: Vec<(i32, String)> = (200..230)
+        .map(|i| {
+            let user = ["ann", "bob", "cy"][i % 3];
+            (
+                0,
+                format!(r#"{{"id": {i}, "user_name": "{user}", "amount": 50, "ts": 1}}"#),
+            )
+        })
+        .collect();
+    produce_to(&broker, &name, &later);
+    let started = std::time::Instant::now();
+    while scalar(
+        dir.path(),
+        "select count(*) from agg.clicks where id >= 200",
+    )
+    .as_u64()
+    .unwrap_or(0)
+        < 30
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the running stream did not commit the later records"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let countries = query(
+        dir.path(),
+        "select user_name, country, count(*) as n from agg.clicks where id >= 200 \
+         group by user_name, country order by user_name",
+    );
+    let got: Vec<(String, String, u64)> = countries
+        .iter()
+        .map(|r| {
+            (
+                r["user_name"].as_str().unwrap().to_string(),
+                r["country"].as_str().unwrap().to_string(),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ann".to_string(), "DK".to_string(), 10),
+            ("bob".to_string(), "FR".to_string(), 10),
+            ("cy".to_string(), "SE".to_string(), 10)
+        ]
+    );
 }
 
 /// A schema registry on loopback, as Confluent's serves it: lookup by id
