@@ -14,7 +14,7 @@ Usage: python3 bench/cdc.py [--weir PATH] [--scale S] [--backlog SECONDS] [--rat
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pg import free_port, pg_bin, sh  # noqa: E402
+from pg import sh, start_cluster  # noqa: E402
 
 
 def main():
@@ -28,16 +28,8 @@ def main():
 
     work = tempfile.mkdtemp(prefix="weir-cdcbench-")
     os.chmod(work, 0o777)
-    port, binp = free_port(), pg_bin()
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data = os.path.join(work, "data")
-    sh(*as_pg, f"{binp}/initdb", "-D", data, "-U", "bench", "-A", "trust", "--no-sync", stdout=subprocess.DEVNULL)
-    with open(os.path.join(data, "postgresql.conf"), "a") as f:
-        f.write(f"listen_addresses='127.0.0.1'\nport={port}\nunix_socket_directories='{work}'\n"
-                "wal_level=logical\nmax_wal_senders=10\nmax_replication_slots=10\n"
-                "shared_buffers=512MB\nmax_wal_size=4GB\n")
-    sh(*as_pg, f"{binp}/pg_ctl", "-D", data, "-l", os.path.join(work, "log"), "-w", "start", stdout=subprocess.DEVNULL)
-    url = f"postgresql://bench@127.0.0.1:{port}/postgres"
+    url, port, binp, stop = start_cluster(work, "wal_level=logical\nmax_wal_senders=10\nmax_replication_slots=10\n"
+                                          "shared_buffers=512MB\nmax_wal_size=4GB\n")
 
     def q(sql):
         return subprocess.run([f"{binp}/psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
@@ -108,7 +100,7 @@ def main():
         assert [str(got["s"]), str(got["n"])] == want, (got, want)
         print("mirror check: sum(abalance) and count equal the source")
     finally:
-        subprocess.run([*as_pg, f"{binp}/pg_ctl", "-D", data, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -21,6 +21,20 @@ def pg_bin():
     out = subprocess.run(["sh", "-c", "readlink -f $(command -v initdb)"], capture_output=True, text=True).stdout.strip()
     return os.path.dirname(out) if out else "/usr/lib/postgresql/15/bin"
 
+def start_cluster(work, conf):
+    """A throwaway cluster in `work` on a free loopback port, with `conf` appended to its
+    postgresql.conf; returns (url, port, bin dir, stop function)."""
+    port, binp = free_port(), pg_bin()
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = os.path.join(work, "data")
+    sh(*as_pg, f"{binp}/initdb", "-D", data, "-U", "bench", "-A", "trust", "--no-sync", stdout=subprocess.DEVNULL)
+    with open(os.path.join(data, "postgresql.conf"), "a") as f:
+        f.write(f"listen_addresses='127.0.0.1'\nport={port}\nunix_socket_directories='{work}'\n{conf}")
+    sh(*as_pg, f"{binp}/pg_ctl", "-D", data, "-l", os.path.join(work, "log"), "-w", "start", stdout=subprocess.DEVNULL)
+    stop = lambda: subprocess.run([*as_pg, f"{binp}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                                  stdout=subprocess.DEVNULL)
+    return f"postgresql://bench@127.0.0.1:{port}/postgres", port, binp, stop
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_ROWS", 5_000_000)))
@@ -32,15 +46,8 @@ def main():
 
     work = tempfile.mkdtemp(prefix="weir-pgbench-")
     os.chmod(work, 0o777)
-    port, binp = free_port(), pg_bin()
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data = os.path.join(work, "data")
-    sh(*as_pg, f"{binp}/initdb", "-D", data, "-U", "bench", "-A", "trust", "--no-sync", stdout=subprocess.DEVNULL)
-    with open(os.path.join(data, "postgresql.conf"), "a") as f:
-        f.write(f"listen_addresses='127.0.0.1'\nport={port}\nunix_socket_directories='{work}'\n"
-                "fsync=off\nsynchronous_commit=off\nfull_page_writes=off\nshared_buffers=512MB\n")
-    sh(*as_pg, f"{binp}/pg_ctl", "-D", data, "-l", os.path.join(work, "log"), "-w", "start", stdout=subprocess.DEVNULL)
-    url = f"postgresql://bench@127.0.0.1:{port}/postgres"
+    url, _, binp, stop = start_cluster(
+        work, "fsync=off\nsynchronous_commit=off\nfull_page_writes=off\nshared_buffers=512MB\n")
     psql = lambda sql: sh(f"{binp}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql, stdout=subprocess.DEVNULL)
     try:
         psql(f"""create table events as select g::bigint as id, (g % 100000)::int as customer_id,
@@ -94,7 +101,7 @@ def main():
                             "select count(*) from events_back"], capture_output=True, text=True).stdout.strip()
         assert n == str(a.rows), f"weir loaded {n} rows, expected {a.rows}"
     finally:
-        subprocess.run([*as_pg, f"{binp}/pg_ctl", "-D", data, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        stop()
         shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":

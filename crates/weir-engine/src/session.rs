@@ -61,6 +61,27 @@ async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> 
     Ok(ctx)
 }
 
+/// Registers lake table `table` in `ctx` as `name` (replacing what had that name), at its
+/// current version.
+pub async fn register_lake_table(
+    ctx: &SessionContext,
+    lake: &Lake,
+    table: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let t = lake.open_existing(table).await?;
+    t.update_datafusion_session(&ctx.state())
+        .map_err(|e| weir_lake::delta_error(table, e))?;
+    let provider = t
+        .table_provider()
+        .await
+        .map_err(|e| Error::internal(format!("table provider for `{table}`: {e}")))?;
+    let _ = ctx.deregister_table(name);
+    ctx.register_table(name, provider)
+        .map(|_| ())
+        .map_err(|e| Error::internal(format!("registering `{table}`: {e}")))
+}
+
 /// A schema of the lake: its tables open when a query first names them; tables
 /// registered in the session (re-registered after a write, views) take precedence.
 struct LakeSchema {

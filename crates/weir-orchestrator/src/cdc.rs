@@ -113,6 +113,16 @@ struct Mirror {
     pending: Vec<Change>,
     /// Whether the mirror table exists.
     exists: bool,
+    /// What the change log and history tables hold, read once per run.
+    held: Held,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// The LSN `<mirror>__changes` holds.
+    log: Option<u64>,
+    /// The last load number and LSN of `<mirror>__history`.
+    history: Option<(i64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,10 +204,6 @@ async fn connect(project: &Project, job: &Cdc) -> Result<Client, Error> {
     weir_connectors::postgres::conn::connect(name, conn).await
 }
 
-fn pg_err(what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
-    weir_connectors::postgres::cdc::pg_err(what)
-}
-
 /// The slot as PostgreSQL reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotInfo {
@@ -216,7 +222,7 @@ async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, Erro
             &[&slot],
         )
         .await
-        .map_err(pg_err("reading replication slots"))?;
+        .map_err(pg::pg_err("reading replication slots"))?;
     row.map(|r| {
         let lsn: Option<String> = r.get(0);
         Ok(SlotInfo {
@@ -236,7 +242,7 @@ async fn current_lsn(client: &Client) -> Result<u64, Error> {
     let row = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(pg_err("reading the WAL position"))?;
+        .map_err(pg::pg_err("reading the WAL position"))?;
     pg::parse_lsn(row.get(0))
 }
 
@@ -284,6 +290,7 @@ async fn load_mirrors(lake: &Lake, client: &Client, job: &Cdc) -> Result<Vec<Mir
             chunks,
             pending: Vec::new(),
             exists,
+            held: Held::default(),
         });
     }
     Ok(mirrors)
@@ -434,7 +441,7 @@ pub async fn run_cdc(
     let mut last_check = Instant::now();
     // When the last lag alert went out (one per 5 minutes while lagging).
     let mut alerted: Option<Instant> = None;
-    let stop = shutdown_signal();
+    let stop = crate::stream::shutdown_signal();
     tokio::pin!(stop);
     loop {
         if last_check.elapsed() >= Duration::from_secs(5) {
@@ -661,7 +668,7 @@ async fn snapshot(
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(pg_err("ending the snapshot"))?;
+        .map_err(pg::pg_err("ending the snapshot"))?;
     m.lsn = lsn;
     m.snapshot = state;
     lake.delete_state_file(&m.table, &lsn_app(&job.name), RESNAPSHOT_FILE)
@@ -737,8 +744,14 @@ async fn commit_chunk(
         .await?;
     let ctx = weir_lake::new_session();
     if job.config.sink.history && rows > 0 {
-        let seed = vec![history_rows(&batch)?];
-        apply_history(lake, &ctx, job, &m.table, &m.shape, seed, lsn).await?;
+        let n = batch.num_rows();
+        let seed = vec![history_batch(
+            batch.clone(),
+            vec![now_us(); n],
+            vec![false; n],
+            0,
+        )?];
+        apply_history(lake, &ctx, job, m, seed, lsn).await?;
     }
     let df = ctx
         .read_batch(batch)
@@ -810,7 +823,7 @@ async fn copy_next_chunk(
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(pg_err("ending the snapshot"))?;
+        .map_err(pg::pg_err("ending the snapshot"))?;
     let rows = batch.num_rows();
     let mut state = m.snapshot.clone();
     let done = rows < job.config.snapshot.chunk_rows;
@@ -832,51 +845,41 @@ async fn copy_next_chunk(
 /// Whether `m`'s snapshot already holds the effect of transaction `xid` on the row with
 /// key `key`.
 fn snapshot_holds(m: &Mirror, row: &[Value], xid: u32, commit_lsn: u64) -> bool {
-    // A re-snapshot under way: a key it has not reached yet will be copied with the
-    // change in it.
-    if !m.snapshot.done && ranged(&m.shape) {
-        let Some(last) = &m.snapshot.last_key else {
-            return true;
-        };
-        let key: Vec<String> = m
-            .shape
-            .key_positions()
-            .iter()
-            .map(|i| key_text(&m.shape, *i, row.get(*i)))
-            .collect();
-        if cmp_keys(&key, last) == std::cmp::Ordering::Greater {
-            return true;
-        }
-    }
+    let copying = !m.snapshot.done && ranged(&m.shape);
     let segs = &m.snapshot.segments;
-    if segs.is_empty() {
+    // The snapshots were taken in order: a commit after the last one is in none of them
+    // (the common case, once a snapshot is done, needs no key).
+    let after_all = segs.last().is_none_or(|s| commit_lsn >= s.mark.lsn);
+    if after_all && !copying {
         return false;
     }
-    let seg = if segs.len() == 1 {
-        &segs[0]
-    } else {
-        // Which segment's range the key is in.
-        let key: Vec<String> = m
-            .shape
-            .key_positions()
-            .iter()
-            .map(|i| key_text(&m.shape, *i, row.get(*i)))
-            .collect();
-        segs.iter()
-            .find(|s| match &s.upto {
-                Some(up) => cmp_keys(&key, up) != std::cmp::Ordering::Greater,
-                None => true,
-            })
-            .unwrap_or(&segs[segs.len() - 1])
-    };
+    let key: Vec<String> = m
+        .shape
+        .key_positions()
+        .iter()
+        .map(|i| key_text(&m.shape, *i, row.get(*i)))
+        .collect();
+    // A re-snapshot under way: a key it has not reached yet will be copied with the
+    // change in it.
+    if copying {
+        match &m.snapshot.last_key {
+            None => return true,
+            Some(last) if cmp_keys(&key, last) == std::cmp::Ordering::Greater => return true,
+            _ => {}
+        }
+    }
+    if after_all {
+        return false;
+    }
+    // The segment whose key range holds the key (segments are in key order; the last
+    // one's range is open).
+    let i = segs.partition_point(|s| match &s.upto {
+        Some(up) => cmp_keys(&key, up) == std::cmp::Ordering::Greater,
+        None => false,
+    });
+    let seg = &segs[i.min(segs.len() - 1)];
     let sees = seg.mark.sees(xid, commit_lsn);
-    if sees && tracing::enabled!(tracing::Level::TRACE) {
-        let key: Vec<String> = m
-            .shape
-            .key_positions()
-            .iter()
-            .map(|i| key_text(&m.shape, *i, row.get(*i)))
-            .collect();
+    if sees {
         tracing::trace!(table = %m.table, ?key, xid, lsn = %format_lsn(commit_lsn), mark = ?seg.mark, upto = ?seg.upto, "held by the snapshot");
     }
     sees
@@ -892,17 +895,7 @@ fn key_text(shape: &TableShape, i: usize, v: Option<&Value>) -> String {
         (Kind::Int2, 2) => i16::from_be_bytes([b[0], b[1]]).to_string(),
         (Kind::Int4, 4) => i32::from_be_bytes([b[0], b[1], b[2], b[3]]).to_string(),
         (Kind::Int8, 8) => i64::from_be_bytes(b[..8].try_into().unwrap_or_default()).to_string(),
-        (Kind::Uuid, 16) => {
-            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            )
-        }
+        (Kind::Uuid, 16) => pg::uuid_text(b),
         _ => String::from_utf8_lossy(b).into_owned(),
     }
 }
@@ -1353,14 +1346,6 @@ async fn keep_unchanged(
     rows: &[&[Value]],
     unchanged: &[usize],
 ) -> Result<RecordBatch, Error> {
-    let table = lake.open_existing(mirror).await?;
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| weir_lake::delta_error(mirror, e))?;
-    let provider = table
-        .table_provider()
-        .await
-        .map_err(|e| Error::internal(format!("table provider for `{mirror}`: {e}")))?;
     let mut fields: Vec<Field> = live
         .schema()
         .fields()
@@ -1396,8 +1381,7 @@ async fn keep_unchanged(
         ));
     }
     let marked = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)?;
-    ctx.register_table("__weir_mirror", provider)
-        .map_err(batch_err)?;
+    weir_engine::session::register_lake_table(ctx, lake, mirror, "__weir_mirror").await?;
     ctx.register_batch("__weir_changes", marked)
         .map_err(batch_err)?;
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
@@ -1453,15 +1437,17 @@ async fn keep_unchanged(
 /// Appends `m`'s pending changes to `<mirror>__changes`: one row per change with its
 /// operation, commit LSN and time and transaction id, the row (the old key or row for a
 /// delete), and the columns an update did not send (unchanged TOASTed values).
-async fn write_change_log(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(), Error> {
+async fn write_change_log(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Result<(), Error> {
     let table = format!("{}__changes", m.table);
-    let held = if lake.exists(&table).await {
-        let t = lake.open(&table).await?;
-        lake.txn_version(&t, &lsn_app(&job.name))
-            .await?
-            .unwrap_or(0) as u64
-    } else {
-        0
+    let held = match m.held.log {
+        Some(l) => l,
+        None if lake.exists(&table).await => {
+            let t = lake.open(&table).await?;
+            lake.txn_version(&t, &lsn_app(&job.name))
+                .await?
+                .unwrap_or(0) as u64
+        }
+        None => 0,
     };
     let changes: Vec<&Change> = m.pending.iter().filter(|c| c.commit_lsn >= held).collect();
     let empty = vec![Value::Null; m.shape.columns.len()];
@@ -1527,6 +1513,7 @@ async fn write_change_log(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Resul
         ..Default::default()
     };
     lake.write(&table, &ctx, df, &spec, &opts).await?;
+    m.held.log = Some(end);
     Ok(())
 }
 
@@ -1535,21 +1522,8 @@ async fn write_change_log(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Resul
 /// `valid_from`/`valid_to` are source commit times. A key change closes the old key and
 /// opens the new one; a truncate closes every key. Written before the mirror's commit,
 /// since unchanged TOASTed values are looked up in the mirror as it was before the batch.
-async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(), Error> {
-    let table = format!("{}__history", m.table);
-    // The LSN the history holds: its last load's, from that commit's metadata.
-    let held = if lake.exists(&table).await {
-        lake.last_commit_info(&table)
-            .await?
-            .get("weir.cdc")
-            .and_then(|v| v.get("lsn"))
-            .and_then(|v| v.as_str())
-            .map(pg::parse_lsn)
-            .transpose()?
-            .unwrap_or(0)
-    } else {
-        0
-    };
+async fn write_history(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Result<(), Error> {
+    let (_, held) = history_held(lake, job, m).await?;
     let shape = &m.shape;
     let positions = shape.key_positions();
     let key_row = |key: &Key| {
@@ -1631,41 +1605,12 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
         )
         .await?;
     }
-    let time_type = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let with_meta = |b: RecordBatch, times: Vec<i64>, deleted: Vec<bool>, seq0: usize| {
-        let n = b.num_rows();
-        let mut fields: Vec<Field> = b
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let mut cols = b.columns().to_vec();
-        fields.push(Field::new("_commit_time", time_type.clone(), false));
-        cols.push(Arc::new(
-            TimestampMicrosecondArray::from(times).with_timezone("UTC"),
-        ));
-        fields.push(Field::new(DELETED, DataType::Boolean, false));
-        cols.push(Arc::new(BooleanArray::from(deleted)));
-        fields.push(Field::new(weir_engine::scd::SEQ, DataType::Int64, false));
-        cols.push(Arc::new(Int64Array::from_iter_values(
-            (seq0..seq0 + n).map(|i| i as i64),
-        )));
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
-    };
-    let mut parts = vec![with_meta(batch, times, deleted, 0)?];
+    let mut parts = vec![history_batch(batch, times, deleted, 0)?];
     // A truncate closes every key the mirror held before the batch, too (closing a key
     // that has no current version is no change).
     if !truncates.is_empty() && m.exists {
-        let t = lake.open_existing(&m.table).await?;
-        t.update_datafusion_session(&ctx.state())
-            .map_err(|e| weir_lake::delta_error(&m.table, e))?;
-        let provider = t
-            .table_provider()
-            .await
-            .map_err(|e| Error::internal(format!("table provider for `{}`: {e}", m.table)))?;
-        ctx.register_table("__weir_mirror_keys", provider)
-            .map_err(batch_err)?;
+        weir_engine::session::register_lake_table(&ctx, lake, &m.table, "__weir_mirror_keys")
+            .await?;
         let keys: Vec<String> = shape
             .key
             .iter()
@@ -1711,7 +1656,7 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
             .map_err(batch_err)?;
             let n = data.num_rows();
             let (time, _) = truncates[0];
-            let part = with_meta(data, vec![time; n], vec![true; n], seq)?;
+            let part = history_batch(data, vec![time; n], vec![true; n], seq)?;
             seq += n;
             parts.push(
                 RecordBatch::try_new(schema.clone(), part.columns().to_vec()).map_err(batch_err)?,
@@ -1721,7 +1666,7 @@ async fn write_history(lake: &Lake, job: &Cdc, m: &Mirror, end: u64) -> Result<(
     if parts.iter().all(|p| p.num_rows() == 0) {
         return Ok(());
     }
-    apply_history(lake, &ctx, job, &m.table, shape, parts, end).await
+    apply_history(lake, &ctx, job, m, parts, end).await
 }
 
 /// Applies change rows (the columns, `_commit_time`, the delete flag and the order) to
@@ -1730,19 +1675,14 @@ async fn apply_history(
     lake: &Lake,
     ctx: &datafusion::prelude::SessionContext,
     job: &Cdc,
-    mirror: &str,
-    shape: &TableShape,
+    m: &mut Mirror,
     parts: Vec<RecordBatch>,
     lsn: u64,
 ) -> Result<(), Error> {
-    let table = format!("{mirror}__history");
-    let app = format!("{}:history", lsn_app(&job.name));
-    let n = if lake.exists(&table).await {
-        let t = lake.open(&table).await?;
-        lake.txn_version(&t, &app).await?.unwrap_or(0)
-    } else {
-        0
-    };
+    let table = format!("{}__history", m.table);
+    let app = history_app(&job.name);
+    let (n, _) = history_held(lake, job, m).await?;
+    let shape = &m.shape;
     let df = ctx.read_batches(parts).map_err(batch_err)?;
     let dim = weir_config::Dimension {
         scd: weir_config::ScdType::Scd2,
@@ -1765,31 +1705,74 @@ async fn apply_history(
         )]),
     };
     weir_engine::scd::apply::apply(lake, ctx, &table, &dim, df, &load).await?;
+    m.held.history = Some((n + 1, lsn));
     Ok(())
 }
 
-/// A snapshot chunk as the history's change rows: each row valid from now.
-fn history_rows(batch: &RecordBatch) -> Result<RecordBatch, Error> {
-    let n = batch.num_rows();
-    let mut fields: Vec<Field> = batch
+fn history_app(job: &str) -> String {
+    format!("{}:history", lsn_app(job))
+}
+
+/// The last load number of `<mirror>__history` and the LSN it holds (its last load's,
+/// from that commit's metadata); read from the table once per run.
+async fn history_held(lake: &Lake, job: &Cdc, m: &mut Mirror) -> Result<(i64, u64), Error> {
+    if let Some(h) = m.held.history {
+        return Ok(h);
+    }
+    let table = format!("{}__history", m.table);
+    let h = if lake.exists(&table).await {
+        let t = lake.open(&table).await?;
+        let n = lake
+            .txn_version(&t, &history_app(&job.name))
+            .await?
+            .unwrap_or(0);
+        let lsn = lake
+            .last_commit_info(&table)
+            .await?
+            .get("weir.cdc")
+            .and_then(|v| v.get("lsn"))
+            .and_then(|v| v.as_str())
+            .map(pg::parse_lsn)
+            .transpose()?
+            .unwrap_or(0);
+        (n, lsn)
+    } else {
+        (0, 0)
+    };
+    m.held.history = Some(h);
+    Ok(h)
+}
+
+/// `b`'s rows as the history's change rows: with their commit times, delete flags and
+/// order (from `seq0`).
+fn history_batch(
+    b: RecordBatch,
+    times: Vec<i64>,
+    deleted: Vec<bool>,
+    seq0: usize,
+) -> Result<RecordBatch, Error> {
+    let n = b.num_rows();
+    let mut fields: Vec<Field> = b
         .schema()
         .fields()
         .iter()
         .map(|f| f.as_ref().clone())
         .collect();
-    let mut cols = batch.columns().to_vec();
+    let mut cols = b.columns().to_vec();
     fields.push(Field::new(
         "_commit_time",
         DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
         false,
     ));
     cols.push(Arc::new(
-        TimestampMicrosecondArray::from(vec![now_us(); n]).with_timezone("UTC"),
+        TimestampMicrosecondArray::from(times).with_timezone("UTC"),
     ));
     fields.push(Field::new(DELETED, DataType::Boolean, false));
-    cols.push(Arc::new(BooleanArray::from(vec![false; n])));
+    cols.push(Arc::new(BooleanArray::from(deleted)));
     fields.push(Field::new(weir_engine::scd::SEQ, DataType::Int64, false));
-    cols.push(Arc::new(Int64Array::from_iter_values(0..n as i64)));
+    cols.push(Arc::new(Int64Array::from_iter_values(
+        (seq0..seq0 + n).map(|i| i as i64),
+    )));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
 }
 
@@ -1929,8 +1912,4 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<CdcSta
         problem,
         tables,
     })
-}
-
-async fn shutdown_signal() {
-    crate::stream::shutdown_signal().await
 }

@@ -247,6 +247,19 @@ impl CopyDecoder {
     }
 }
 
+/// A uuid's 16 bytes in PostgreSQL's text form.
+pub fn uuid_text(v: &[u8]) -> String {
+    let h: String = v.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 fn be_i16(b: &[u8]) -> i16 {
     i16::from_be_bytes([b[0], b[1]])
 }
@@ -335,15 +348,7 @@ fn decode<'a>(kind: &Kind, v: &'a [u8]) -> Result<Value<'a>, String> {
         }
         Kind::Uuid => {
             need(v, 16)?;
-            let h: String = v.iter().map(|b| format!("{b:02x}")).collect();
-            Value::String(format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            ))
+            Value::String(uuid_text(v))
         }
         Kind::Array(inner) => {
             if v.len() < 12 {

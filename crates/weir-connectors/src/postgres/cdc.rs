@@ -6,8 +6,6 @@
 //! durable elsewhere, so a crash in between reads them again. The apply side (mirrors in
 //! Delta) is `weir_orchestrator::cdc`.
 
-use std::collections::HashMap;
-
 use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
@@ -15,6 +13,7 @@ use arrow::record_batch::RecordBatch;
 use tokio_postgres::Client;
 use weir_common::Error;
 
+pub use super::binary::uuid_text;
 use super::binary::CopyDecoder;
 use super::types::Kind;
 
@@ -277,14 +276,13 @@ pub async fn ensure_slot(
     slot: &str,
     tables: &[String],
 ) -> Result<u64, Error> {
-    let pg = pg_err;
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
-        .map_err(pg("reading publications"))?
+        .map_err(pg_err("reading publications"))?
         .is_some();
     if !exists {
         let list = tables
@@ -303,7 +301,7 @@ pub async fn ensure_slot(
                 publication.replace('"', "\"\"")
             ))
             .await
-            .map_err(pg("creating the publication"))?;
+            .map_err(pg_err("creating the publication"))?;
     }
     let row = client
         .query_opt(
@@ -311,7 +309,7 @@ pub async fn ensure_slot(
             &[&slot],
         )
         .await
-        .map_err(pg("reading replication slots"))?;
+        .map_err(pg_err("reading replication slots"))?;
     let lsn: String = match row {
         Some(r) => r.get(0),
         None => client
@@ -320,7 +318,7 @@ pub async fn ensure_slot(
                 &[&slot],
             )
             .await
-            .map_err(pg("creating the replication slot"))?
+            .map_err(pg_err("creating the replication slot"))?
             .get(0),
     };
     parse_lsn(&lsn)
@@ -395,20 +393,6 @@ pub async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), Error>
     .await
     .map_err(|e| pg_err(&format!("advancing slot `{slot}`"))(e))?;
     Ok(())
-}
-
-/// Relations seen so far, by id (a Relation message precedes the first change of a table
-/// in each session, and again after its schema changes).
-#[derive(Debug, Default)]
-pub struct Relations(pub HashMap<u32, Relation>);
-
-impl Relations {
-    /// Notes a Relation message; other messages are left alone.
-    pub fn note(&mut self, m: &Message) {
-        if let Message::Relation(r) = m {
-            self.0.insert(r.id, r.clone());
-        }
-    }
 }
 
 /// A captured table's columns and key, from the catalog or a Relation message.

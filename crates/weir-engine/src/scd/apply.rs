@@ -28,6 +28,7 @@ use weir_config::{DeleteMode, Dimension, ScdType, SchemaEvolution, WriteMode, UN
 use weir_lake::{Lake, WriteMetrics, WriteOptions, WriteSpec};
 
 use super::{hash_expr, ident, Scd2, DELETED, INFERRED, SEQ, TS};
+use crate::session::register_lake_table;
 
 /// Columns weir adds to a dimension; input columns may not use these names.
 fn reserved(scd: ScdType) -> &'static [&'static str] {
@@ -97,25 +98,6 @@ fn register(ctx: &SessionContext, name: &str, df: DataFrame) -> Result<(), Error
     ctx.register_table(name, df.into_view())
         .map(|_| ())
         .map_err(|e| Error::internal(format!("registering {name}: {e}")))
-}
-
-async fn register_lake_table(
-    ctx: &SessionContext,
-    lake: &Lake,
-    table: &str,
-    name: &str,
-) -> Result<(), Error> {
-    let t = lake.open_existing(table).await?;
-    t.update_datafusion_session(&ctx.state())
-        .map_err(|e| weir_lake::delta_error(table, e))?;
-    let provider = t
-        .table_provider()
-        .await
-        .map_err(|e| Error::internal(format!("table provider for `{table}`: {e}")))?;
-    let _ = ctx.deregister_table(name);
-    ctx.register_table(name, provider)
-        .map(|_| ())
-        .map_err(|e| Error::internal(format!("registering `{table}`: {e}")))
 }
 
 /// Checks the dimension's columns against the input's; returns the attribute columns
