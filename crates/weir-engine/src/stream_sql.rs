@@ -63,6 +63,8 @@ use datafusion::sql::sqlparser::ast::{
 };
 use weir_common::Error;
 
+mod join;
+
 /// The columns a window adds.
 pub const WINDOW_START: &str = "window_start";
 pub const WINDOW_END: &str = "window_end";
@@ -71,6 +73,8 @@ pub const WINDOW_END: &str = "window_end";
 const SOURCE_SLOT: &str = "__weir_stream_source";
 /// The table an aggregate's emitted groups are read from by the rest of the query.
 const GROUPS_SLOT: &str = "__weir_stream_groups";
+/// The table a join of the source with itself is read from by the rest of the query.
+const JOIN_SLOT: &str = "__weir_stream_join";
 
 /// A window over event time; durations in microseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,11 +124,16 @@ pub struct StreamSql {
     aggs: Vec<Aggregation>,
     /// The rest of the query, over the groups the aggregates emit.
     post: Option<Stage>,
+    /// A join of the source with itself, instead of `pre`.
+    join: Option<JoinStages>,
     output_schema: SchemaRef,
     /// Per partition, the newest event time of a row that was on time (µs).
     marks: BTreeMap<i32, i64>,
     /// The watermark windows were last emitted at: windows ending at or before it are gone.
     emitted_to: Option<i64>,
+    /// The watermark a join's state was last cleared to: rows before it may have lost
+    /// their matches.
+    pruned_to: Option<i64>,
     /// The source's partitions: each holds the watermark back until it has delivered a
     /// row (none set: the partitions seen so far).
     partitions: BTreeSet<i32>,
@@ -139,6 +148,17 @@ impl fmt::Debug for StreamSql {
             .field("output", &self.output_schema)
             .finish_non_exhaustive()
     }
+}
+
+/// A join of the source with itself: each side's plan over the batch, the incremental
+/// join, and the rest of the query over the joined rows.
+struct JoinStages {
+    left: Stage,
+    right: Stage,
+    op: join::StreamJoin,
+    /// Where the rest of the query reads the joined rows.
+    slot: SchemaRef,
+    upper: Stage,
 }
 
 /// A plan whose leaf is a slot: each run reads what was put in the slot.
@@ -524,19 +544,50 @@ impl StreamSql {
         let reads = count_scans(&plan, slot_name);
         let (upper, cuts) = split(&plan, slot_name)?;
         let unaggregated = !cuts.is_empty() && count_scans(&upper, slot_name) > 0;
-        if reads == 0 || (cuts.is_empty() && reads > 1) || unaggregated {
+        let mut join = None;
+        if cuts.is_empty() && reads == 2 {
+            let optimized = state.optimize(&plan).map_err(plan_error)?;
+            if let Some((upper, j, slot)) = split_join(&optimized, slot_name)? {
+                let column = time.map(|(i, _)| spec.schema.field(i).name().as_str());
+                let op = join::StreamJoin::new(
+                    &j,
+                    state.execution_props(),
+                    column.map(|column| join::EventTime {
+                        slot: slot_name,
+                        column,
+                    }),
+                )?;
+                check_per_batch(&j.left, slot_name)?;
+                check_per_batch(&j.right, slot_name)?;
+                check_per_batch(&upper, JOIN_SLOT).map_err(|e| {
+                    e.with_hint(
+                        "aggregate each side over the same window, then join the aggregates \
+                         ON window_start",
+                    )
+                })?;
+                join = Some(JoinStages {
+                    left: Stage::new(ctx, vec![source_slot.clone()], &j.left).await?,
+                    right: Stage::new(ctx, vec![source_slot.clone()], &j.right).await?,
+                    op,
+                    slot: slot.schema.clone(),
+                    upper: Stage::new(ctx, vec![slot], &upper).await?,
+                });
+            }
+        }
+        if reads == 0 || (cuts.is_empty() && reads > 1 && join.is_none()) || unaggregated {
             return Err(Error::user(format!(
                 "a streaming query reads its source `{}` once, or in windows that are each aggregated; this one reads it {reads} times",
                 spec.source
             ))
             .with_hint(match reads {
                 0 => format!("read the records `FROM {}`", spec.source),
-                _ => "join the source with lake tables, or join aggregates of the same window of it (ON their window_start)".to_string(),
+                _ => "join the source with lake tables, with itself (an inner join ON a key of each side), or join aggregates of the same window of it (ON their window_start)".to_string(),
             }));
         }
-        let pre_plans: Vec<LogicalPlan> = match cuts.is_empty() {
-            true => vec![plan.clone()],
-            false => cuts.iter().map(|(a, _)| a.input.as_ref().clone()).collect(),
+        let pre_plans: Vec<LogicalPlan> = match (cuts.is_empty(), &join) {
+            (_, Some(_)) => Vec::new(),
+            (true, None) => vec![plan.clone()],
+            (false, None) => cuts.iter().map(|(a, _)| a.input.as_ref().clone()).collect(),
         };
         let mut pre = Vec::new();
         for p in &pre_plans {
@@ -597,9 +648,11 @@ impl StreamSql {
             pre,
             aggs,
             post,
+            join,
             output_schema,
             marks: BTreeMap::new(),
             emitted_to: None,
+            pruned_to: None,
             partitions: BTreeSet::new(),
             idle: BTreeSet::new(),
         })
@@ -640,6 +693,11 @@ impl StreamSql {
         least.map(|m| m - delay)
     }
 
+    /// Rows a join of the source with itself holds, per side.
+    pub fn join_rows_held(&self) -> Option<[usize; 2]> {
+        self.join.as_ref().map(|j| j.op.held())
+    }
+
     /// Per partition, the newest event time of an on-time row (µs).
     pub fn partition_marks(&self) -> &BTreeMap<i32, i64> {
         &self.marks
@@ -666,6 +724,20 @@ impl StreamSql {
             rows: Vec::new(),
             late,
         };
+        if let Some(j) = &mut self.join {
+            let left = j.left.run(vec![vec![input.clone()]]).await?;
+            let right = j.right.run(vec![vec![input]]).await?;
+            let joined =
+                j.op.push(&left, &right)?
+                    .into_iter()
+                    .map(|b| RecordBatch::try_new(j.slot.clone(), b.columns().to_vec()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::internal(format!("stream join: {e}")))?;
+            if !joined.is_empty() {
+                pushed.rows = j.upper.run(vec![joined]).await?;
+            }
+            return Ok(pushed);
+        }
         for (i, stage) in self.pre.iter().enumerate() {
             let out = stage.run(vec![vec![input.clone()]]).await?;
             match self.aggs.get_mut(i) {
@@ -735,6 +807,18 @@ impl StreamSql {
                     continue;
                 }
             }
+            if let Some(cleared) = self.pruned_to.filter(|c| t < *c) {
+                late.push((
+                    i,
+                    format!(
+                        "late: event time {} is before the watermark {} the join's state was \
+                         cleared to (while partition {p} was silent)",
+                        show_time(t),
+                        show_time(cleared)
+                    ),
+                ));
+                continue;
+            }
             self.marks.insert(p, mark.map_or(t, |m| m.max(t)));
             keep.push(i as u32);
         }
@@ -749,6 +833,12 @@ impl StreamSql {
         let Some(wm) = self.watermark() else {
             return Ok(Vec::new());
         };
+        if let Some(j) = &mut self.join {
+            if j.op.bounded().contains(&true) {
+                j.op.prune(wm)?;
+                self.pruned_to = Some(self.pruned_to.map_or(wm, |p| p.max(wm)));
+            }
+        }
         let Some(post) = &self.post else {
             return Ok(Vec::new());
         };
@@ -777,10 +867,16 @@ impl StreamSql {
             "version": 2,
             "marks": self.marks.iter().map(|(p, m)| (p.to_string(), *m)).collect::<BTreeMap<_, _>>(),
             "emitted_to": self.emitted_to,
+            "pruned_to": self.pruned_to,
         });
         let mut streams = vec![ipc_stream(None, Some(&meta))?];
         for a in &mut self.aggs {
             streams.push(ipc_stream(a.state_batch()?, None)?);
+        }
+        if let Some(j) = &mut self.join {
+            for side in j.op.state()? {
+                streams.push(ipc_stream(Some(side), None)?);
+            }
         }
         let mut out = STATE_MAGIC.to_vec();
         for s in streams {
@@ -795,19 +891,27 @@ impl StreamSql {
         let streams = state_streams(bytes)?;
         let (meta, _) = read_ipc(streams[0])?;
         let meta = meta.ok_or_else(|| Error::internal("stream checkpoint: no state metadata"))?;
-        if streams.len() != self.aggs.len() + 1 {
+        let parts = self.aggs.len() + 2 * usize::from(self.join.is_some());
+        if streams.len() != parts + 1 {
             return Err(Error::user(format!(
-                "the stream's checkpoint holds {} aggregates, its query has {}",
+                "the stream's checkpoint holds {} parts of state (aggregates, join sides), \
+                 its query has {parts}",
                 streams.len() - 1,
-                self.aggs.len()
             ))
             .with_hint("the query changed: its open windows cannot be carried over; drop the sink table to start over"));
         }
         self.marks = marks_of(&meta);
         self.emitted_to = meta["emitted_to"].as_i64();
+        self.pruned_to = meta["pruned_to"].as_i64();
         for (a, s) in self.aggs.iter_mut().zip(&streams[1..]) {
             let (_, batches) = read_ipc(s)?;
             a.load_state(&batches)?;
+        }
+        if let Some(j) = &mut self.join {
+            for (side, s) in streams[1 + self.aggs.len()..].iter().enumerate() {
+                let (_, batches) = read_ipc(s)?;
+                j.op.restore(side, &batches)?;
+            }
         }
         Ok(())
     }
@@ -1650,7 +1754,7 @@ fn split(plan: &LogicalPlan, slot: &str) -> Result<(LogicalPlan, Vec<Cut>), Erro
         if reads {
             if let LogicalPlan::Aggregate(a) = plan {
                 let name = TableReference::bare(format!("{GROUPS_SLOT}_{}", cuts.len()));
-                let (scan, groups) = groups_scan(a, &name)?;
+                let (scan, groups) = slot_scan(&a.schema, &name)?;
                 cuts.push((a.clone(), groups));
                 return Ok((Some(scan), true));
             }
@@ -1662,14 +1766,41 @@ fn split(plan: &LogicalPlan, slot: &str) -> Result<(LogicalPlan, Vec<Cut>), Erro
     Ok((rebuilt.unwrap_or_else(|| plan.clone()), cuts))
 }
 
-/// A scan of the emitted groups (a slot, returned too) that looks like the aggregate to
-/// the plan above it.
-fn groups_scan(
-    a: &datafusion::logical_expr::Aggregate,
-    groups: &TableReference,
+/// Cuts `plan` at the join whose two sides each read the source: the rest of the plan
+/// reads the joined rows from a slot. None when there is no such join.
+fn split_join(
+    plan: &LogicalPlan,
+    slot: &str,
+) -> Result<Option<(LogicalPlan, datafusion::logical_expr::Join, Slot)>, Error> {
+    if let LogicalPlan::Join(j) = plan {
+        if count_scans(&j.left, slot) == 1 && count_scans(&j.right, slot) == 1 {
+            let (scan, s) = slot_scan(&j.schema, &TableReference::bare(JOIN_SLOT))?;
+            return Ok(Some((scan, j.clone(), s)));
+        }
+    }
+    let inputs = plan.inputs();
+    let Some(at) = inputs.iter().position(|i| count_scans(i, slot) == 2) else {
+        return Ok(None);
+    };
+    let Some((rebuilt, j, s)) = split_join(inputs[at], slot)? else {
+        return Ok(None);
+    };
+    let mut new_inputs: Vec<LogicalPlan> = inputs.into_iter().cloned().collect();
+    new_inputs[at] = rebuilt;
+    let plan = plan
+        .with_new_exprs(plan.expressions(), new_inputs)
+        .map_err(plan_error)?;
+    Ok(Some((plan, j, s)))
+}
+
+/// A scan of a slot (returned too) that looks like a plan of `schema` to the plan above
+/// it: an aggregate's emitted groups, or a join's rows.
+fn slot_scan(
+    schema: &datafusion::common::DFSchema,
+    name: &TableReference,
 ) -> Result<(LogicalPlan, Slot), Error> {
-    let fields: Vec<Field> = a
-        .schema
+    let groups = name;
+    let fields: Vec<Field> = schema
         .fields()
         .iter()
         .enumerate()
@@ -1681,8 +1812,7 @@ fn groups_scan(
         .map_err(plan_error)?
         .build()
         .map_err(plan_error)?;
-    let exprs = a
-        .schema
+    let exprs = schema
         .iter()
         .enumerate()
         .map(|(i, (q, f))| {
@@ -2097,7 +2227,10 @@ mod tests {
             ("SELECT * FROM TUMBLE(other, ts, '10s')", true, "first argument is the source"),
             ("SELECT * FROM HOP(events, ts, '10s', '5s')", true, "slide is longer than the size"),
             ("SELECT * FROM HOP(events, ts, '1ms', '1d')", true, "in 86400000 windows"),
-            ("SELECT a.id FROM events a JOIN events b ON a.id = b.id", false, "reads it 2 times"),
+            ("SELECT a.id FROM events a JOIN events b ON a.id = b.id JOIN events c ON b.id = c.id", false, "reads it 3 times"),
+            ("SELECT a.id FROM events a LEFT JOIN events b ON a.id = b.id", false, "must be an inner join"),
+            ("SELECT a.id FROM events a JOIN events b ON a.ts < b.ts", false, "needs an equality"),
+            ("SELECT count(*) AS n FROM events a JOIN events b ON a.id = b.id", false, "needs a window"),
             (
                 "SELECT a.n FROM (SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') \
                  GROUP BY window_start) a JOIN TUMBLE(events, ts, '10s') b \
@@ -2258,5 +2391,96 @@ mod tests {
         }
         assert!(want.len() > 30, "{} rows", want.len());
         assert_eq!(got, want);
+    }
+
+    /// (a id, b id) pairs a self-join query produced, checking them as they come.
+    fn pairs(out: &[RecordBatch], into: &mut Vec<(i64, i64)>) {
+        for b in out {
+            let a = b.column(0).as_primitive::<Int64Type>();
+            let c = b.column(1).as_primitive::<Int64Type>();
+            into.extend((0..b.num_rows()).map(|r| (a.value(r), c.value(r))));
+        }
+    }
+
+    /// A join of the stream with itself against the naive join of its on-time rows: the
+    /// stream in random batches, checkpointed into a fresh query now and then. Returns the
+    /// most rows the join held on a side.
+    async fn self_join_against_reference(
+        sql: &str,
+        seed: u64,
+        matches: impl Fn(&Event, &Event) -> bool,
+    ) -> (usize, usize) {
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(seed);
+        let events = events(&mut rng, 3_000);
+        let (want_late, _) = reference_late(&events);
+        let on_time: Vec<&Event> = events
+            .iter()
+            .filter(|e| !want_late.contains(&e.id))
+            .collect();
+        let mut want = Vec::new();
+        for a in &on_time {
+            for b in &on_time {
+                if matches(a, b) {
+                    want.push((a.id, b.id));
+                }
+            }
+        }
+        let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+        let (mut got, mut late, mut most, mut restores) = (Vec::new(), BTreeSet::new(), 0, 0);
+        let mut at = 0;
+        while at < events.len() {
+            let part = &events[at..(at + 1 + rng.below(150) as usize).min(events.len())];
+            let pushed = q.push(&batch(part)).await.unwrap();
+            late.extend(pushed.late.iter().map(|(i, _)| part[*i].id));
+            pairs(&pushed.rows, &mut got);
+            assert!(q.advance().await.unwrap().is_empty());
+            most = most.max(q.join_rows_held().unwrap().into_iter().max().unwrap());
+            if rng.below(4) == 0 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+                q.restore(&state).unwrap();
+                restores += 1;
+            }
+            at += part.len();
+        }
+        assert!(restores > 3);
+        assert_eq!(late, want_late, "late rows");
+        got.sort_unstable();
+        want.sort_unstable();
+        assert!(want.len() > 500, "{} pairs", want.len());
+        assert_eq!(got.len(), want.len(), "pairs: each exactly once");
+        assert_eq!(got, want);
+        (most, on_time.len())
+    }
+
+    #[tokio::test]
+    async fn a_join_of_the_stream_with_itself_matches_the_naive_join() {
+        // No time bound: every row of each side is kept.
+        let sql = "SELECT a.id AS a_id, b.id AS b_id FROM events a JOIN events b \
+                   ON a.amount = b.amount WHERE a.user_name = 'ann' AND b.user_name = 'bob'";
+        let (most, _) = self_join_against_reference(sql, 5, |a, b| {
+            a.amount == b.amount && a.user == 0 && b.user == 1
+        })
+        .await;
+        assert!(most > 600, "every row is kept: {most}");
+    }
+
+    #[tokio::test]
+    async fn a_time_bounded_self_join_matches_and_lets_rows_go() {
+        // b within 5 s after a: a's rows go once the watermark passes a.ts + 5 s, b's
+        // once it passes b.ts.
+        let sql = "SELECT a.id AS a_id, b.id AS b_id FROM events a JOIN events b \
+                   ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 5000 \
+                   WHERE a.amount % 2 = 0 AND b.amount % 2 = 1";
+        let (most, rows) = self_join_against_reference(sql, 9, |a, b| {
+            a.user == b.user
+                && b.ts >= a.ts
+                && b.ts <= a.ts + 5_000
+                && a.amount % 2 == 0
+                && b.amount % 2 == 1
+        })
+        .await;
+        assert!(most < rows / 6, "held at most {most} of {rows} rows");
     }
 }
