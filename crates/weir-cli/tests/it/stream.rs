@@ -719,6 +719,78 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
     assert_eq!(published, want, "seed {seed}");
 }
 
+#[test]
+fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("join-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 3);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = Lcg(seed);
+    const N: usize = 4_000;
+    let events = clicks(&mut rng, N);
+    // The reference: late clicks as for windows; pairs of on-time clicks of one user, a
+    // small amount then a large one within 5 s.
+    let (late, _) = expected_windows(&events);
+    let on_time: Vec<_> = events.iter().filter(|e| !late.contains(&e.1)).collect();
+    let mut want = Vec::new();
+    for a in &on_time {
+        for b in &on_time {
+            if a.2 == b.2 && a.3 < 10 && b.3 >= 90 && b.4 >= a.4 && b.4 <= a.4 + 5_000 {
+                want.push((a.1, b.1));
+            }
+        }
+    }
+    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
+    let dir = tempfile::tempdir().unwrap();
+    sql_project(
+        dir.path(),
+        &broker,
+        &name,
+        "SELECT a.id AS small, b.id AS large, a.user_name\n\
+         FROM clicks a JOIN clicks b\n\
+         ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 5000\n\
+         WHERE a.amount < 10 AND b.amount >= 90",
+        "",
+    );
+    produce_to(&broker, &name, &records[..N / 4]);
+    let mut sent = N / 4;
+    let started = Instant::now();
+    let mut kills = 0;
+    while kills < 5 && started.elapsed() < Duration::from_secs(60) {
+        run_and_kill(dir.path(), "clicks", &mut rng, || {
+            if sent < N {
+                let upto = (sent + N / 6).min(N);
+                produce_to(&broker, &name, &records[sent..upto]);
+                sent = upto;
+            }
+        });
+        kills += 1;
+    }
+    produce_to(&broker, &name, &records[sent..]);
+    let out = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "3s"],
+    );
+    eprintln!("{out}");
+    assert!(kills >= 3, "only {kills} kills");
+    let rows = query(dir.path(), "select small, large from agg.clicks");
+    let mut got: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| (r["small"].as_i64().unwrap(), r["large"].as_i64().unwrap()))
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert!(want.len() > 100, "{} pairs", want.len());
+    assert_eq!(got.len(), want.len(), "each pair once (seed {seed})");
+    assert_eq!(got, want, "seed {seed}");
+    let quarantined = query(dir.path(), "select reason from agg.clicks__quarantine");
+    assert_eq!(quarantined.len(), late.len(), "seed {seed}");
+}
+
 /// Every committed record of `topic` (key, value), read until none arrives for 3 s.
 fn read_committed(broker: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
