@@ -17,20 +17,7 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
+pub use weir_common::memory::human_bytes;
 
 /// Left-aligned text table.
 /// The progress line of an asset: rows, bytes and rate so far.

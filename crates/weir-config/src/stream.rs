@@ -28,6 +28,30 @@ pub struct StreamConfig {
     /// When buffered records are committed to the table.
     #[serde(default)]
     pub flush: FlushConfig,
+    /// Bounds on the query's state (open windows, a join's kept rows).
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// The most memory a query's state may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Past it, the stream stops before committing (`1GiB`).
+    #[serde(default = "default_state_bytes", deserialize_with = "de_size")]
+    pub max_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            max_bytes: default_state_bytes(),
+        }
+    }
+}
+
+fn default_state_bytes() -> u64 {
+    1 << 30
 }
 
 /// A Kafka topic.
@@ -326,6 +350,8 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "flush.rows",
         "flush.bytes",
         "flush.interval",
+        "state",
+        "state.max_bytes",
     ];
 }
 

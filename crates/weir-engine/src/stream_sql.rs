@@ -693,6 +693,24 @@ impl StreamSql {
         least.map(|m| m - delay)
     }
 
+    /// Bytes the query's state takes in memory: open windows' groups (or sessions' rows)
+    /// and a join's kept rows.
+    pub fn state_bytes(&self) -> usize {
+        let aggs: usize = self
+            .aggs
+            .iter()
+            .map(|a| {
+                a.groups.values.size()
+                    + a.groups.accs.iter().map(|x| x.size()).sum::<usize>()
+                    + a.session_rows
+                        .iter()
+                        .map(|b| b.get_array_memory_size())
+                        .sum::<usize>()
+            })
+            .sum();
+        aggs + self.join.as_ref().map_or(0, |j| j.op.bytes())
+    }
+
     /// Rows a join of the source with itself holds, per side.
     pub fn join_rows_held(&self) -> Option<[usize; 2]> {
         self.join.as_ref().map(|j| j.op.held())

@@ -629,6 +629,22 @@ impl Flush<'_> {
                     rows.extend(self.query(job, b, &mut bad).await?);
                 }
                 rows.extend(job.query.advance().await?);
+                let held = job.query.state_bytes() as u64;
+                if held > cfg.state.max_bytes {
+                    return Err(Error::user(format!(
+                        "stream `{}`: its query's state takes {} after these records, past \
+                         `state.max_bytes` ({}); nothing of them was committed",
+                        stream.name,
+                        weir_common::memory::human_bytes(held),
+                        weir_common::memory::human_bytes(cfg.state.max_bytes)
+                    ))
+                    .with_hint(format!(
+                        "bound a join of the stream with itself in time (`b.ts BETWEEN a.ts AND \
+                         a.ts + INTERVAL '1' HOUR`), use shorter windows, or raise \
+                         `state: {{max_bytes: ...}}` in {}",
+                        stream.file.display()
+                    )));
+                }
                 if rows.is_empty() {
                     rows.push(arrow::record_batch::RecordBatch::new_empty(
                         job.query.output_schema().clone(),

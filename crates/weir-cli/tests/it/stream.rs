@@ -1379,3 +1379,49 @@ fn a_file_replays_through_a_windowed_query_and_a_rerun_reads_only_new_lines() {
         late.len() as u64 + 1
     );
 }
+
+#[test]
+fn a_join_whose_state_outgrows_its_bound_stops_the_stream_before_committing() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    let stream = |max: &str| {
+        format!(
+            "source:\n  type: file\n  path: data/clicks.jsonl\n  name: clicks\n{CLICK_COLUMNS}\
+             event_time:\n  column: ts\n  allowed_delay: 3s\n\
+             sql: |\n  SELECT a.id AS a_id, b.id AS b_id FROM clicks a JOIN clicks b\n  \
+             ON a.amount = b.amount WHERE a.user_name = 'ann' AND b.user_name = 'bob'\n\
+             sink:\n  table: agg.pairs\nflush:\n  rows: 500\nstate:\n  max_bytes: {max}\n"
+        )
+    };
+    crate::write(dir.path(), "streams/pairs.yaml", &stream("40KiB"));
+    let mut rng = Lcg(11);
+    let lines: String = clicks(&mut rng, 3_000)
+        .iter()
+        .map(|c| click_json(&(0, c.1, c.2.clone(), c.3, c.4)).1 + "\n")
+        .collect();
+    crate::write(dir.path(), "data/clicks.jsonl", &lines);
+    // Without a time bound the join keeps every row of ann and bob: past 40 KiB after
+    // some commits, the stream stops and says why.
+    let out = weir(dir.path(), &["stream", "run", "pairs"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past `state.max_bytes` (40.0 KiB)"), "{err}");
+    assert!(err.contains("nothing of them was committed"), "{err}");
+    assert!(err.contains("BETWEEN a.ts AND"), "{err}");
+    assert!(err.contains("streams/pairs.yaml"), "{err}");
+    let committed = scalar(dir.path(), "select count(*) from agg.pairs")
+        .as_u64()
+        .unwrap();
+    assert!(committed > 0, "the commits before it stay");
+    // With room for it, a rerun goes on from the last commit and every pair is there
+    // once.
+    crate::write(dir.path(), "streams/pairs.yaml", &stream("64MiB"));
+    ok(&weir(dir.path(), &["stream", "run", "pairs"]));
+    let rows = query(dir.path(), "select a_id, b_id from agg.pairs");
+    let pairs: std::collections::BTreeSet<(i64, i64)> = rows
+        .iter()
+        .map(|r| (r["a_id"].as_i64().unwrap(), r["b_id"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(pairs.len(), rows.len(), "a pair twice");
+    assert!(rows.len() as u64 > committed);
+}

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{cast, concat_batches, filter_record_batch, interleave, take};
+use arrow::compute::{
+    cast, concat_batches, filter_record_batch, interleave, take, take_record_batch,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::{Column, DFSchema, NullEquality};
@@ -170,6 +172,22 @@ impl StreamJoin {
         [0, 1].map(|s| !self.sides[s].bounds.is_empty())
     }
 
+    /// Bytes the state takes: the kept rows and their index.
+    pub(super) fn bytes(&self) -> usize {
+        self.sides
+            .iter()
+            .map(|s| {
+                let rows: usize = s.batches.iter().map(|b| b.get_array_memory_size()).sum();
+                let keys: usize = s
+                    .index
+                    .iter()
+                    .map(|(k, v)| k.len() + v.capacity() * 8 + 48)
+                    .sum();
+                rows + keys + s.expiries.iter().map(|e| e.capacity() * 8).sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Rows held, per side.
     pub(super) fn held(&self) -> [usize; 2] {
         [0, 1].map(|s| self.sides[s].rows - self.sides[s].expired)
@@ -304,6 +322,10 @@ impl StreamJoin {
         if b.num_rows() == 0 {
             return Ok(());
         }
+        // Batches out of a plan may hold buffers sized for more rows than they have (or
+        // share them with the whole input): the state keeps its own, sized to its rows.
+        let b = take_record_batch(&b, &UInt32Array::from_iter_values(0..b.num_rows() as u32))
+            .map_err(|e| Error::internal(format!("stream join: {e}")))?;
         let side = &mut self.sides[s];
         let expiry = side.expiries_of(&b)?;
         let bi = side.batches.len() as u32;
