@@ -158,7 +158,6 @@ struct JoinStages {
     op: join::StreamJoin,
     /// Where the rest of the query reads the joined rows.
     slot: SchemaRef,
-    upper: Stage,
 }
 
 /// A plan whose leaf is a slot: each run reads what was put in the slot.
@@ -542,89 +541,111 @@ impl StreamSql {
             ));
         }
         let reads = count_scans(&plan, slot_name);
-        let (upper, cuts) = split(&plan, slot_name)?;
-        let unaggregated = !cuts.is_empty() && count_scans(&upper, slot_name) > 0;
-        let mut join = None;
-        if cuts.is_empty() && reads == 2 {
-            let optimized = state.optimize(&plan).map_err(plan_error)?;
-            if let Some((upper, j, slot)) = split_join(&optimized, slot_name)? {
-                let column = time.map(|(i, _)| spec.schema.field(i).name().as_str());
-                let op = join::StreamJoin::new(
-                    &j,
-                    state.execution_props(),
-                    column.map(|column| join::EventTime {
-                        slot: slot_name,
-                        column,
-                    }),
-                )?;
-                check_per_batch(&j.left, slot_name)?;
-                check_per_batch(&j.right, slot_name)?;
-                check_per_batch(&upper, JOIN_SLOT).map_err(|e| {
-                    e.with_hint(
-                        "aggregate each side over the same window, then join the aggregates \
-                         ON window_start",
-                    )
-                })?;
-                join = Some(JoinStages {
-                    left: Stage::new(ctx, vec![source_slot.clone()], &j.left).await?,
-                    right: Stage::new(ctx, vec![source_slot.clone()], &j.right).await?,
-                    op,
-                    slot: slot.schema.clone(),
-                    upper: Stage::new(ctx, vec![slot], &upper).await?,
-                });
-            }
-        }
-        if reads == 0 || (cuts.is_empty() && reads > 1 && join.is_none()) || unaggregated {
-            return Err(Error::user(format!(
-                "a streaming query reads its source `{}` once, or in windows that are each aggregated; this one reads it {reads} times",
-                spec.source
-            ))
-            .with_hint(match reads {
-                0 => format!("read the records `FROM {}`", spec.source),
-                _ => "join the source with lake tables, with itself (an inner join ON a key of each side), or join aggregates of the same window of it (ON their window_start)".to_string(),
-            }));
-        }
-        let pre_plans: Vec<LogicalPlan> = match (cuts.is_empty(), &join) {
-            (_, Some(_)) => Vec::new(),
-            (true, None) => vec![plan.clone()],
-            (false, None) => cuts.iter().map(|(a, _)| a.input.as_ref().clone()).collect(),
+        let joined = match reads {
+            2 => split_join(&state.optimize(&plan).map_err(plan_error)?, slot_name)?,
+            _ => None,
         };
-        let mut pre = Vec::new();
-        for p in &pre_plans {
-            check_per_batch(p, slot_name)?;
-            pre.push(Stage::new(ctx, vec![source_slot.clone()], p).await?);
-        }
-        let mut aggs = Vec::new();
-        let mut post = None;
-        let output_schema = if cuts.is_empty() {
-            if matches!(window, Some(Window::Session { .. })) {
+        let (pre, aggs, post, join, output_schema) = if let Some((upper, j, slot)) = joined {
+            let column = time.map(|(i, _)| spec.schema.field(i).name().as_str());
+            let op = join::StreamJoin::new(
+                &j,
+                state.execution_props(),
+                column.map(|column| join::EventTime {
+                    slot: slot_name,
+                    column,
+                }),
+            )?;
+            check_per_batch(&j.left, slot_name)?;
+            check_per_batch(&j.right, slot_name)?;
+            let (above, cuts) = split(&upper, JOIN_SLOT)?;
+            if !cuts.is_empty() && count_scans(&above, JOIN_SLOT) > 0 {
                 return Err(Error::user(
-                    "a SESSION window needs an aggregate: GROUP BY window_start, window_end",
+                    "a join of the stream with itself is read once, or under one aggregate",
                 ));
             }
-            Arc::new(plan.schema().as_arrow().clone())
-        } else {
-            let Some(w) = &window else {
-                return Err(Error::user(
-                    "an aggregate over a stream needs a window: its groups would never be complete",
-                )
-                .with_hint(format!(
-                    "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
-                    spec.source
-                )));
+            let mut pre = Vec::new();
+            let mut aggs = Vec::new();
+            let mut post = None;
+            let output_schema = if cuts.is_empty() {
+                check_per_batch(&upper, JOIN_SLOT)?;
+                pre.push(Stage::new(ctx, vec![slot.clone()], &upper).await?);
+                Arc::new(upper.schema().as_arrow().clone())
+            } else {
+                let mut slots = Vec::new();
+                for (a, groups) in &cuts {
+                    check_per_batch(&a.input, JOIN_SLOT)?;
+                    pre.push(Stage::new(ctx, vec![slot.clone()], &a.input).await?);
+                    let close = Close::Bound(op.bound_exprs());
+                    aggs.push(Aggregation::new(ctx, a, close, &spec.event_time, groups).await?);
+                    slots.push(groups.clone());
+                }
+                post = Some(Stage::new(ctx, slots, &above).await?);
+                Arc::new(above.schema().as_arrow().clone())
             };
-            if cuts.len() > 1 && matches!(w, Window::Session { .. }) {
-                return Err(Error::user(
-                    "aggregates of SESSION windows cannot be joined: each key's sessions differ",
-                ));
+            let join = JoinStages {
+                left: Stage::new(ctx, vec![source_slot.clone()], &j.left).await?,
+                right: Stage::new(ctx, vec![source_slot.clone()], &j.right).await?,
+                op,
+                slot: slot.schema.clone(),
+            };
+            (pre, aggs, post, Some(join), output_schema)
+        } else {
+            let (upper, cuts) = split(&plan, slot_name)?;
+            let unaggregated = !cuts.is_empty() && count_scans(&upper, slot_name) > 0;
+            if reads == 0 || (cuts.is_empty() && reads > 1) || unaggregated {
+                return Err(Error::user(format!(
+                    "a streaming query reads its source `{}` once, or in windows that are each aggregated; this one reads it {reads} times",
+                    spec.source
+                ))
+                .with_hint(match reads {
+                    0 => format!("read the records `FROM {}`", spec.source),
+                    _ => "join the source with lake tables, with itself (an inner join ON a key of each side), or join aggregates of the same window of it (ON their window_start)".to_string(),
+                }));
             }
-            let mut slots = Vec::new();
-            for (a, slot) in &cuts {
-                aggs.push(Aggregation::new(ctx, a, w, &spec.event_time, slot).await?);
-                slots.push(slot.clone());
+            let pre_plans: Vec<LogicalPlan> = match cuts.is_empty() {
+                true => vec![plan.clone()],
+                false => cuts.iter().map(|(a, _)| a.input.as_ref().clone()).collect(),
+            };
+            let mut pre = Vec::new();
+            for p in &pre_plans {
+                check_per_batch(p, slot_name)?;
+                pre.push(Stage::new(ctx, vec![source_slot.clone()], p).await?);
             }
-            post = Some(Stage::new(ctx, slots, &upper).await?);
-            Arc::new(upper.schema().as_arrow().clone())
+            let mut aggs = Vec::new();
+            let mut post = None;
+            let output_schema = if cuts.is_empty() {
+                if matches!(window, Some(Window::Session { .. })) {
+                    return Err(Error::user(
+                        "a SESSION window needs an aggregate: GROUP BY window_start, window_end",
+                    ));
+                }
+                Arc::new(plan.schema().as_arrow().clone())
+            } else {
+                let Some(w) = &window else {
+                    return Err(Error::user(
+                        "an aggregate over a stream needs a window: its groups would never be complete",
+                    )
+                    .with_hint(format!(
+                        "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
+                        spec.source
+                    )));
+                };
+                if cuts.len() > 1 && matches!(w, Window::Session { .. }) {
+                    return Err(Error::user(
+                        "aggregates of SESSION windows cannot be joined: each key's sessions differ",
+                    ));
+                }
+                let mut slots = Vec::new();
+                for (a, slot) in &cuts {
+                    aggs.push(
+                        Aggregation::new(ctx, a, Close::Window(w), &spec.event_time, slot).await?,
+                    );
+                    slots.push(slot.clone());
+                }
+                post = Some(Stage::new(ctx, slots, &upper).await?);
+                Arc::new(upper.schema().as_arrow().clone())
+            };
+            (pre, aggs, post, None, output_schema)
         };
         for f in output_schema.fields() {
             if !f
@@ -742,22 +763,26 @@ impl StreamSql {
             rows: Vec::new(),
             late,
         };
-        if let Some(j) = &mut self.join {
-            let left = j.left.run(vec![vec![input.clone()]]).await?;
-            let right = j.right.run(vec![vec![input]]).await?;
-            let joined =
-                j.op.push(&left, &right)?
-                    .into_iter()
-                    .map(|b| RecordBatch::try_new(j.slot.clone(), b.columns().to_vec()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| Error::internal(format!("stream join: {e}")))?;
-            if !joined.is_empty() {
-                pushed.rows = j.upper.run(vec![joined]).await?;
+        // What the query runs on: the batch, or the pairs a join of it with itself made.
+        let input = match &mut self.join {
+            None => vec![input],
+            Some(j) => {
+                let left = j.left.run(vec![vec![input.clone()]]).await?;
+                let right = j.right.run(vec![vec![input]]).await?;
+                let joined =
+                    j.op.push(&left, &right)?
+                        .into_iter()
+                        .map(|b| RecordBatch::try_new(j.slot.clone(), b.columns().to_vec()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| Error::internal(format!("stream join: {e}")))?;
+                if joined.is_empty() {
+                    return Ok(pushed);
+                }
+                joined
             }
-            return Ok(pushed);
-        }
+        };
         for (i, stage) in self.pre.iter().enumerate() {
-            let out = stage.run(vec![vec![input.clone()]]).await?;
+            let out = stage.run(vec![input.clone()]).await?;
             match self.aggs.get_mut(i) {
                 None => pushed.rows = out,
                 Some(a) if a.session.is_some() => a.session_rows.extend(out),
@@ -997,11 +1022,21 @@ fn state_streams(bytes: &[u8]) -> Result<Vec<&[u8]>, Error> {
     }
 }
 
+/// When an aggregate's groups are complete.
+enum Close<'a> {
+    /// When the watermark passes the end of their window.
+    Window(&'a Window),
+    /// Over a join of the source with itself: when the watermark passes the group's value
+    /// of one of these expressions (bounds on the other side's event time), which the
+    /// GROUP BY must hold.
+    Bound(&'a [Expr]),
+}
+
 impl Aggregation {
     async fn new(
         ctx: &SessionContext,
         agg: &datafusion::logical_expr::Aggregate,
-        window: &Window,
+        close: Close<'_>,
         event_time: &Option<(String, Duration)>,
         groups_slot: &Slot,
     ) -> Result<Aggregation, Error> {
@@ -1053,6 +1088,45 @@ impl Aggregation {
             filters.push(lowered.filter);
         }
         let output = groups_slot.schema.clone();
+        let window = match close {
+            Close::Window(w) => w,
+            Close::Bound(bounds) => {
+                // A group's pairs all have the other side's event time at or before its
+                // bound: once the watermark passes it, no on-time row adds to the group.
+                let Some(i) = agg.group_expr.iter().position(|e| bounds.contains(e)) else {
+                    let shown: Vec<String> = bounds.iter().map(|b| format!("`{b}`")).collect();
+                    return Err(Error::user(
+                        "an aggregate over a join of the stream with itself must group by a \
+                         time bound of the join, to know when a group is complete",
+                    )
+                    .with_hint(match shown.is_empty() {
+                        true => "bound one side's event time by the other side's columns \
+                                 (`b.ts BETWEEN a.ts AND a.expires`) and GROUP BY that bound \
+                                 (`a.expires`)"
+                            .to_string(),
+                        false => format!("add one of {} to the GROUP BY", shown.join(", ")),
+                    }));
+                };
+                let spec = Arc::new(GroupsSpec {
+                    input,
+                    keys,
+                    key_schema,
+                    aggs,
+                    filters,
+                    output: output.clone(),
+                });
+                return Ok(Aggregation {
+                    groups: Groups::new(&spec)?,
+                    spec,
+                    end_of: (i, 1),
+                    open_ends: BTreeSet::new(),
+                    session: None,
+                    session_rows: Vec::new(),
+                    gap: 0,
+                    emitted: output,
+                });
+            }
+        };
         // The window's end, from the GROUP BY.
         let key_named = |name: &str| {
             agg.group_expr
@@ -1126,8 +1200,16 @@ impl Aggregation {
 
     fn ends(&self, keys: &[ArrayRef]) -> Vec<i64> {
         let (i, add) = self.end_of;
-        let col = keys[i].as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-        col.iter().map(|v| v.unwrap_or(i64::MIN) + add).collect()
+        if let Some(col) = keys[i].as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>()
+        {
+            return col.iter().map(|v| v.unwrap_or(i64::MIN) + add).collect();
+        }
+        // A join's bound: a time or epoch milliseconds (checked when the join was planned).
+        event_times(keys[i].data_type(), Some(&keys[i]))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.unwrap_or(i64::MIN).saturating_add(add))
+            .collect()
     }
 
     fn note_ends(&mut self, keys: &[ArrayRef]) {
@@ -1791,7 +1873,10 @@ fn split_join(
     slot: &str,
 ) -> Result<Option<(LogicalPlan, datafusion::logical_expr::Join, Slot)>, Error> {
     if let LogicalPlan::Join(j) = plan {
-        if count_scans(&j.left, slot) == 1 && count_scans(&j.right, slot) == 1 {
+        let rows = |p: &LogicalPlan| -> Result<bool, Error> {
+            Ok(count_scans(p, slot) == 1 && split(p, slot)?.1.is_empty())
+        };
+        if rows(&j.left)? && rows(&j.right)? {
             let (scan, s) = slot_scan(&j.schema, &TableReference::bare(JOIN_SLOT))?;
             return Ok(Some((scan, j.clone(), s)));
         }
@@ -2248,7 +2333,7 @@ mod tests {
             ("SELECT a.id FROM events a JOIN events b ON a.id = b.id JOIN events c ON b.id = c.id", false, "reads it 3 times"),
             ("SELECT a.id FROM events a LEFT JOIN events b ON a.id = b.id", false, "must be an inner join"),
             ("SELECT a.id FROM events a JOIN events b ON a.ts < b.ts", false, "needs an equality"),
-            ("SELECT count(*) AS n FROM events a JOIN events b ON a.id = b.id", false, "needs a window"),
+            ("SELECT count(*) AS n FROM events a JOIN events b ON a.id = b.id", false, "must group by a time bound"),
             (
                 "SELECT a.n FROM (SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, '10s') \
                  GROUP BY window_start) a JOIN TUMBLE(events, ts, '10s') b \
@@ -2500,5 +2585,68 @@ mod tests {
         })
         .await;
         assert!(most < rows / 6, "held at most {most} of {rows} rows");
+    }
+
+    #[tokio::test]
+    async fn an_aggregate_over_a_bounded_self_join_emits_each_group_once_complete() {
+        // Per "auction" a (even amounts), its "bids" b (odd) of the same user within 4 s:
+        // a group is complete once the watermark passes a.ts + 4 s.
+        let sql = "SELECT a.id AS a_id, max(b.amount) AS top, count(*) AS n \
+                   FROM events a JOIN events b \
+                   ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 4000 \
+                   WHERE a.amount % 2 = 0 AND b.amount % 2 = 1 \
+                   GROUP BY a.id, a.ts + 4000";
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(33);
+        let events = events(&mut rng, 3_000);
+        let (late, wm) = reference_late(&events);
+        let on_time: Vec<&Event> = events.iter().filter(|e| !late.contains(&e.id)).collect();
+        let mut want: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for a in on_time
+            .iter()
+            .filter(|a| a.amount % 2 == 0 && a.ts + 4_000 < wm)
+        {
+            for b in &on_time {
+                if b.amount % 2 == 1 && b.user == a.user && b.ts >= a.ts && b.ts <= a.ts + 4_000 {
+                    let e = want.entry(a.id).or_insert((i64::MIN, 0));
+                    *e = (e.0.max(b.amount), e.1 + 1);
+                }
+            }
+        }
+        let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+        let mut got = BTreeMap::new();
+        let mut most = 0;
+        for (i, chunk) in events.chunks(130).enumerate() {
+            let pushed = q.push(&batch(chunk)).await.unwrap();
+            assert!(pushed.rows.is_empty());
+            for b in q.advance().await.unwrap() {
+                let id = b.column(0).as_primitive::<Int64Type>();
+                let top = b.column(1).as_primitive::<Int64Type>();
+                let n = b.column(2).as_primitive::<Int64Type>();
+                for r in 0..b.num_rows() {
+                    let v = (top.value(r), n.value(r));
+                    assert!(
+                        got.insert(id.value(r), v).is_none(),
+                        "{} twice",
+                        id.value(r)
+                    );
+                }
+            }
+            most = most.max(q.join_rows_held().unwrap().into_iter().max().unwrap());
+            if i % 4 == 3 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        assert!(want.len() > 300, "{} groups", want.len());
+        assert_eq!(got, want);
+        assert!(most < 400, "held at most {most} rows a side");
+        // Without the bound in the GROUP BY, a group is never known complete.
+        let e = StreamSql::compile(&ctx, &spec(&sql.replace(", a.ts + 4000", ""), true))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("must group by a time bound"), "{e}");
+        assert!(format!("{e:?}").contains("a.ts + Int64(4000)"), "{e:?}");
     }
 }

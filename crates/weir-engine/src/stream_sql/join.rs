@@ -46,6 +46,8 @@ pub(super) struct StreamJoin {
     converter: RowConverter,
     key_types: Vec<DataType>,
     nulls_match: bool,
+    /// The bounds of both sides, as planned (over the join's columns).
+    bound_exprs: Vec<Expr>,
 }
 
 struct Side {
@@ -111,6 +113,7 @@ impl StreamJoin {
         .map_err(|e| Error::internal(format!("stream join keys: {e}")))?;
         // The bounds each side's rows get from the other side's event time.
         let mut bounds: [Vec<Arc<dyn PhysicalExpr>>; 2] = [Vec::new(), Vec::new()];
+        let mut bound_exprs = Vec::new();
         if let Some(t) = &time {
             let mut conds: Vec<Expr> = join
                 .on
@@ -143,6 +146,7 @@ impl StreamJoin {
                                 Ok(DataType::Timestamp(_, _) | DataType::Int64 | DataType::Int32)
                             ) {
                                 bounds[y].push(e);
+                                bound_exprs.push(bound.clone());
                             }
                         }
                     }
@@ -163,8 +167,14 @@ impl StreamJoin {
             schema: Arc::new(join.schema.as_arrow().clone()),
             converter,
             key_types,
+            bound_exprs,
             nulls_match: join.null_equality == NullEquality::NullEqualsNull,
         })
+    }
+
+    /// The expressions that bound the other side's event time, over the join's columns.
+    pub(super) fn bound_exprs(&self) -> &[Expr] {
+        &self.bound_exprs
     }
 
     /// Whether kept rows ever leave (the join's conditions bound them in time).
