@@ -15,11 +15,12 @@ pre-generated bid events, in the same run.
 4. weir's results are checked: q0/q1 row counts, q2 against the file, q5/q7 one result
    per window.
 
-q3 and q8 read every event (persons, auctions and bids in one flat file, as Nexmark's
+q3, q4 and q8 read every event (persons, auctions and bids in one flat file, as Nexmark's
 Flink setup reads them). q3 joins persons with their auctions, without a window (weir's
-incremental join of the stream with itself); q8 joins two aggregates of the same tumbling
-window. q4 (auctions joined with their bids until they expire, then averaged per category
-as a result that keeps changing) needs an updating sink weir does not have yet: not run.
+incremental join of the stream with itself). q4 joins auctions with their bids until each
+auction expires: weir's stream emits each auction's winning bid once it has closed, and
+the average per category is a query over that table (its CPU counts); Flink keeps the
+averages updated as one job. q8 joins two aggregates of the same tumbling window.
 
 Usage: python3 bench/nexmark.py [--events 2000000] [--weir PATH] [--queries q0,q5]
 """
@@ -44,7 +45,7 @@ ALL_COLUMNS = [("event_type", "int"), ("date_time", "bigint"),
                ("a_extra", "string"), ("b_auction", "bigint"), ("b_bidder", "bigint"),
                ("b_price", "bigint"), ("b_channel", "string"), ("b_url", "string"),
                ("b_extra", "string")]
-ALL_EVENTS = {"q3", "q8"}
+ALL_EVENTS = {"q3", "q4", "q8"}
 
 WEIR = {
     "q0": "SELECT auction, bidder, price, date_time, extra FROM bid",
@@ -54,6 +55,12 @@ WEIR = {
 FROM events a JOIN events p ON a.a_seller = p.p_id
 WHERE a.event_type = 1 AND a.a_category = 10
   AND p.event_type = 0 AND p.p_state IN ('or', 'id', 'ca')""",
+    # Each auction's winning bid, once it has closed (the watermark passed a_expires)...
+    "q4": """SELECT a.a_id AS id, a.a_category AS category, max(b.b_price) AS final
+FROM events a JOIN events b
+  ON a.a_id = b.b_auction AND b.date_time BETWEEN a.date_time AND a.a_expires
+WHERE a.event_type = 1 AND b.event_type = 2
+GROUP BY a.a_id, a.a_category, a.a_expires""",
     "q5": """WITH counts AS (
   SELECT window_start, window_end, auction, count(*) AS num
   FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND)
@@ -77,6 +84,9 @@ JOIN
 ON p.id = a.seller AND p.window_start = a.window_start AND p.window_end = a.window_end""",
 }
 
+# ...then the average per category, over the table the stream keeps (its CPU counts).
+WEIR_AFTER = {"q4": "SELECT category, avg(final) AS average FROM nexmark.q4 GROUP BY category"}
+
 FLINK = {
     "q0": "SELECT auction, bidder, price, date_time, extra FROM bid",
     "q1": "SELECT auction, bidder, 0.908 * price AS price, date_time, extra FROM bid",
@@ -85,6 +95,13 @@ FLINK = {
 FROM events AS A INNER JOIN events AS P ON A.a_seller = P.p_id
 WHERE A.event_type = 1 AND A.a_category = 10
   AND P.event_type = 0 AND P.p_state IN ('or', 'id', 'ca')""",
+    "q4": """SELECT Q.category, AVG(Q.final) AS average FROM (
+  SELECT MAX(B.b_price) AS final, A.a_category AS category
+  FROM events A, events B
+  WHERE A.event_type = 1 AND B.event_type = 2 AND A.a_id = B.b_auction
+    AND B.date_time BETWEEN A.date_time AND A.a_expires
+  GROUP BY A.a_id, A.a_category) Q
+GROUP BY Q.category""",
     "q5": """SELECT auction, num, window_start, window_end FROM (
   SELECT *, ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY num DESC) AS r FROM (
     SELECT window_start, window_end, auction, COUNT(*) AS num
@@ -106,7 +123,7 @@ JOIN (
 ON P.id = A.seller AND P.starttime = A.starttime AND P.endtime = A.endtime""",
 }
 
-NOT_RUN = {"q4": "joins auctions with their bids until each auction expires, then averages"}
+NOT_RUN = {}
 
 
 def sh(cmd, **kw):
@@ -205,6 +222,10 @@ def run_weir(weir, q, path):
         weir_project(d, q, path)
         cpu, wall, out = cpu_of([weir, "--project", d, "stream", "run", q, "--format", "json"])
         summary = json.loads(out)
+        if q in WEIR_AFTER:
+            more, _, out = cpu_of([weir, "--project", d, "query", WEIR_AFTER[q], "--format", "json"])
+            cpu += more
+            summary["after"] = json.loads(out)
         rows = int(sh([weir, "--project", d, "query", f"select count(*) from nexmark.{q}",
                        "--format", "csv"]).split()[-1])
         return cpu, wall, summary, rows
@@ -289,6 +310,33 @@ def check(q, rows, path, summary):
                     sellers.append(e["a_seller"])
         want = sum(persons.get(s, 0) for s in sellers)
         return None if rows == want else f"{rows} rows, {want} expected"
+    if q == "q4":
+        # Each auction closed by the final watermark (newest time - 4 s; events are in
+        # order, none is late) with a bid between its start and its expiry: its highest
+        # bid, then the average per category.
+        # (A bid may come just before its auction, in the same millisecond.)
+        auctions, bids, best, newest = {}, [], {}, 0
+        with open(path) as f:
+            for line in f:
+                e = json.loads(line)
+                newest = max(newest, e["date_time"])
+                if e["event_type"] == 1:
+                    auctions[e["a_id"]] = (e["date_time"], e["a_expires"], e["a_category"])
+                elif e["event_type"] == 2:
+                    bids.append((e["b_auction"], e["date_time"], e["b_price"]))
+        for k, t, price in bids:
+            if k in auctions and auctions[k][0] <= t <= auctions[k][1]:
+                best[k] = max(best.get(k, price), price)
+        closed = {k: v for k, v in best.items() if auctions[k][1] < newest - 4_000}
+        per = {}
+        for k, v in closed.items():
+            per.setdefault(auctions[k][2], []).append(v)
+        want = {c: sum(v) / len(v) for c, v in per.items()}
+        got = {r["category"]: r["average"] for r in summary["after"]}
+        if rows != len(closed):
+            return f"{rows} auctions, {len(closed)} expected"
+        bad = [c for c in want if abs(got.get(c, -1) - want[c]) > 1e-6 * want[c]]
+        return f"averages differ for {bad}: {got} vs {want}" if bad or len(got) != len(want) else None
     if q in ("q5", "q7"):
         return None if rows > 0 else "no windows emitted"
     return None
@@ -300,7 +348,7 @@ def main():
     ap.add_argument("--weir", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/weir-target")),
         "release", "weir"))
-    ap.add_argument("--queries", default="q0,q1,q2,q3,q5,q7,q8")
+    ap.add_argument("--queries", default="q0,q1,q2,q3,q4,q5,q7,q8")
     ap.add_argument("--no-flink", action="store_true")
     a = ap.parse_args()
     files = {}
