@@ -8,6 +8,10 @@
 //! `a.expires`, no on-time `b` row can join that `a` row, so it leaves the state. Bounds
 //! are read from the join's conditions of the form `x.<event time> <= <expression of
 //! the other side>` (also `<`, `=`, `BETWEEN`); a join without one keeps every row.
+//!
+//! **Outer joins.** A LEFT, RIGHT or FULL join needs such a bound on each side whose
+//! unmatched rows it keeps: a row that leaves the state without having met a match is
+//! emitted then, with nulls for the other side, once, when no later row can match it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -52,6 +56,10 @@ pub(super) struct StreamJoin {
 
 struct Side {
     schema: SchemaRef,
+    /// An outer join keeps this side's unmatched rows.
+    preserved: bool,
+    /// Per kept batch, whether each row has met a match (or was emitted unmatched).
+    matched: Vec<Vec<bool>>,
     keys: Vec<Arc<dyn PhysicalExpr>>,
     /// Upper bounds on the other side's event time for a match, over this side's rows.
     bounds: Vec<Arc<dyn PhysicalExpr>>,
@@ -74,17 +82,19 @@ impl StreamJoin {
         props: &ExecutionProps,
         time: Option<EventTime<'_>>,
     ) -> Result<StreamJoin, Error> {
-        if join.join_type != JoinType::Inner {
-            return Err(Error::user(format!(
-                "a join of the stream with itself must be an inner join, not {}: the rows \
-                 a {} join adds for unmatched rows would never be final",
-                join.join_type, join.join_type
-            ))
-            .with_hint(
-                "use JOIN ... ON, or aggregate each side over the same window and join the \
-                 aggregates ON window_start",
-            ));
-        }
+        let preserved = match join.join_type {
+            JoinType::Inner => [false, false],
+            JoinType::Left => [true, false],
+            JoinType::Right => [false, true],
+            JoinType::Full => [true, true],
+            other => {
+                return Err(Error::user(format!(
+                    "a join of the stream with itself is an inner, left, right or full join, \
+                     not {other}"
+                ))
+                .with_hint("IN and EXISTS over the stream are semi and anti joins: use JOIN"))
+            }
+        };
         if join.on.is_empty() {
             return Err(Error::user(
                 "a join of the stream with itself needs an equality between its sides \
@@ -157,11 +167,29 @@ impl StreamJoin {
             Some(f) => Some(physical(f, &join.schema)?),
             None => None,
         };
+        for (s, kept) in preserved.iter().enumerate() {
+            if *kept && bounds[s].is_empty() {
+                let (this, other) = match s {
+                    0 => ("left", "right"),
+                    _ => ("right", "left"),
+                };
+                return Err(Error::user(format!(
+                    "a {} join of the stream with itself emits a {this} row without a match \
+                     once no later row can match it, which needs a time bound on the {other} \
+                     side's event time",
+                    join.join_type
+                ))
+                .with_hint(format!(
+                    "add a condition such as `{other}.ts BETWEEN {this}.ts AND {this}.ts + \
+                     INTERVAL '1' HOUR` to the ON clause (with the stream's event-time column)"
+                )));
+            }
+        }
         let [lb, rb] = bounds;
         Ok(StreamJoin {
             sides: [
-                Side::new(ls.as_arrow().clone().into(), lk, lb),
-                Side::new(rs.as_arrow().clone().into(), rk, rb),
+                Side::new(ls.as_arrow().clone().into(), lk, lb, preserved[0]),
+                Side::new(rs.as_arrow().clone().into(), rk, rb, preserved[1]),
             ],
             filter,
             schema: Arc::new(join.schema.as_arrow().clone()),
@@ -213,14 +241,46 @@ impl StreamJoin {
         let mut out = Vec::new();
         for (s, new) in [(0, left), (1, right)] {
             for b in new.iter().filter(|b| b.num_rows() > 0) {
-                let (b, keys) = self.keyed(s, b)?;
-                if let Some(j) = self.probe(s, &b, &keys)? {
-                    out.push(j);
+                let (b, keys, keyless) = self.keyed(s, b)?;
+                // A row with a null key never matches: an outer join emits it at once.
+                if let Some(k) = keyless.filter(|_| self.sides[s].preserved) {
+                    out.push(self.unmatched(s, &k)?);
                 }
-                self.keep(s, b, &keys)?;
+                let (joined, matched) = self.probe(s, &b, &keys)?;
+                out.extend(joined);
+                self.keep(s, b, &keys, matched)?;
             }
         }
         Ok(out)
+    }
+
+    /// Rows of side `s` with nulls for the other side, in the joined layout.
+    fn unmatched(&self, s: usize, rows: &RecordBatch) -> Result<RecordBatch, Error> {
+        let other = &self.sides[1 - s].schema;
+        let nulls = other
+            .fields()
+            .iter()
+            .map(|f| arrow::array::new_null_array(f.data_type(), rows.num_rows()));
+        let columns: Vec<ArrayRef> = match s {
+            0 => rows.columns().iter().cloned().chain(nulls).collect(),
+            _ => nulls.chain(rows.columns().iter().cloned()).collect(),
+        };
+        self.joined(columns)
+    }
+
+    /// Columns in the join's layout, cast to its types.
+    fn joined(&self, columns: Vec<ArrayRef>) -> Result<RecordBatch, Error> {
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("stream join: {e}"));
+        let columns = columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| match c.data_type() == f.data_type() {
+                true => Ok(c),
+                false => cast(&c, f.data_type()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(err)
     }
 
     fn with_side_schema(&self, s: usize, b: &RecordBatch) -> Result<RecordBatch, Error> {
@@ -228,18 +288,21 @@ impl StreamJoin {
             .map_err(|e| Error::internal(format!("stream join: {e}")))
     }
 
-    /// The rows of `b` that have a key (a null key matches nothing), and their keys.
-    fn keyed(&self, s: usize, b: &RecordBatch) -> Result<(RecordBatch, arrow::row::Rows), Error> {
+    /// The rows of `b` that have a key, their keys, and the rows without one (a null key
+    /// matches nothing).
+    fn keyed(&self, s: usize, b: &RecordBatch) -> Result<Keyed, Error> {
         let b = self.with_side_schema(s, b)?;
         let keys = self.key_rows(s, &b)?;
         if keys.valid.iter().all(|v| *v) {
-            return Ok((b, keys.rows));
+            return Ok((b, keys.rows, None));
         }
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("stream join: {e}"));
         let mask: arrow::array::BooleanArray = keys.valid.iter().map(|v| Some(*v)).collect();
-        let b = filter_record_batch(&b, &mask)
-            .map_err(|e| Error::internal(format!("stream join: {e}")))?;
+        let keyless =
+            filter_record_batch(&b, &arrow::compute::not(&mask).map_err(err)?).map_err(err)?;
+        let b = filter_record_batch(&b, &mask).map_err(err)?;
         let keys = self.key_rows(s, &b)?;
-        Ok((b, keys.rows))
+        Ok((b, keys.rows, Some(keyless)))
     }
 
     /// The rows' keys, and whether each can match (no null in it, unless nulls match).
@@ -258,16 +321,18 @@ impl StreamJoin {
         Ok(KeyRows { rows, valid })
     }
 
-    /// `b` (rows of side `s`) joined with the other side's kept rows.
+    /// `b` (rows of side `s`) joined with the other side's kept rows, and which rows of
+    /// `b` met a match. The kept rows that met one are marked.
     fn probe(
-        &self,
+        &mut self,
         s: usize,
         b: &RecordBatch,
         keys: &arrow::row::Rows,
-    ) -> Result<Option<RecordBatch>, Error> {
+    ) -> Result<(Option<RecordBatch>, Vec<bool>), Error> {
+        let mut matched = vec![false; b.num_rows()];
         let other = &self.sides[1 - s];
         if other.rows == 0 {
-            return Ok(None);
+            return Ok((None, matched));
         }
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
@@ -280,14 +345,14 @@ impl StreamJoin {
             }
         }
         if mine.is_empty() {
-            return Ok(None);
+            return Ok((None, matched));
         }
         let err = |e: arrow::error::ArrowError| Error::internal(format!("stream join: {e}"));
-        let mine = UInt32Array::from(mine);
+        let picked = UInt32Array::from(mine.clone());
         let mut own: Vec<ArrayRef> = b
             .columns()
             .iter()
-            .map(|c| take(c, &mine, None))
+            .map(|c| take(c, &picked, None))
             .collect::<Result<_, _>>()
             .map_err(err)?;
         let mut others: Vec<ArrayRef> = Vec::with_capacity(other.schema.fields().len());
@@ -306,29 +371,41 @@ impl StreamJoin {
                 others
             }
         };
-        let columns = columns
-            .into_iter()
-            .zip(self.schema.fields())
-            .map(|(c, f)| match c.data_type() == f.data_type() {
-                true => Ok(c),
-                false => cast(&c, f.data_type()),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
-        let joined = RecordBatch::try_new(self.schema.clone(), columns).map_err(err)?;
-        let Some(f) = &self.filter else {
-            return Ok(Some(joined));
+        let joined = self.joined(columns)?;
+        let (joined, pass) = match &self.filter {
+            None => (joined, None),
+            Some(f) => {
+                let mask = f
+                    .evaluate(&joined)
+                    .and_then(|v| v.into_array(joined.num_rows()))
+                    .map_err(exec_error)?;
+                let mask = mask.as_boolean().clone();
+                (
+                    filter_record_batch(&joined, &mask).map_err(err)?,
+                    Some(mask),
+                )
+            }
         };
-        let mask = f
-            .evaluate(&joined)
-            .and_then(|v| v.into_array(joined.num_rows()))
-            .map_err(exec_error)?;
-        let joined = filter_record_batch(&joined, mask.as_boolean()).map_err(err)?;
-        Ok((joined.num_rows() > 0).then_some(joined))
+        let other = &mut self.sides[1 - s];
+        for (k, (i, (bi, ri))) in mine.iter().zip(&theirs).enumerate() {
+            if pass.as_ref().is_none_or(|m| m.is_valid(k) && m.value(k)) {
+                matched[*i as usize] = true;
+                if other.preserved {
+                    other.matched[*bi][*ri] = true;
+                }
+            }
+        }
+        Ok(((joined.num_rows() > 0).then_some(joined), matched))
     }
 
-    /// Keeps the rows of `b` (all with a key).
-    fn keep(&mut self, s: usize, b: RecordBatch, keys: &arrow::row::Rows) -> Result<(), Error> {
+    /// Keeps the rows of `b` (all with a key), and whether each has met a match.
+    fn keep(
+        &mut self,
+        s: usize,
+        b: RecordBatch,
+        keys: &arrow::row::Rows,
+        matched: Vec<bool>,
+    ) -> Result<(), Error> {
         if b.num_rows() == 0 {
             return Ok(());
         }
@@ -349,13 +426,21 @@ impl StreamJoin {
         side.rows += b.num_rows();
         side.batches.push(b);
         side.expiries.push(expiry);
+        if side.preserved {
+            side.matched.push(matched);
+        }
         Ok(())
     }
 
     /// Marks rows whose expiry is before `watermark` (µs) as gone; drops them once they
-    /// are half of a side's rows.
-    pub(super) fn prune(&mut self, watermark: i64) -> Result<(), Error> {
+    /// are half of a side's rows. Returns an outer join's rows that went without a match,
+    /// with nulls for the other side.
+    pub(super) fn prune(&mut self, watermark: i64) -> Result<Vec<RecordBatch>, Error> {
+        let mut out = Vec::new();
         for s in 0..2 {
+            if self.sides[s].preserved {
+                out.extend(self.take_unmatched(s, watermark)?);
+            }
             let side = &mut self.sides[s];
             let keep = side.expiring.split_off(&watermark);
             side.expired += std::mem::replace(&mut side.expiring, keep)
@@ -365,7 +450,36 @@ impl StreamJoin {
                 self.compact(s, watermark)?;
             }
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Side `s`'s rows that expire before `watermark` without a match, in the joined
+    /// layout; they are marked, so each is emitted once.
+    fn take_unmatched(&mut self, s: usize, watermark: i64) -> Result<Option<RecordBatch>, Error> {
+        let side = &mut self.sides[s];
+        let mut picked = Vec::new();
+        for (bi, (expiry, matched)) in side.expiries.iter().zip(&mut side.matched).enumerate() {
+            for (ri, (e, m)) in expiry.iter().zip(matched.iter_mut()).enumerate() {
+                if *e < watermark && !*m {
+                    *m = true;
+                    picked.push((bi, ri));
+                }
+            }
+        }
+        if picked.is_empty() {
+            return Ok(None);
+        }
+        let err = |e: arrow::error::ArrowError| Error::internal(format!("stream join: {e}"));
+        let columns = (0..side.schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> =
+                    side.batches.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &picked)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let rows = RecordBatch::try_new(side.schema.clone(), columns).map_err(err)?;
+        self.unmatched(s, &rows).map(Some)
     }
 
     /// Rebuilds side `s` from its rows that expire at or after `watermark`.
@@ -373,23 +487,35 @@ impl StreamJoin {
         let err = |e: arrow::error::ArrowError| Error::internal(format!("stream join: {e}"));
         let side = &mut self.sides[s];
         let mut live = Vec::new();
-        for (b, e) in side.batches.iter().zip(&side.expiries) {
+        let mut flags = Vec::new();
+        for (i, (b, e)) in side.batches.iter().zip(&side.expiries).enumerate() {
             let mask: arrow::array::BooleanArray =
                 e.iter().map(|e| Some(*e >= watermark)).collect();
             live.push(filter_record_batch(b, &mask).map_err(err)?);
+            if let Some(m) = side.matched.get(i) {
+                flags.extend(
+                    m.iter()
+                        .zip(e)
+                        .filter(|(_, e)| **e >= watermark)
+                        .map(|(m, _)| *m),
+                );
+            }
         }
         let all = concat_batches(&side.schema, &live).map_err(err)?;
         side.clear();
-        self.insert(s, all)
+        self.insert(s, all, flags)
     }
 
-    /// Adds kept rows (from a checkpoint, or a compaction) without joining them.
-    fn insert(&mut self, s: usize, b: RecordBatch) -> Result<(), Error> {
+    /// Adds kept rows (from a checkpoint, or a compaction) without joining them, with
+    /// whether each has met a match (an outer join's preserved side).
+    fn insert(&mut self, s: usize, b: RecordBatch, matched: Vec<bool>) -> Result<(), Error> {
         if b.num_rows() == 0 {
             return Ok(());
         }
-        let (b, keys) = self.keyed(s, &b)?;
-        self.keep(s, b, &keys)
+        let (b, keys, _) = self.keyed(s, &b)?;
+        let mut matched = matched;
+        matched.resize(b.num_rows(), false);
+        self.keep(s, b, &keys, matched)
     }
 
     /// Per side, the rows held (expired ones left out), for a checkpoint.
@@ -403,17 +529,22 @@ impl StreamJoin {
             }
             let side = &self.sides[s];
             let all = concat_batches(&side.schema, &side.batches).map_err(err)?;
-            let fields: Vec<Field> = side
+            let mut fields: Vec<Field> = side
                 .schema
                 .fields()
                 .iter()
                 .enumerate()
                 .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
                 .collect();
-            out.push(
-                RecordBatch::try_new(Arc::new(Schema::new(fields)), all.columns().to_vec())
-                    .map_err(err)?,
-            );
+            // Last, whether each row has met a match (always false on an inner join).
+            fields.push(Field::new("matched", DataType::Boolean, false));
+            let mut columns = all.columns().to_vec();
+            let matched: arrow::array::BooleanArray = match side.preserved {
+                true => side.matched.iter().flatten().map(|m| Some(*m)).collect(),
+                false => vec![Some(false); all.num_rows()].into_iter().collect(),
+            };
+            columns.push(Arc::new(matched));
+            out.push(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(err)?);
         }
         let [l, r]: [RecordBatch; 2] = out
             .try_into()
@@ -425,7 +556,19 @@ impl StreamJoin {
     pub(super) fn restore(&mut self, s: usize, batches: &[RecordBatch]) -> Result<(), Error> {
         self.sides[s].clear();
         for b in batches {
-            self.insert(s, b.clone())?;
+            let n = b.num_columns();
+            let bad = || Error::internal("stream checkpoint: a join side without its flags");
+            let flags = b
+                .column(n.checked_sub(1).ok_or_else(bad)?)
+                .as_boolean_opt()
+                .ok_or_else(bad)?;
+            let matched = flags.iter().map(|m| m.unwrap_or(false)).collect();
+            self.insert(
+                s,
+                b.project(&(0..n - 1).collect::<Vec<_>>())
+                    .map_err(|e| Error::internal(format!("stream checkpoint: {e}")))?,
+                matched,
+            )?;
         }
         Ok(())
     }
@@ -436,14 +579,20 @@ struct KeyRows {
     valid: Vec<bool>,
 }
 
+/// Rows with a key, their keys, and the rows without one.
+type Keyed = (RecordBatch, arrow::row::Rows, Option<RecordBatch>);
+
 impl Side {
     fn new(
         schema: SchemaRef,
         keys: Vec<Arc<dyn PhysicalExpr>>,
         bounds: Vec<Arc<dyn PhysicalExpr>>,
+        preserved: bool,
     ) -> Side {
         Side {
             schema,
+            preserved,
+            matched: Vec::new(),
             keys,
             bounds,
             batches: Vec::new(),
@@ -457,6 +606,7 @@ impl Side {
 
     fn clear(&mut self) {
         self.batches.clear();
+        self.matched.clear();
         self.expiries.clear();
         self.index.clear();
         self.rows = 0;
