@@ -803,7 +803,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
             let s = weir_orchestrator::stream::status(&project, &lake, &name).await?;
             let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}/s"));
             let mut text = format!(
-                "stream {} ({} -> {}): {} commits, {} rows, last commit {}, lag {}, {}{}\n\
+                "stream {} ({} -> {}): {} commits, {} rows, last commit {}, lag {}, {}{}{}\n\
                  partition  position  low  high  lag  rate  watermark",
                 s.stream,
                 s.topic,
@@ -816,6 +816,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 s.watermark
                     .as_deref()
                     .map_or(String::new(), |w| format!(", watermark {w}")),
+                s.state_bytes.map_or(String::new(), |b| format!(
+                    ", state {}",
+                    weir_common::memory::human_bytes(b)
+                )),
             );
             for p in &s.partitions {
                 text.push_str(&format!(

@@ -939,6 +939,9 @@ pub struct StreamStatus {
     pub watermark: Option<String>,
     /// Records per second in the last commit's interval, over all partitions.
     pub records_per_second: Option<f64>,
+    /// A SQL stream's state (open windows, a join's kept rows) as of the last commit: the
+    /// size of its checkpoint.
+    pub state_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -1053,18 +1056,21 @@ pub async fn status(project: &Project, lake: &Lake, name: &str) -> Result<Stream
                 }
             }
         }
-        if let (Some(et), true) = (&stream.config.event_time, out.epoch > 0) {
-            if let Some(bytes) = lake.read_state(table, &epoch_app(name), out.epoch).await? {
-                let delay = et.allowed_delay.as_micros() as i64;
-                event_marks = weir_engine::stream_sql::checkpoint_marks(&bytes)?
-                    .into_iter()
-                    .map(|(p, m)| (p, m - delay))
-                    .collect();
-                out.watermark = event_marks
-                    .values()
-                    .min()
-                    .map(|w| weir_engine::stream_sql::show_time(*w));
-            }
+        let state = match stream.config.sql.is_some() && out.epoch > 0 {
+            true => lake.read_state(table, &epoch_app(name), out.epoch).await?,
+            false => None,
+        };
+        out.state_bytes = state.as_ref().map(|b| b.len() as u64);
+        if let (Some(et), Some(bytes)) = (&stream.config.event_time, state) {
+            let delay = et.allowed_delay.as_micros() as i64;
+            event_marks = weir_engine::stream_sql::checkpoint_marks(&bytes)?
+                .into_iter()
+                .map(|(p, m)| (p, m - delay))
+                .collect();
+            out.watermark = event_marks
+                .values()
+                .min()
+                .map(|w| weir_engine::stream_sql::show_time(*w));
         }
     }
     let topic = src.topic.clone();

@@ -1443,4 +1443,10 @@ fn a_join_whose_state_outgrows_its_bound_stops_the_stream_before_committing() {
         .collect();
     assert_eq!(pairs.len(), rows.len(), "a pair twice");
     assert!(rows.len() as u64 > committed);
+    // The status shows the state's size: every row of ann and bob, kept.
+    let status = weir_json(dir.path(), &["stream", "status", "pairs"]);
+    let held = status["state_bytes"].as_u64().unwrap();
+    assert!(held > 10_000, "{status}");
+    let text = ok(&weir(dir.path(), &["stream", "status", "pairs"]));
+    assert!(text.contains(", state "), "{text}");
 }
