@@ -187,6 +187,11 @@ pub struct StreamSinkConfig {
     pub table: String,
     #[serde(default)]
     pub partition_by: Vec<String>,
+    /// The columns that identify a row: each commit updates the table's row with the
+    /// same key (and inserts the others) instead of appending. A SQL stream may then
+    /// aggregate without a window (a running result).
+    #[serde(default)]
+    pub key: Vec<String>,
     /// A field the table does not have yet: `add_columns` (default) adds it; `strict`
     /// stops the stream instead.
     #[serde(default)]
@@ -337,6 +342,7 @@ impl crate::yaml::ConfigKeys for StreamConfig {
         "source.columns.nullable",
         "sink.table",
         "sink.partition_by",
+        "sink.key",
         "sink.schema_evolution",
         "sink.on_incompatible",
         "sink.kafka",

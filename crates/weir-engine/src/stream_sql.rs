@@ -96,6 +96,9 @@ pub struct StreamSqlSpec {
     pub partition_column: String,
     /// The event-time column and the allowed delay.
     pub event_time: Option<(String, Duration)>,
+    /// The sink keeps one row per key, updated in place: an aggregate without a window
+    /// is allowed, and emits its changed groups' current values at each commit.
+    pub updating: bool,
 }
 
 /// What a batch of source rows produced: rows for the sink (a query without an aggregate)
@@ -301,6 +304,9 @@ struct Aggregation {
     gap: i64,
     /// The emitted groups' columns (the slot the rest of the query reads them from).
     emitted: SchemaRef,
+    /// A running aggregate (no window): which groups changed since they were last
+    /// emitted, by group index.
+    changed: Option<Vec<bool>>,
 }
 
 /// Where a session window's columns are in the rows the aggregate reads.
@@ -361,8 +367,8 @@ impl Groups {
         self.values.is_empty()
     }
 
-    /// Adds the rows of `batch`; returns the key columns it had.
-    fn update(&mut self, batch: &RecordBatch) -> Result<Vec<ArrayRef>, Error> {
+    /// Adds the rows of `batch`; returns the key columns it had, and each row's group.
+    fn update(&mut self, batch: &RecordBatch) -> Result<(Vec<ArrayRef>, Vec<usize>), Error> {
         let n = batch.num_rows();
         let keys = eval_all(&self.spec.keys, batch)?;
         let mut ids = Vec::with_capacity(n);
@@ -388,7 +394,7 @@ impl Groups {
             acc.update_batch(&args, &ids, filter.as_ref(), total)
                 .map_err(exec_error)?;
         }
-        Ok(keys)
+        Ok((keys, ids))
     }
 
     /// The groups' keys and accumulator states; the groups are emptied.
@@ -621,24 +627,35 @@ impl StreamSql {
                 }
                 Arc::new(plan.schema().as_arrow().clone())
             } else {
-                let Some(w) = &window else {
-                    return Err(Error::user(
+                let close = match &window {
+                    Some(w) => Close::Window(w),
+                    None if spec.updating => Close::Running,
+                    None => return Err(Error::user(
                         "an aggregate over a stream needs a window: its groups would never be complete",
                     )
                     .with_hint(format!(
-                        "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end",
+                        "read the source through a window: `FROM TUMBLE({}, <time column>, INTERVAL '1' MINUTE)` and GROUP BY window_start, window_end; or keep a running result, updated at each commit, with `sink.key` set to the GROUP BY columns",
                         spec.source
-                    )));
+                    ))),
                 };
-                if cuts.len() > 1 && matches!(w, Window::Session { .. }) {
-                    return Err(Error::user(
-                        "aggregates of SESSION windows cannot be joined: each key's sessions differ",
-                    ));
+                match (&close, cuts.len() > 1) {
+                    (Close::Window(Window::Session { .. }), true) => {
+                        return Err(Error::user(
+                            "aggregates of SESSION windows cannot be joined: each key's sessions differ",
+                        ))
+                    }
+                    (Close::Running, true) => {
+                        return Err(Error::user(
+                            "aggregates without a window cannot be joined: their results change",
+                        ))
+                    }
+                    (Close::Running, false) => check_in_place(&upper)?,
+                    _ => {}
                 }
                 let mut slots = Vec::new();
                 for (a, slot) in &cuts {
                     aggs.push(
-                        Aggregation::new(ctx, a, Close::Window(w), &spec.event_time, slot).await?,
+                        Aggregation::new(ctx, a, close.clone(), &spec.event_time, slot).await?,
                     );
                     slots.push(slot.clone());
                 }
@@ -797,8 +814,16 @@ impl StreamSql {
                 Some(a) if a.session.is_some() => a.session_rows.extend(out),
                 Some(a) => {
                     for b in &out {
-                        let keys = a.groups.update(b)?;
-                        a.note_ends(&keys);
+                        let (keys, ids) = a.groups.update(b)?;
+                        match &mut a.changed {
+                            Some(changed) => {
+                                changed.resize(a.groups.values.len(), false);
+                                for id in ids {
+                                    changed[id] = true;
+                                }
+                            }
+                            None => a.note_ends(&keys),
+                        }
                     }
                 }
             }
@@ -882,6 +907,9 @@ impl StreamSql {
 
     /// Emits the windows the watermark has passed: the query's rows for them.
     pub async fn advance(&mut self) -> Result<Vec<RecordBatch>, Error> {
+        if self.aggs.iter().any(|a| a.changed.is_some()) {
+            return self.emit_changed().await;
+        }
         let Some(wm) = self.watermark() else {
             return Ok(Vec::new());
         };
@@ -920,6 +948,24 @@ impl StreamSql {
             out.extend(post.run(inputs).await?);
         }
         Ok(out)
+    }
+
+    /// A running aggregate's groups that changed since the last commit, through the rest
+    /// of the query (projections only).
+    async fn emit_changed(&mut self) -> Result<Vec<RecordBatch>, Error> {
+        let mut inputs = Vec::with_capacity(self.aggs.len());
+        let mut any = false;
+        for a in &mut self.aggs {
+            let rows = a
+                .changed_groups()?
+                .unwrap_or_else(|| RecordBatch::new_empty(a.emitted.clone()));
+            any |= rows.num_rows() > 0;
+            inputs.push(vec![rows]);
+        }
+        match (&self.post, any) {
+            (Some(post), true) => post.run(inputs).await,
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// The state: partitions' event times, and each aggregate's open windows, as Arrow IPC
@@ -1042,7 +1088,11 @@ fn state_streams(bytes: &[u8]) -> Result<Vec<&[u8]>, Error> {
 }
 
 /// When an aggregate's groups are complete.
+#[derive(Clone)]
 enum Close<'a> {
+    /// Never: the groups' current values are emitted at each commit where they changed,
+    /// and the sink updates them in place.
+    Running,
     /// When the watermark passes the end of their window.
     Window(&'a Window),
     /// Over a join of the source with itself: when the watermark passes the group's value
@@ -1109,6 +1159,27 @@ impl Aggregation {
         let output = groups_slot.schema.clone();
         let window = match close {
             Close::Window(w) => w,
+            Close::Running => {
+                let spec = Arc::new(GroupsSpec {
+                    input,
+                    keys,
+                    key_schema,
+                    aggs,
+                    filters,
+                    output: output.clone(),
+                });
+                return Ok(Aggregation {
+                    groups: Groups::new(&spec)?,
+                    spec,
+                    end_of: (0, 0),
+                    open_ends: BTreeSet::new(),
+                    session: None,
+                    session_rows: Vec::new(),
+                    gap: 0,
+                    emitted: output,
+                    changed: Some(Vec::new()),
+                });
+            }
             Close::Bound(bounds) => {
                 // A group's pairs all have the other side's event time at or before its
                 // bound: once the watermark passes it, no on-time row adds to the group.
@@ -1143,6 +1214,7 @@ impl Aggregation {
                     session_rows: Vec::new(),
                     gap: 0,
                     emitted: output,
+                    changed: None,
                 });
             }
         };
@@ -1214,6 +1286,7 @@ impl Aggregation {
                 _ => 0,
             },
             emitted: groups_slot.schema.clone(),
+            changed: None,
         })
     }
 
@@ -1356,6 +1429,38 @@ impl Aggregation {
         let closed = RecordBatch::try_new(self.spec.input.clone(), columns).map_err(err)?;
         let mut done = Groups::new(&self.spec)?;
         done.update(&closed)?;
+        done.finish().map(Some)
+    }
+
+    /// A running aggregate: the current values of the groups that changed since the last
+    /// call (the groups stay).
+    fn changed_groups(&mut self) -> Result<Option<RecordBatch>, Error> {
+        let Some(changed) = &mut self.changed else {
+            return Ok(None);
+        };
+        if !changed.contains(&true) {
+            return Ok(None);
+        }
+        // Taken out and merged back in the same order: the groups keep their indexes.
+        let (keys, states) = self.groups.take()?;
+        self.groups.merge(&keys, &states)?;
+        let mask: BooleanArray = changed.iter().map(|c| Some(*c)).collect();
+        changed.iter_mut().for_each(|c| *c = false);
+        let pick = |arrays: &[ArrayRef]| -> Result<Vec<ArrayRef>, Error> {
+            arrays
+                .iter()
+                .map(|a| arrow::compute::filter(a, &mask))
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::internal(format!("running aggregate: {e}")))
+        };
+        let mut done = Groups::new(&self.spec)?;
+        done.merge(
+            &pick(&keys)?,
+            &states
+                .iter()
+                .map(|s| pick(s))
+                .collect::<Result<Vec<_>, _>>()?,
+        )?;
         done.finish().map(Some)
     }
 
@@ -1946,6 +2051,34 @@ fn slot_scan(
     Ok((LogicalPlan::Projection(p), slot))
 }
 
+/// What follows a running aggregate maps each group to one row, so the sink can update
+/// it in place: projections only.
+fn check_in_place(plan: &LogicalPlan) -> Result<(), Error> {
+    let what = match plan {
+        LogicalPlan::Projection(_) | LogicalPlan::SubqueryAlias(_) | LogicalPlan::TableScan(_) => {
+            None
+        }
+        LogicalPlan::Filter(_) => Some("a filter (HAVING or WHERE)"),
+        LogicalPlan::Sort(_) => Some("ORDER BY"),
+        LogicalPlan::Limit(_) => Some("LIMIT"),
+        LogicalPlan::Join(_) => Some("a join"),
+        LogicalPlan::Window(_) => Some("a window function (OVER)"),
+        LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => Some("another aggregate"),
+        _ => Some("this step"),
+    };
+    if let Some(what) = what {
+        return Err(Error::user(format!(
+            "a running aggregate (no window) is updated in place at each commit: {what} over \
+             its groups would leave rows in the table that no longer hold"
+        ))
+        .with_hint("keep the running aggregate to SELECT ... GROUP BY; filter or join it in a query over the table"));
+    }
+    for i in plan.inputs() {
+        check_in_place(i)?;
+    }
+    Ok(())
+}
+
 /// What runs on every batch may not need rows from other batches.
 fn check_per_batch(plan: &LogicalPlan, slot: &str) -> Result<(), Error> {
     if count_scans(plan, slot) == 0 {
@@ -2182,6 +2315,7 @@ mod tests {
                 schema: schema(),
                 partition_column: "_kafka_partition".into(),
                 event_time: Some(("ts".into(), Duration::from_millis(DELAY_MS as u64))),
+                updating: false,
             },
         )
         .await
@@ -2297,6 +2431,7 @@ mod tests {
             schema: schema(),
             partition_column: "_kafka_partition".into(),
             event_time: event_time.then(|| ("ts".into(), Duration::from_millis(DELAY_MS as u64))),
+            updating: false,
         }
     }
 
@@ -2737,5 +2872,77 @@ mod tests {
                 .contains("needs a time bound on the right side"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_running_aggregate_emits_the_groups_each_commit_changed_with_current_values() {
+        let sql = "SELECT user_name, count(*) AS n, sum(amount) AS total, \
+                   count(DISTINCT amount % 7) AS kinds FROM events GROUP BY user_name";
+        let running = |sql: &str| StreamSqlSpec {
+            updating: true,
+            ..spec(sql, false)
+        };
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(5);
+        let events = events(&mut rng, 3_000);
+        let mut q = StreamSql::compile(&ctx, &running(sql)).await.unwrap();
+        // The table as the sink keeps it: each emitted row replaces its key's.
+        let mut table: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+        let mut at = 0;
+        let mut restores = 0;
+        while at < events.len() {
+            // Only the groups of the batch's users come out.
+            let part = &events[at..(at + 1 + rng.below(60) as usize).min(events.len())];
+            assert!(q.push(&batch(part)).await.unwrap().rows.is_empty());
+            let touched: BTreeSet<&str> = part.iter().map(|e| USERS[e.user]).collect();
+            let mut emitted = BTreeSet::new();
+            for b in q.advance().await.unwrap() {
+                let u = b.column(0).as_string::<i32>();
+                let int = |i: usize| b.column(i).as_primitive::<Int64Type>().clone();
+                let (n, total, kinds) = (int(1), int(2), int(3));
+                for r in 0..b.num_rows() {
+                    assert!(emitted.insert(u.value(r).to_string()), "a group twice");
+                    table.insert(
+                        u.value(r).to_string(),
+                        (n.value(r), total.value(r), kinds.value(r)),
+                    );
+                }
+            }
+            let emitted: BTreeSet<&str> = emitted.iter().map(|s| s.as_str()).collect();
+            assert_eq!(emitted, touched, "the changed groups, only");
+            // Nothing changed, nothing emitted.
+            assert!(q.advance().await.unwrap().is_empty());
+            if rng.below(4) == 0 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &running(sql)).await.unwrap();
+                q.restore(&state).unwrap();
+                restores += 1;
+            }
+            at += part.len();
+        }
+        assert!(restores > 5);
+        let mut want: BTreeMap<String, (i64, i64, BTreeSet<i64>)> = BTreeMap::new();
+        for e in &events {
+            let w = want.entry(USERS[e.user].to_string()).or_default();
+            w.0 += 1;
+            w.1 += e.amount;
+            w.2.insert(e.amount % 7);
+        }
+        let want: BTreeMap<String, (i64, i64, i64)> = want
+            .into_iter()
+            .map(|(k, (n, t, d))| (k, (n, t, d.len() as i64)))
+            .collect();
+        assert_eq!(table, want);
+        // What follows it must map each group to one row.
+        let having = format!("{sql} HAVING count(*) > 10");
+        let e = StreamSql::compile(&ctx, &running(&having))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("updated in place"), "{e}");
+        // Without a keyed sink, an aggregate without a window is refused, with both ways out.
+        let e = StreamSql::compile(&ctx, &spec(sql, false))
+            .await
+            .unwrap_err();
+        assert!(format!("{e:?}").contains("sink.key"), "{e:?}");
     }
 }

@@ -503,10 +503,29 @@ impl SqlJob {
                 .event_time
                 .as_ref()
                 .map(|e| (e.column.clone(), e.allowed_delay)),
+            updating: !cfg.sink.key.is_empty(),
         };
         let query = weir_engine::stream_sql::StreamSql::compile(&ctx, &spec)
             .await
             .map_err(in_file)?;
+        let output = query.output_schema();
+        if let Some(k) = cfg.sink.key.iter().find(|k| output.index_of(k).is_err()) {
+            return Err(Error::user(format!(
+                "stream `{}`: `sink.key` names `{k}`, which the query does not return",
+                stream.name
+            ))
+            .with_hint(format!(
+                "the query returns: {}; set sink.key in {} to the columns that identify a row \
+                 (a running aggregate's GROUP BY columns)",
+                output
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                stream.file.display()
+            )));
+        }
         Ok(SqlJob {
             query,
             declared,
@@ -667,8 +686,13 @@ impl Flush<'_> {
                 )
                 .await?;
         }
+        // A keyed sink takes each key's last row of the commit.
+        let written = match cfg.sink.key.is_empty() {
+            true => rows.clone(),
+            false => last_per_key(&rows, &cfg.sink.key)?,
+        };
         let df = ctx
-            .read_batches(rows.clone())
+            .read_batches(written)
             .map_err(|e| Error::internal(format!("buffering rows: {e}")))?;
         let mut next = positions.clone();
         let mut per_partition: BTreeMap<i32, u64> = BTreeMap::new();
@@ -702,7 +726,13 @@ impl Flush<'_> {
             };
             crate::quarantine::write(&target, crate::quarantine::Scope::Read, &bad).await?;
         }
+        let keyed = !cfg.sink.key.is_empty();
         let spec = WriteSpec {
+            mode: match keyed {
+                true => weir_config::WriteMode::Merge,
+                false => weir_config::WriteMode::Append,
+            },
+            key: cfg.sink.key.clone(),
             partition_by: cfg.sink.partition_by.clone(),
             evolution: cfg.sink.schema_evolution,
             fast_compression: true,
@@ -734,7 +764,7 @@ impl Flush<'_> {
         }
         *positions = next;
         summary.records += self.records.len() as u64;
-        summary.rows += m.rows_inserted;
+        summary.rows += m.rows_inserted + m.rows_updated;
         summary.quarantined += bad.len() as u64;
         summary.commits += 1;
         Ok(rows)
@@ -819,6 +849,45 @@ impl Flush<'_> {
         }
         Ok(pushed.rows)
     }
+}
+
+/// Of `rows` (in the order they were made), the last one of each key.
+fn last_per_key(
+    rows: &[arrow::record_batch::RecordBatch],
+    key: &[String],
+) -> Result<Vec<arrow::record_batch::RecordBatch>, Error> {
+    let err = |e: arrow::error::ArrowError| Error::internal(format!("rows by key: {e}"));
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let all = arrow::compute::concat_batches(first.schema_ref(), rows).map_err(err)?;
+    let cols = key
+        .iter()
+        .map(|k| {
+            all.column_by_name(k)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("key column {k} missing")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let converter = arrow::row::RowConverter::new(
+        cols.iter()
+            .map(|c| arrow::row::SortField::new(c.data_type().clone()))
+            .collect(),
+    )
+    .map_err(err)?;
+    let keys = converter.convert_columns(&cols).map_err(err)?;
+    let mut last = std::collections::HashMap::new();
+    for i in 0..all.num_rows() {
+        last.insert(keys.row(i), i as u32);
+    }
+    if last.len() == all.num_rows() {
+        return Ok(vec![all]);
+    }
+    let mut keep: Vec<u32> = last.into_values().collect();
+    keep.sort_unstable();
+    let picked = arrow::compute::take_record_batch(&all, &arrow::array::UInt32Array::from(keep))
+        .map_err(err)?;
+    Ok(vec![picked])
 }
 
 /// The file beside the table holding commit `epoch`'s rows until they are published.

@@ -1450,3 +1450,82 @@ fn a_join_whose_state_outgrows_its_bound_stops_the_stream_before_committing() {
     let text = ok(&weir(dir.path(), &["stream", "status", "pairs"]));
     assert!(text.contains(", state "), "{text}");
 }
+
+#[test]
+fn a_running_aggregate_keeps_one_current_row_per_key_in_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    let stream = |key: &str| {
+        format!(
+            "source:\n  type: file\n  path: data/clicks.jsonl\n  name: clicks\n{CLICK_COLUMNS}\
+             sql: |\n  SELECT user_name, count(*) AS n, sum(amount) AS total, max(ts) AS last_ts\n  \
+             FROM clicks GROUP BY user_name\n\
+             sink:\n  table: agg.users\n  key: [{key}]\nflush:\n  rows: 400\n"
+        )
+    };
+    let mut rng = Lcg(3);
+    let events: Vec<_> = clicks(&mut rng, 3_000);
+    let lines = |events: &[(i32, i64, String, i64, i64)]| {
+        events
+            .iter()
+            .map(|c| click_json(&(0, c.1, c.2.clone(), c.3, c.4)).1 + "\n")
+            .collect::<String>()
+    };
+    crate::write(dir.path(), "data/clicks.jsonl", &lines(&events[..2_000]));
+    // A key the query does not return is refused, naming the file.
+    crate::write(dir.path(), "streams/users.yaml", &stream("user"));
+    let out = weir(dir.path(), &["stream", "run", "users"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("`sink.key` names `user`"), "{err}");
+    assert!(err.contains("streams/users.yaml"), "{err}");
+    crate::write(dir.path(), "streams/users.yaml", &stream("user_name"));
+    let want = |events: &[(i32, i64, String, i64, i64)]| {
+        let mut m = std::collections::BTreeMap::new();
+        for (_, _, user, amount, ts) in events {
+            let e = m.entry(user.clone()).or_insert((0u64, 0i64, i64::MIN));
+            e.0 += 1;
+            e.1 += amount;
+            e.2 = e.2.max(*ts);
+        }
+        m
+    };
+    let table = || {
+        query(
+            dir.path(),
+            "select user_name, n, total, last_ts from agg.users",
+        )
+        .iter()
+        .map(|r| {
+            (
+                r["user_name"].as_str().unwrap().to_string(),
+                (
+                    r["n"].as_u64().unwrap(),
+                    r["total"].as_i64().unwrap(),
+                    r["last_ts"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    // 2,000 lines in 5 commits: one row per user, with the totals of all of them.
+    let s = weir_json(dir.path(), &["stream", "run", "users"]);
+    assert_eq!(s["commits"], 5, "{s}");
+    let rows = table();
+    assert_eq!(rows.len(), 4, "one row per user: {rows:?}");
+    assert_eq!(
+        rows.into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        want(&events[..2_000])
+    );
+    // More lines: a rerun takes up the checkpointed groups and updates the rows.
+    crate::write(dir.path(), "data/clicks.jsonl", &lines(&events));
+    weir_json(dir.path(), &["stream", "run", "users"]);
+    let rows = table();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(
+        rows.into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        want(&events)
+    );
+}
