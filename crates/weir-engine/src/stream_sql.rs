@@ -127,6 +127,8 @@ pub struct StreamSql {
     aggs: Vec<Aggregation>,
     /// The rest of the query, over the groups the aggregates emit.
     post: Option<Stage>,
+    /// Instead of `post`, with a keyed sink: a running aggregate over the emitted groups.
+    outer: Option<Outer>,
     /// A join of the source with itself, instead of `pre`.
     join: Option<JoinStages>,
     output_schema: SchemaRef,
@@ -151,6 +153,16 @@ impl fmt::Debug for StreamSql {
             .field("output", &self.output_schema)
             .finish_non_exhaustive()
     }
+}
+
+/// A running aggregate over the groups the query's aggregates emit (complete groups of
+/// windows, or of a bounded join), kept across commits: the sink updates its rows.
+struct Outer {
+    /// Its input, over the emitted groups.
+    pre: Stage,
+    agg: Aggregation,
+    /// What follows it (projections only), over its changed groups.
+    post: Stage,
 }
 
 /// A join of the source with itself: each side's plan over the batch, the incremental
@@ -551,7 +563,7 @@ impl StreamSql {
             2 => split_join(&state.optimize(&plan).map_err(plan_error)?, slot_name)?,
             _ => None,
         };
-        let (pre, aggs, post, join, output_schema) = if let Some((upper, j, slot)) = joined {
+        let (pre, aggs, post, outer, join, output_schema) = if let Some((upper, j, slot)) = joined {
             let column = time.map(|(i, _)| spec.schema.field(i).name().as_str());
             let op = join::StreamJoin::new(
                 &j,
@@ -572,6 +584,7 @@ impl StreamSql {
             let mut pre = Vec::new();
             let mut aggs = Vec::new();
             let mut post = None;
+            let mut outer = None;
             let output_schema = if cuts.is_empty() {
                 check_per_batch(&upper, JOIN_SLOT)?;
                 pre.push(Stage::new(ctx, vec![slot.clone()], &upper).await?);
@@ -585,8 +598,9 @@ impl StreamSql {
                     aggs.push(Aggregation::new(ctx, a, close, &spec.event_time, groups).await?);
                     slots.push(groups.clone());
                 }
-                post = Some(Stage::new(ctx, slots, &above).await?);
-                Arc::new(above.schema().as_arrow().clone())
+                let (p, o, schema) = after_groups(ctx, spec, slots, &above).await?;
+                (post, outer) = (p, o);
+                schema
             };
             let join = JoinStages {
                 left: Stage::new(ctx, vec![source_slot.clone()], &j.left).await?,
@@ -594,7 +608,7 @@ impl StreamSql {
                 op,
                 slot: slot.schema.clone(),
             };
-            (pre, aggs, post, Some(join), output_schema)
+            (pre, aggs, post, outer, Some(join), output_schema)
         } else {
             let (upper, cuts) = split(&plan, slot_name)?;
             let unaggregated = !cuts.is_empty() && count_scans(&upper, slot_name) > 0;
@@ -619,6 +633,7 @@ impl StreamSql {
             }
             let mut aggs = Vec::new();
             let mut post = None;
+            let mut outer = None;
             let output_schema = if cuts.is_empty() {
                 if matches!(window, Some(Window::Session { .. })) {
                     return Err(Error::user(
@@ -659,10 +674,11 @@ impl StreamSql {
                     );
                     slots.push(slot.clone());
                 }
-                post = Some(Stage::new(ctx, slots, &upper).await?);
-                Arc::new(upper.schema().as_arrow().clone())
+                let (p, o, schema) = after_groups(ctx, spec, slots, &upper).await?;
+                (post, outer) = (p, o);
+                schema
             };
-            (pre, aggs, post, None, output_schema)
+            (pre, aggs, post, outer, None, output_schema)
         };
         for f in output_schema.fields() {
             if !f
@@ -686,6 +702,7 @@ impl StreamSql {
             pre,
             aggs,
             post,
+            outer,
             join,
             output_schema,
             marks: BTreeMap::new(),
@@ -814,16 +831,7 @@ impl StreamSql {
                 Some(a) if a.session.is_some() => a.session_rows.extend(out),
                 Some(a) => {
                     for b in &out {
-                        let (keys, ids) = a.groups.update(b)?;
-                        match &mut a.changed {
-                            Some(changed) => {
-                                changed.resize(a.groups.values.len(), false);
-                                for id in ids {
-                                    changed[id] = true;
-                                }
-                            }
-                            None => a.note_ends(&keys),
-                        }
+                        a.add(b)?;
                     }
                 }
             }
@@ -929,9 +937,9 @@ impl StreamSql {
                 }
             }
         }
-        let Some(post) = &self.post else {
+        if self.post.is_none() && self.outer.is_none() {
             return Ok(out);
-        };
+        }
         self.emitted_to = Some(self.emitted_to.map_or(wm, |e| e.max(wm)));
         let mut inputs = Vec::with_capacity(self.aggs.len());
         let mut any = false;
@@ -944,8 +952,19 @@ impl StreamSql {
             any |= closed.num_rows() > 0;
             inputs.push(vec![closed]);
         }
-        if any {
-            out.extend(post.run(inputs).await?);
+        match (&self.post, &mut self.outer) {
+            (Some(post), _) if any => out.extend(post.run(inputs).await?),
+            (_, Some(o)) => {
+                if any {
+                    for b in o.pre.run(inputs).await? {
+                        o.agg.add(&b)?;
+                    }
+                }
+                if let Some(changed) = o.agg.changed_groups()? {
+                    out.extend(o.post.run(vec![vec![changed]]).await?);
+                }
+            }
+            _ => {}
         }
         Ok(out)
     }
@@ -986,6 +1005,9 @@ impl StreamSql {
                 streams.push(ipc_stream(Some(side), None)?);
             }
         }
+        if let Some(o) = &mut self.outer {
+            streams.push(ipc_stream(o.agg.state_batch()?, None)?);
+        }
         let mut out = STATE_MAGIC.to_vec();
         for s in streams {
             out.extend((s.len() as u64).to_le_bytes());
@@ -999,7 +1021,9 @@ impl StreamSql {
         let streams = state_streams(bytes)?;
         let (meta, _) = read_ipc(streams[0])?;
         let meta = meta.ok_or_else(|| Error::internal("stream checkpoint: no state metadata"))?;
-        let parts = self.aggs.len() + 2 * usize::from(self.join.is_some());
+        let parts = self.aggs.len()
+            + 2 * usize::from(self.join.is_some())
+            + usize::from(self.outer.is_some());
         if streams.len() != parts + 1 {
             return Err(Error::user(format!(
                 "the stream's checkpoint holds {} parts of state (aggregates, join sides), \
@@ -1015,11 +1039,16 @@ impl StreamSql {
             let (_, batches) = read_ipc(s)?;
             a.load_state(&batches)?;
         }
+        let mut rest = streams[1 + self.aggs.len()..].iter();
         if let Some(j) = &mut self.join {
-            for (side, s) in streams[1 + self.aggs.len()..].iter().enumerate() {
-                let (_, batches) = read_ipc(s)?;
+            for side in 0..2 {
+                let (_, batches) = read_ipc(rest.next().copied().unwrap_or_default())?;
                 j.op.restore(side, &batches)?;
             }
+        }
+        if let (Some(o), Some(s)) = (&mut self.outer, rest.next()) {
+            let (_, batches) = read_ipc(s)?;
+            o.agg.load_state(&batches)?;
         }
         Ok(())
     }
@@ -1290,6 +1319,22 @@ impl Aggregation {
         })
     }
 
+    /// Adds rows to the groups, and notes which changed (running) or which windows they
+    /// are in.
+    fn add(&mut self, b: &RecordBatch) -> Result<(), Error> {
+        let (keys, ids) = self.groups.update(b)?;
+        match &mut self.changed {
+            Some(changed) => {
+                changed.resize(self.groups.values.len(), false);
+                for id in ids {
+                    changed[id] = true;
+                }
+            }
+            None => self.note_ends(&keys),
+        }
+        Ok(())
+    }
+
     fn ends(&self, keys: &[ArrayRef]) -> Vec<i64> {
         let (i, add) = self.end_of;
         if let Some(col) = keys[i].as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>()
@@ -1529,7 +1574,12 @@ impl Aggregation {
                 at += n;
             }
             self.groups.merge(&keys, &states)?;
-            self.note_ends(&keys);
+            if self.changed.is_none() {
+                self.note_ends(&keys);
+            }
+        }
+        if let Some(changed) = &mut self.changed {
+            *changed = vec![false; self.groups.values.len()];
         }
         Ok(())
     }
@@ -1977,7 +2027,11 @@ fn split(plan: &LogicalPlan, slot: &str) -> Result<(LogicalPlan, Vec<Cut>), Erro
         }
         if reads {
             if let LogicalPlan::Aggregate(a) = plan {
-                let name = TableReference::bare(format!("{GROUPS_SLOT}_{}", cuts.len()));
+                let name = match slot.starts_with(GROUPS_SLOT) {
+                    true => format!("{slot}_outer_{}", cuts.len()),
+                    false => format!("{GROUPS_SLOT}_{}", cuts.len()),
+                };
+                let name = TableReference::bare(name);
                 let (scan, groups) = slot_scan(&a.schema, &name)?;
                 cuts.push((a.clone(), groups));
                 return Ok((Some(scan), true));
@@ -2049,6 +2103,46 @@ fn slot_scan(
         .collect::<Vec<_>>();
     let p = Projection::try_new(exprs, Arc::new(scan)).map_err(plan_error)?;
     Ok((LogicalPlan::Projection(p), slot))
+}
+
+/// What reads the emitted groups of the query's aggregates (over `slots`): the rest of
+/// the query as a stage, or, with a keyed sink and an aggregate in it, a running
+/// aggregate over them and what follows it. Also returns the query's output columns.
+async fn after_groups(
+    ctx: &SessionContext,
+    spec: &StreamSqlSpec,
+    slots: Vec<Slot>,
+    upper: &LogicalPlan,
+) -> Result<(Option<Stage>, Option<Outer>, SchemaRef), Error> {
+    let reads = |p: &LogicalPlan| -> usize {
+        slots
+            .iter()
+            .enumerate()
+            .map(|(i, _)| count_scans(p, &format!("{GROUPS_SLOT}_{i}")))
+            .sum()
+    };
+    let (above, cuts) = match (spec.updating, slots.len()) {
+        (true, 1) => split(upper, &format!("{GROUPS_SLOT}_0"))?,
+        _ => (upper.clone(), Vec::new()),
+    };
+    let Some((a, groups)) = cuts.first() else {
+        let schema = Arc::new(upper.schema().as_arrow().clone());
+        return Ok((Some(Stage::new(ctx, slots, upper).await?), None, schema));
+    };
+    if cuts.len() > 1 || reads(&above) > 0 {
+        return Err(Error::user(
+            "a running aggregate over a query's groups reads them once",
+        ));
+    }
+    check_per_batch(&a.input, &format!("{GROUPS_SLOT}_0"))?;
+    check_in_place(&above)?;
+    let outer = Outer {
+        pre: Stage::new(ctx, slots, &a.input).await?,
+        agg: Aggregation::new(ctx, a, Close::Running, &spec.event_time, groups).await?,
+        post: Stage::new(ctx, vec![groups.clone()], &above).await?,
+    };
+    let schema = Arc::new(above.schema().as_arrow().clone());
+    Ok((None, Some(outer), schema))
 }
 
 /// What follows a running aggregate maps each group to one row, so the sink can update
@@ -2944,5 +3038,74 @@ mod tests {
             .await
             .unwrap_err();
         assert!(format!("{e:?}").contains("sink.key"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_running_aggregate_over_completed_groups_of_a_bounded_self_join() {
+        // Nexmark q4's shape: per "auction" a its top "bid" once complete, then per user
+        // the running average of those tops.
+        let sql = "SELECT user_name, avg(top) AS average, count(*) AS auctions FROM ( \
+                   SELECT a.id, a.user_name, max(b.amount) AS top FROM events a JOIN events b \
+                   ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 4000 \
+                   WHERE a.amount % 2 = 0 AND b.amount % 2 = 1 \
+                   GROUP BY a.id, a.user_name, a.ts + 4000) q GROUP BY user_name";
+        let running = StreamSqlSpec {
+            updating: true,
+            ..spec(sql, true)
+        };
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(41);
+        let events = events(&mut rng, 3_000);
+        let (late, wm) = reference_late(&events);
+        let on_time: Vec<&Event> = events.iter().filter(|e| !late.contains(&e.id)).collect();
+        let mut tops: BTreeMap<(usize, i64), i64> = BTreeMap::new();
+        for a in on_time
+            .iter()
+            .filter(|a| a.amount % 2 == 0 && a.ts + 4_000 < wm)
+        {
+            for b in &on_time {
+                if b.amount % 2 == 1 && b.user == a.user && b.ts >= a.ts && b.ts <= a.ts + 4_000 {
+                    let t = tops.entry((a.user, a.id)).or_insert(b.amount);
+                    *t = (*t).max(b.amount);
+                }
+            }
+        }
+        let mut want: BTreeMap<String, (f64, i64)> = BTreeMap::new();
+        for (u, name) in USERS.iter().enumerate() {
+            let mine: Vec<i64> = tops
+                .iter()
+                .filter(|((w, _), _)| *w == u)
+                .map(|(_, t)| *t)
+                .collect();
+            let avg = mine.iter().sum::<i64>() as f64 / mine.len() as f64;
+            want.insert(name.to_string(), (avg, mine.len() as i64));
+        }
+        let mut q = StreamSql::compile(&ctx, &running).await.unwrap();
+        let mut table: BTreeMap<String, (f64, i64)> = BTreeMap::new();
+        let mut updates = 0;
+        for (i, chunk) in events.chunks(150).enumerate() {
+            q.push(&batch(chunk)).await.unwrap();
+            for b in q.advance().await.unwrap() {
+                let u = b.column(0).as_string::<i32>();
+                let avg = b.column(1).as_primitive::<arrow::datatypes::Float64Type>();
+                let n = b.column(2).as_primitive::<Int64Type>();
+                for r in 0..b.num_rows() {
+                    table.insert(u.value(r).to_string(), (avg.value(r), n.value(r)));
+                    updates += 1;
+                }
+            }
+            if i % 3 == 2 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &running).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        assert!(updates > 20, "{updates} updates");
+        assert_eq!(table.len(), want.len());
+        for (u, (avg, n)) in &want {
+            let (got_avg, got_n) = table[u];
+            assert_eq!(got_n, *n, "{u}");
+            assert!((got_avg - avg).abs() < 1e-9, "{u}: {got_avg} vs {avg}");
+        }
     }
 }
