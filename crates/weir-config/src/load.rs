@@ -228,6 +228,13 @@ pub fn load_project(root: &Path) -> Result<Project, Error> {
                 shown.display()
             )));
         }
+        if !cfg.sink.key.is_empty() && cfg.sql.is_none() {
+            return Err(Error::user(format!(
+                "{}: `sink.key` updates the rows a query returns, and this stream has no `sql`",
+                shown.display()
+            ))
+            .with_hint("add `sql: SELECT ... FROM <source.name>` returning the key columns, or remove `sink.key` to append the records"));
+        }
         let name = cfg.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .unwrap_or_default()

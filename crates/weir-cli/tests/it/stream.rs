@@ -1472,6 +1472,23 @@ fn a_running_aggregate_keeps_one_current_row_per_key_in_the_table() {
             .collect::<String>()
     };
     crate::write(dir.path(), "data/clicks.jsonl", &lines(&events[..2_000]));
+    // A key without a query is refused when the project loads.
+    crate::write(
+        dir.path(),
+        "streams/raw.yaml",
+        &format!(
+            "source:\n  type: file\n  path: data/clicks.jsonl\n{CLICK_COLUMNS}\
+             sink:\n  table: raw.clicks\n  key: [id]\n"
+        ),
+    );
+    let out = weir(dir.path(), &["stream", "run", "raw"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("streams/raw.yaml: `sink.key` updates the rows a query returns"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("streams/raw.yaml")).unwrap();
     // A key the query does not return is refused, naming the file.
     crate::write(dir.path(), "streams/users.yaml", &stream("user"));
     let out = weir(dir.path(), &["stream", "run", "users"]);
