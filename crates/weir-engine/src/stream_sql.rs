@@ -1186,29 +1186,31 @@ impl Aggregation {
             filters.push(lowered.filter);
         }
         let output = groups_slot.schema.clone();
+        let spec = Arc::new(GroupsSpec {
+            input,
+            keys,
+            key_schema,
+            aggs,
+            filters,
+            output: output.clone(),
+        });
+        // An aggregate without a window's sessions.
+        let plain = |end_of: (usize, i64), changed: Option<Vec<bool>>| -> Result<_, Error> {
+            Ok(Aggregation {
+                groups: Groups::new(&spec)?,
+                spec: spec.clone(),
+                end_of,
+                open_ends: BTreeSet::new(),
+                session: None,
+                session_rows: Vec::new(),
+                gap: 0,
+                emitted: output.clone(),
+                changed,
+            })
+        };
         let window = match close {
             Close::Window(w) => w,
-            Close::Running => {
-                let spec = Arc::new(GroupsSpec {
-                    input,
-                    keys,
-                    key_schema,
-                    aggs,
-                    filters,
-                    output: output.clone(),
-                });
-                return Ok(Aggregation {
-                    groups: Groups::new(&spec)?,
-                    spec,
-                    end_of: (0, 0),
-                    open_ends: BTreeSet::new(),
-                    session: None,
-                    session_rows: Vec::new(),
-                    gap: 0,
-                    emitted: output,
-                    changed: Some(Vec::new()),
-                });
-            }
+            Close::Running => return plain((0, 0), Some(Vec::new())),
             Close::Bound(bounds) => {
                 // A group's pairs all have the other side's event time at or before its
                 // bound: once the watermark passes it, no on-time row adds to the group.
@@ -1226,25 +1228,7 @@ impl Aggregation {
                         false => format!("add one of {} to the GROUP BY", shown.join(", ")),
                     }));
                 };
-                let spec = Arc::new(GroupsSpec {
-                    input,
-                    keys,
-                    key_schema,
-                    aggs,
-                    filters,
-                    output: output.clone(),
-                });
-                return Ok(Aggregation {
-                    groups: Groups::new(&spec)?,
-                    spec,
-                    end_of: (i, 1),
-                    open_ends: BTreeSet::new(),
-                    session: None,
-                    session_rows: Vec::new(),
-                    gap: 0,
-                    emitted: output,
-                    changed: None,
-                });
+                return plain((i, 1), None);
             }
         };
         // The window's end, from the GROUP BY.
@@ -1295,14 +1279,6 @@ impl Aggregation {
             }
             _ => None,
         };
-        let spec = Arc::new(GroupsSpec {
-            input,
-            keys,
-            key_schema,
-            aggs,
-            filters,
-            output: output.clone(),
-        });
         Ok(Aggregation {
             groups: Groups::new(&spec)?,
             spec,

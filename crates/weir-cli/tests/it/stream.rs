@@ -593,25 +593,65 @@ fn expected_windows(
     (late, sums)
 }
 
-#[test]
-fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
-    let broker = weir_test::KafkaBroker::shared().bootstrap();
-    let name = format!("win-{}", uuid::Uuid::new_v4().simple());
-    topic(&broker, &name, 3);
-    topic(&broker, &format!("{name}-out"), 2);
+/// A seed (printed, to replay a failure), the generator after `n` clicks made from it,
+/// the clicks, and a last click per partition an hour after the newest (with `amount`),
+/// which moves the watermark past every other one; and that hour-later time.
+#[allow(clippy::type_complexity)]
+fn clicks_closed_an_hour_later(
+    n: usize,
+    amount: i64,
+) -> (u64, Lcg, Vec<(i32, i64, String, i64, i64)>, i64) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     eprintln!("seed {seed}");
     let mut rng = Lcg(seed);
-    const N: usize = 6_000;
-    let mut events = clicks(&mut rng, N);
-    // A last record per partition an hour on closes every window before it.
+    let mut events = clicks(&mut rng, n);
     let end = events.iter().map(|e| e.4).max().unwrap() + 3_600_000;
     for p in 0..3 {
-        events.push((p, (N as i64) + p as i64, "zz".into(), 0, end));
+        events.push((p, (n as i64) + p as i64, "zz".into(), amount, end));
     }
+    (seed, rng, events, end)
+}
+
+/// Produces the first `first` records to `(broker, topic)`, then runs stream `clicks` and
+/// SIGKILLs it (at most `kills` times, within `limit`), producing `step` more records
+/// during each run; then the rest. Returns how many kills there were.
+fn kill_while_producing(
+    project: &Path,
+    (broker, topic): (&str, &str),
+    records: &[(i32, String)],
+    (first, step): (usize, usize),
+    (kills, limit): (usize, Duration),
+    rng: &mut Lcg,
+) -> usize {
+    produce_to(broker, topic, &records[..first]);
+    let mut sent = first;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < kills && started.elapsed() < limit {
+        run_and_kill(project, "clicks", rng, || {
+            if sent < records.len() {
+                let upto = (sent + step).min(records.len());
+                produce_to(broker, topic, &records[sent..upto]);
+                sent = upto;
+            }
+        });
+        done += 1;
+    }
+    produce_to(broker, topic, &records[sent..]);
+    done
+}
+
+#[test]
+fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("win-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 3);
+    topic(&broker, &format!("{name}-out"), 2);
+    const N: usize = 6_000;
+    let (seed, mut rng, events, end) = clicks_closed_an_hour_later(N, 0);
     let (late, want) = expected_windows(&events);
     let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
     let dir = tempfile::tempdir().unwrap();
@@ -629,21 +669,14 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
             "  kafka:\n    topic: {name}-out\n    key: [user_name]\n    delivery: at_least_once\n"
         ),
     );
-    produce_to(&broker, &name, &records[..N / 3]);
-    let mut sent = N / 3;
-    let started = Instant::now();
-    let mut kills = 0;
-    while kills < 6 && started.elapsed() < Duration::from_secs(120) {
-        run_and_kill(dir.path(), "clicks", &mut rng, || {
-            if sent < N {
-                let upto = (sent + N / 9).min(N);
-                produce_to(&broker, &name, &records[sent..upto]);
-                sent = upto;
-            }
-        });
-        kills += 1;
-    }
-    produce_to(&broker, &name, &records[sent..]);
+    let kills = kill_while_producing(
+        dir.path(),
+        (&broker, &name),
+        &records,
+        (N / 3, N / 9),
+        (6, Duration::from_secs(120)),
+        &mut rng,
+    );
     let out = ok(&weir(
         dir.path(),
         &[
@@ -724,19 +757,8 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
     let broker = weir_test::KafkaBroker::shared().bootstrap();
     let name = format!("join-{}", uuid::Uuid::new_v4().simple());
     topic(&broker, &name, 3);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut rng = Lcg(seed);
     const N: usize = 4_000;
-    let mut events = clicks(&mut rng, N);
-    // A last record per partition an hour on moves the watermark past every other one.
-    let end = events.iter().map(|e| e.4).max().unwrap() + 3_600_000;
-    for p in 0..3 {
-        events.push((p, (N as i64) + p as i64, "zz".into(), 50, end));
-    }
+    let (seed, mut rng, events, end) = clicks_closed_an_hour_later(N, 50);
     // The reference: late clicks as for windows; each small click of a user with each
     // large one of the same user within 5 s after it, or alone (a null) when it has none
     // and the final watermark (the hour-later records minus 3 s) is past its 5 s.
@@ -766,21 +788,14 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
          WHERE a.amount < 10",
         "",
     );
-    produce_to(&broker, &name, &records[..N / 4]);
-    let mut sent = N / 4;
-    let started = Instant::now();
-    let mut kills = 0;
-    while kills < 5 && started.elapsed() < Duration::from_secs(60) {
-        run_and_kill(dir.path(), "clicks", &mut rng, || {
-            if sent < records.len() {
-                let upto = (sent + N / 6).min(records.len());
-                produce_to(&broker, &name, &records[sent..upto]);
-                sent = upto;
-            }
-        });
-        kills += 1;
-    }
-    produce_to(&broker, &name, &records[sent..]);
+    let kills = kill_while_producing(
+        dir.path(),
+        (&broker, &name),
+        &records,
+        (N / 4, N / 6),
+        (5, Duration::from_secs(60)),
+        &mut rng,
+    );
     let out = weir_json(
         dir.path(),
         &["stream", "run", "clicks", "--until-idle", "3s"],
@@ -808,6 +823,73 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
     assert_eq!(got, want, "seed {seed}");
     let quarantined = query(dir.path(), "select reason from agg.clicks__quarantine");
     assert_eq!(quarantined.len(), late.len(), "seed {seed}");
+}
+
+#[test]
+fn a_running_aggregate_counts_each_record_once_through_sigkills() {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("running-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 3);
+    const N: usize = 4_000;
+    let (seed, mut rng, events, _) = clicks_closed_an_hour_later(N, 0);
+    // Per user: records, total amount, distinct amounts; late ones are set aside.
+    let (late, _) = expected_windows(&events);
+    let mut want = std::collections::BTreeMap::new();
+    for e in events.iter().filter(|e| !late.contains(&e.1)) {
+        let w = want
+            .entry(e.2.clone())
+            .or_insert((0u64, 0i64, std::collections::BTreeSet::new()));
+        w.0 += 1;
+        w.1 += e.3;
+        w.2.insert(e.3);
+    }
+    let want: std::collections::BTreeMap<String, (u64, i64, u64)> = want
+        .into_iter()
+        .map(|(u, (n, t, d))| (u, (n, t, d.len() as u64)))
+        .collect();
+    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
+    let dir = tempfile::tempdir().unwrap();
+    sql_project(
+        dir.path(),
+        &broker,
+        &name,
+        "SELECT user_name, count(*) AS n, sum(amount) AS total,\n\
+         count(DISTINCT amount) AS amounts FROM clicks GROUP BY user_name",
+        "  key: [user_name]\n",
+    );
+    let kills = kill_while_producing(
+        dir.path(),
+        (&broker, &name),
+        &records,
+        (N / 4, N / 6),
+        (5, Duration::from_secs(60)),
+        &mut rng,
+    );
+    let out = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "3s"],
+    );
+    eprintln!("{out}");
+    assert!(kills >= 3, "only {kills} kills");
+    let rows = query(
+        dir.path(),
+        "select user_name, n, total, amounts from agg.clicks",
+    );
+    let got: std::collections::BTreeMap<String, (u64, i64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["user_name"].as_str().unwrap().to_string(),
+                (
+                    r["n"].as_u64().unwrap(),
+                    r["total"].as_i64().unwrap(),
+                    r["amounts"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), rows.len(), "a user twice (seed {seed})");
+    assert_eq!(got, want, "seed {seed}");
 }
 
 /// Every committed record of `topic` (key, value), read until none arrives for 3 s.
