@@ -754,14 +754,8 @@ impl StreamSql {
         let aggs: usize = self
             .aggs
             .iter()
-            .map(|a| {
-                a.groups.values.size()
-                    + a.groups.accs.iter().map(|x| x.size()).sum::<usize>()
-                    + a.session_rows
-                        .iter()
-                        .map(|b| b.get_array_memory_size())
-                        .sum::<usize>()
-            })
+            .chain(self.outer.as_ref().map(|o| &o.agg))
+            .map(Aggregation::bytes)
             .sum();
         aggs + self.join.as_ref().map_or(0, |j| j.op.bytes())
     }
@@ -1293,6 +1287,18 @@ impl Aggregation {
             emitted: groups_slot.schema.clone(),
             changed: None,
         })
+    }
+
+    /// Bytes its state takes: the groups and their accumulators, or sessions' rows.
+    fn bytes(&self) -> usize {
+        self.groups.values.size()
+            + self.groups.accs.iter().map(|x| x.size()).sum::<usize>()
+            + self
+                .session_rows
+                .iter()
+                .map(|b| b.get_array_memory_size())
+                .sum::<usize>()
+            + self.changed.as_ref().map_or(0, |c| c.capacity())
     }
 
     /// Adds rows to the groups, and notes which changed (running) or which windows they
