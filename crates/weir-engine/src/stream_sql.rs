@@ -3090,4 +3090,39 @@ mod tests {
             assert!((got_avg - avg).abs() < 1e-9, "{u}: {got_avg} vs {avg}");
         }
     }
+
+    #[tokio::test]
+    async fn a_long_running_join_merges_its_kept_batches() {
+        let sql = "SELECT a.id AS a_id, b.id AS b_id FROM events a JOIN events b \
+                   ON a.amount = b.amount WHERE a.user_name = 'ann' AND b.user_name = 'bob'";
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(77);
+        let events = events(&mut rng, 1_500);
+        let mut want = Vec::new();
+        for a in events.iter().filter(|e| e.user == 0) {
+            for b in events.iter().filter(|e| e.user == 1) {
+                if a.amount == b.amount {
+                    want.push((a.id, b.id));
+                }
+            }
+        }
+        let mut q = StreamSql::compile(&ctx, &spec(sql, false)).await.unwrap();
+        let mut got = Vec::new();
+        let mut most = 0;
+        // One event a batch: hundreds of small batches on each side.
+        for e in &events {
+            pairs(
+                &q.push(&batch(std::slice::from_ref(e))).await.unwrap().rows,
+                &mut got,
+            );
+            let kept = q.join.as_ref().unwrap().op.kept_batches();
+            most = most.max(kept[0].max(kept[1]));
+        }
+        got.sort_unstable();
+        want.sort_unstable();
+        assert!(want.len() > 1_000, "{} pairs", want.len());
+        assert_eq!(got, want);
+        assert!(most <= 33, "{most} batches kept on a side");
+        assert!(q.join_rows_held().unwrap()[0] > 300);
+    }
 }

@@ -32,6 +32,9 @@ use weir_common::Error;
 
 use super::{eval_all, event_times, exec_error, plan_error};
 
+/// Kept batches per side, past which they are merged into one.
+const MAX_BATCHES: usize = 32;
+
 /// Which columns of a join's inputs carry the source's event time, unchanged.
 pub(super) struct EventTime<'a> {
     /// The table the source is read from in the plan.
@@ -224,6 +227,12 @@ impl StreamJoin {
                 rows + keys + s.expiries.iter().map(|e| e.capacity() * 8).sum::<usize>()
             })
             .sum()
+    }
+
+    /// Batches kept, per side.
+    #[cfg(test)]
+    pub(super) fn kept_batches(&self) -> [usize; 2] {
+        [0, 1].map(|s| self.sides[s].batches.len())
     }
 
     /// Rows held, per side.
@@ -428,6 +437,11 @@ impl StreamJoin {
         side.expiries.push(expiry);
         if side.preserved {
             side.matched.push(matched);
+        }
+        // A probe gathers from every kept batch: they are merged into one now and then,
+        // so a long-running join does not probe thousands of small ones.
+        if side.batches.len() > MAX_BATCHES {
+            self.compact(s, i64::MIN)?;
         }
         Ok(())
     }
