@@ -38,6 +38,65 @@ pub struct Record {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// A consumer's context: librdkafka's errors are kept, so a failed request can say why
+/// (a TLS handshake, an authentication), and a failing connection, retried every few
+/// milliseconds, logs each of its errors once, not at every retry.
+#[derive(Default)]
+pub struct Recorder {
+    /// The errors logged so far (without their timings), and the last telling one.
+    seen: std::sync::Mutex<(std::collections::HashSet<String>, Option<String>)>,
+}
+
+impl Recorder {
+    /// The last error librdkafka reported (other than "all brokers are down").
+    pub fn last_error(&self) -> Option<String> {
+        self.seen.lock().ok().and_then(|s| s.1.clone())
+    }
+}
+
+impl rdkafka::ClientContext for Recorder {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        // Connection failures come again through `error`.
+        if fac == "FAIL" {
+            tracing::debug!(target: "librdkafka", "{fac}: {message}");
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // "... (after 3ms in state SSL_HANDSHAKE)": the same error, whatever the timing.
+        let kind = format!(
+            "{error}: {}",
+            reason.split(" (after ").next().unwrap_or(reason)
+        );
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if seen.0.len() > 1_000 {
+            seen.0.clear();
+        }
+        if seen.0.insert(kind) {
+            tracing::warn!(target: "librdkafka", "{error}: {reason}");
+        }
+        let down =
+            error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown);
+        if !down {
+            seen.1 = Some(reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Recorder {}
+
 /// Consumer settings: the source's, then weir's own (no automatic offset commits: weir
 /// commits offsets itself after the table commit).
 pub fn consumer_config(src: &KafkaSourceConfig, group: &str, buffer_bytes: u64) -> ClientConfig {

@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+
+/// The stream's Kafka consumer, which keeps librdkafka's errors.
+type Consumer = StreamConsumer<kafka::Recorder>;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -1031,29 +1034,62 @@ pub struct PartitionStatus {
 
 /// A stream's source error, with where its settings are.
 fn kafka_error(stream: &Stream, what: &str, e: rdkafka::error::KafkaError) -> Error {
+    source_error(stream, what, e, None)
+}
+
+/// A stream's source error with librdkafka's own reason, when it gave one; the hint
+/// points at the settings the reason is about.
+fn source_error(
+    stream: &Stream,
+    what: &str,
+    e: rdkafka::error::KafkaError,
+    cause: Option<String>,
+) -> Error {
     let src = &stream.config.source;
-    Error::external(format!("stream `{}`: {what}: {e}", stream.name)).with_hint(format!(
-        "check `source.brokers` ({}) in {}",
-        src.brokers,
-        stream.file.display()
-    ))
+    let file = stream.file.display();
+    let message = match &cause {
+        Some(c) => format!("stream `{}`: {what}: {e}: {c}", stream.name),
+        None => format!("stream `{}`: {what}: {e}", stream.name),
+    };
+    let cause = cause.unwrap_or_default();
+    let hint = if cause.contains("SSL") || cause.contains("certificate") {
+        format!("check the TLS settings in `source.options` (security.protocol, ssl.ca.location) in {file}")
+    } else if cause.contains("SASL") || cause.contains("uthentication") {
+        format!("check the SASL settings in `source.options` (sasl.mechanism, sasl.username, sasl.password) in {file}")
+    } else {
+        format!("check `source.brokers` ({}) in {file}", src.brokers)
+    };
+    Error::external(message).with_hint(hint)
 }
 
 /// A consumer for the stream's topic (not yet assigned) and the topic's partitions.
-fn connect(stream: &Stream) -> Result<(StreamConsumer, Vec<i32>), Error> {
+fn connect(stream: &Stream) -> Result<(Consumer, Vec<i32>), Error> {
     let cfg = &stream.config;
     let src = &cfg.source;
     let group = src
         .group
         .clone()
         .unwrap_or_else(|| format!("weir-{}", stream.name));
-    let consumer: StreamConsumer = kafka::consumer_config(src, &group, cfg.flush.bytes)
-        .create()
+    let config = kafka::consumer_config(src, &group, cfg.flush.bytes);
+    // The topic's metadata, read by a client of its own: when the read fails, polling
+    // that client delivers librdkafka's reason (a TLS handshake, an authentication).
+    let probe: rdkafka::consumer::BaseConsumer<kafka::Recorder> = config
+        .create_with_context(kafka::Recorder::default())
         .map_err(|e| kafka_error(stream, "creating the consumer", e))?;
     let metadata = tokio::task::block_in_place(|| {
-        consumer.fetch_metadata(Some(&src.topic), Duration::from_secs(10))
-    })
-    .map_err(|e| kafka_error(stream, "reading the topic's metadata", e))?;
+        probe
+            .fetch_metadata(Some(&src.topic), Duration::from_secs(10))
+            .map_err(|e| {
+                for _ in 0..5 {
+                    let _ = probe.poll(Duration::from_millis(20));
+                }
+                let cause = probe.context().last_error();
+                source_error(stream, "reading the topic's metadata", e, cause)
+            })
+    })?;
+    let consumer: Consumer = config
+        .create_with_context(kafka::Recorder::default())
+        .map_err(|e| kafka_error(stream, "creating the consumer", e))?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()

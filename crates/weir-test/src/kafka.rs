@@ -45,12 +45,28 @@ impl KafkaBroker {
 
     /// Starts a broker on a free loopback port; it stops with the test process.
     pub fn start() -> Result<KafkaBroker, String> {
+        Self::start_advertising(None)
+    }
+
+    /// A broker of its own that clients reach through TLS only: it advertises the
+    /// proxy's port, so every connection a client makes goes through the proxy.
+    pub fn behind_tls() -> Result<(KafkaBroker, crate::TlsProxy), String> {
+        let (proxy, listener) = crate::TlsProxy::bind()?;
+        let broker = Self::start_advertising(Some(proxy.port()))?;
+        proxy.forward(listener, broker.port)?;
+        Ok((broker, proxy))
+    }
+
+    /// Starts a broker that tells clients to connect to `advertised` (default: its own
+    /// port).
+    fn start_advertising(advertised: Option<u16>) -> Result<KafkaBroker, String> {
         let bin = Self::binary()?;
         let port = crate::s3::free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
+        let shown = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         // A shell that stops the broker when this process is gone, however it ends.
         let script = r#"
-"$0" broker --listener-url "$1" --advertised-listener-url "$1" \
+"$0" broker --listener-url "$1" --advertised-listener-url "$3" \
   --storage-engine memory://tansu/ --silent >/dev/null 2>&1 &
 broker=$!
 trap 'kill "$broker" 2>/dev/null; exit 0' TERM
@@ -62,6 +78,7 @@ kill "$broker" 2>/dev/null
             .arg(&bin)
             .arg(&url)
             .arg(std::process::id().to_string())
+            .arg(&shown)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -8,12 +8,15 @@
 //! [`S3Server`] is an S3-compatible server on loopback (moto's server mode, in memory),
 //! with one bucket, for the tests that run the lake on object storage.
 //!
-//! [`KafkaBroker`] is a Kafka-protocol broker on loopback (tansu, in memory).
+//! [`KafkaBroker`] is a Kafka-protocol broker on loopback (tansu, in memory);
+//! [`KafkaBroker::behind_tls`] puts one behind a [`TlsProxy`].
 
 mod kafka;
 mod pg;
 mod s3;
+mod tls;
 
 pub use kafka::KafkaBroker;
 pub use pg::PgServer;
 pub use s3::S3Server;
+pub use tls::TlsProxy;

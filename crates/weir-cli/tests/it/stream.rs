@@ -12,11 +12,19 @@ use rdkafka::ClientConfig;
 
 use crate::{ok, query, scalar, weir};
 
+/// Client settings for the test broker at `broker`.
+fn client(broker: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", broker);
+    c
+}
+
 fn topic(broker: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .create()
-        .unwrap();
+    topic_on(client(broker), name, partitions)
+}
+
+fn topic_on(client: ClientConfig, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client.create().unwrap();
     let results = futures::executor::block_on(admin.create_topics(
         &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
@@ -490,8 +498,11 @@ fn produce_batched(broker: &str, topic: &str, values: &[String]) {
 /// Sends `(partition, value)` records, each to its partition, one record per batch (see
 /// `produce`).
 fn produce_to(broker: &str, topic: &str, records: &[(i32, String)]) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker)
+    produce_on(client(broker), topic, records)
+}
+
+fn produce_on(mut client: ClientConfig, topic: &str, records: &[(i32, String)]) {
+    let producer: BaseProducer = client
         .set("linger.ms", "0")
         .set("batch.num.messages", "1")
         .create()
@@ -894,10 +905,13 @@ fn a_running_aggregate_counts_each_record_once_through_sigkills() {
 
 /// Every committed record of `topic` (key, value), read until none arrives for 3 s.
 fn read_committed(broker: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    read_on(client(broker), topic)
+}
+
+fn read_on(mut client: ClientConfig, topic: &str) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker)
+    let c: BaseConsumer = client
         .set(
             "group.id",
             format!("reader-{}", uuid::Uuid::new_v4().simple()),
@@ -1627,4 +1641,90 @@ fn a_running_aggregate_keeps_one_current_row_per_key_in_the_table() {
             .collect::<std::collections::BTreeMap<_, _>>(),
         want(&events)
     );
+}
+
+#[test]
+fn a_stream_reads_and_publishes_through_tls_and_refuses_an_untrusted_broker() {
+    // A broker that clients reach only through TLS (a certificate for 127.0.0.1).
+    let (_broker, proxy) = weir_test::KafkaBroker::behind_tls().unwrap();
+    let ca = proxy.ca_file().display().to_string();
+    let tls = || {
+        let mut c = client(&proxy.address());
+        c.set("security.protocol", "ssl")
+            .set("ssl.ca.location", &ca);
+        c
+    };
+    topic_on(tls(), "clicks", 2);
+    topic_on(tls(), "clicks-out", 1);
+    let records: Vec<(i32, String)> = (0..200)
+        .map(|i| {
+            (
+                i % 2,
+                format!(
+                    r#"{{"id": {i}, "user_name": "u{}", "amount": {i}, "ts": 1}}"#,
+                    i % 5
+                ),
+            )
+        })
+        .collect();
+    produce_on(tls(), "clicks", &records);
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    let stream = |ca: &str| {
+        format!(
+            "source:\n  type: kafka\n  brokers: {addr}\n  topic: clicks\n  name: clicks\n\
+             {CLICK_COLUMNS}  options:\n    security.protocol: ssl\n    ssl.ca.location: {ca}\n\
+             sql: SELECT id, user_name, amount FROM clicks WHERE amount >= 150\n\
+             sink:\n  table: agg.clicks\n  kafka:\n    topic: clicks-out\n    key: [id]\n\
+             \x20   delivery: at_least_once\n    options:\n      security.protocol: ssl\n\
+             \x20     ssl.ca.location: {ca}\n\
+             flush:\n  rows: 64\n",
+            addr = proxy.address(),
+        )
+    };
+    // A broker whose certificate the stream does not trust: refused, with the reason.
+    let (other, _unused) = weir_test::TlsProxy::bind().unwrap();
+    crate::write(
+        dir.path(),
+        "streams/clicks.yaml",
+        &stream(&other.ca_file().display().to_string()),
+    );
+    let started = Instant::now();
+    let out = weir(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "2s"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(err.contains("certificate verify failed"), "{err}");
+    assert!(
+        err.contains("ssl.ca.location) in streams/clicks.yaml"),
+        "{err}"
+    );
+    // One warning for the failing connection, not one per retry.
+    assert!(
+        err.matches("certificate verify failed").count() < 5,
+        "{err}"
+    );
+    // Trusted: the records are read through TLS and the rows published back through it.
+    crate::write(dir.path(), "streams/clicks.yaml", &stream(&ca));
+    let s = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "2s"],
+    );
+    assert_eq!(s["records"], 200, "{s}");
+    assert_eq!(s["published"], 50, "{s}");
+    let published = read_on(tls(), "clicks-out");
+    let mut ids: Vec<i64> = published
+        .iter()
+        .map(|(_, v)| {
+            serde_json::from_slice::<serde_json::Value>(v).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids, (150..200).collect::<Vec<_>>());
 }
