@@ -1,4 +1,5 @@
-//! A Kafka-protocol broker on loopback: tansu (from crates.io) with its in-memory storage.
+//! A Kafka-protocol broker on loopback: tansu (from crates.io), with its in-memory storage
+//! (or a SQLite file, for the SASL test).
 //!
 //! `scripts/kafka-broker` installs it once under `~/.cache/weir-tools` and prints its
 //! path; `scripts/test` runs it and passes the path in `WEIR_KAFKA_BROKER`.
@@ -13,6 +14,19 @@ use std::time::{Duration, Instant};
 pub struct KafkaBroker {
     port: u16,
     child: Mutex<Child>,
+    /// The directory of its SQLite store, when it has one.
+    dir: Option<tempfile::TempDir>,
+}
+
+/// How a broker runs.
+#[derive(Clone, Default)]
+struct Launch {
+    /// The port it tells clients to connect to (default: its own).
+    advertised: Option<u16>,
+    /// A SQLite store in this directory (default: in memory).
+    dir: Option<std::path::PathBuf>,
+    /// Clients must authenticate (SASL SCRAM).
+    authentication: bool,
 }
 
 impl KafkaBroker {
@@ -30,7 +44,7 @@ impl KafkaBroker {
             Some(p) => PathBuf::from(p),
             None => {
                 let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
-                PathBuf::from(home).join(".cache/weir-tools/tansu-0.6.0/bin/tansu")
+                PathBuf::from(home).join(".cache/weir-tools/tansu-0.6.0-libsql/bin/tansu")
             }
         };
         if path.is_file() {
@@ -45,29 +59,73 @@ impl KafkaBroker {
 
     /// Starts a broker on a free loopback port; it stops with the test process.
     pub fn start() -> Result<KafkaBroker, String> {
-        Self::start_advertising(None)
+        Self::launch(Launch::default())
+    }
+
+    /// A broker of its own that requires SASL SCRAM-SHA-512 from every client and knows
+    /// one user. tansu creates users only through a running broker (`tansu user create`)
+    /// and keeps them in its store, and an authenticating broker lets no one in to create
+    /// the first: so a first broker, without authentication, creates the user in a SQLite
+    /// store, and a second one serves that store with `--authentication`.
+    pub fn with_scram_user(user: &str, password: &str) -> Result<KafkaBroker, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let store = Launch {
+            dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let setup = Self::launch(store.clone())?;
+        let out = Command::new(Self::binary()?)
+            .args(["user", "create", user, password, "--mechanism", "scram512"])
+            .arg("--broker")
+            .arg(format!("tcp://{}", setup.bootstrap()))
+            .output()
+            .map_err(|e| format!("tansu user create: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tansu user create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let first = setup.port;
+        drop(setup);
+        // The store is the first broker's until it has exited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", first)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut broker = Self::launch(Launch {
+            authentication: true,
+            ..store
+        })?;
+        broker.dir = Some(dir);
+        Ok(broker)
     }
 
     /// A broker of its own that clients reach through TLS only: it advertises the
     /// proxy's port, so every connection a client makes goes through the proxy.
     pub fn behind_tls() -> Result<(KafkaBroker, crate::TlsProxy), String> {
         let (proxy, listener) = crate::TlsProxy::bind()?;
-        let broker = Self::start_advertising(Some(proxy.port()))?;
+        let broker = Self::launch(Launch {
+            advertised: Some(proxy.port()),
+            ..Default::default()
+        })?;
         proxy.forward(listener, broker.port)?;
         Ok((broker, proxy))
     }
 
-    /// Starts a broker that tells clients to connect to `advertised` (default: its own
-    /// port).
-    fn start_advertising(advertised: Option<u16>) -> Result<KafkaBroker, String> {
+    fn launch(how: Launch) -> Result<KafkaBroker, String> {
         let bin = Self::binary()?;
         let port = crate::s3::free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
-        let shown = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
+        let shown = format!("tcp://127.0.0.1:{}", how.advertised.unwrap_or(port));
+        let storage = match &how.dir {
+            Some(_) => "sqlite://tansu.db",
+            None => "memory://tansu/",
+        };
         // A shell that stops the broker when this process is gone, however it ends.
         let script = r#"
 "$0" broker --listener-url "$1" --advertised-listener-url "$3" \
-  --storage-engine memory://tansu/ --silent >/dev/null 2>&1 &
+  --storage-engine "$4" $5 --silent >/dev/null 2>&1 &
 broker=$!
 trap 'kill "$broker" 2>/dev/null; exit 0' TERM
 while kill -0 "$2" 2>/dev/null && kill -0 "$broker" 2>/dev/null; do sleep 1; done
@@ -79,6 +137,12 @@ kill "$broker" 2>/dev/null
             .arg(&url)
             .arg(std::process::id().to_string())
             .arg(&shown)
+            .arg(storage)
+            .arg(match how.authentication {
+                true => "--authentication",
+                false => "",
+            })
+            .current_dir(how.dir.unwrap_or_else(std::env::temp_dir))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -87,6 +151,7 @@ kill "$broker" 2>/dev/null
         let broker = KafkaBroker {
             port,
             child: Mutex::new(child),
+            dir: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {

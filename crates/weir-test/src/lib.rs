@@ -9,7 +9,8 @@
 //! with one bucket, for the tests that run the lake on object storage.
 //!
 //! [`KafkaBroker`] is a Kafka-protocol broker on loopback (tansu, in memory);
-//! [`KafkaBroker::behind_tls`] puts one behind a [`TlsProxy`].
+//! [`KafkaBroker::behind_tls`] puts one behind a [`TlsProxy`], and
+//! [`KafkaBroker::with_scram_user`] starts one that requires SASL SCRAM.
 
 mod kafka;
 mod pg;

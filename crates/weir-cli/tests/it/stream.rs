@@ -1728,3 +1728,79 @@ fn a_stream_reads_and_publishes_through_tls_and_refuses_an_untrusted_broker() {
     ids.dedup();
     assert_eq!(ids, (150..200).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_stream_authenticates_with_sasl_scram_and_a_wrong_password_is_refused() {
+    // A broker that lets in only clients that authenticate (SCRAM-SHA-512) as `weir`.
+    let broker = weir_test::KafkaBroker::with_scram_user("weir", "s3cret-pw").unwrap();
+    let sasl = || {
+        let mut c = client(&broker.bootstrap());
+        c.set("security.protocol", "sasl_plaintext")
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", "weir")
+            .set("sasl.password", "s3cret-pw");
+        c
+    };
+    topic_on(sasl(), "events", 1);
+    let records: Vec<(i32, String)> = (0..100)
+        .map(|i| (0, format!(r#"{{"id": {i}, "kind": "k{}"}}"#, i % 3)))
+        .collect();
+    produce_on(sasl(), "events", &records);
+    let dir = tempfile::tempdir().unwrap();
+    crate::write(dir.path(), "weir.yaml", "name: streams\n");
+    // The password comes from the environment, as a deployment would keep it.
+    crate::write(
+        dir.path(),
+        "streams/events.yaml",
+        &format!(
+            "source:\n  type: kafka\n  brokers: {}\n  topic: events\n  options:\n\
+             \x20   security.protocol: sasl_plaintext\n    sasl.mechanism: SCRAM-SHA-512\n\
+             \x20   sasl.username: weir\n    sasl.password: ${{env:WEIR_TEST_KAFKA_PASSWORD}}\n\
+             sink:\n  table: raw.events\n",
+            broker.bootstrap()
+        ),
+    );
+    let weir_with = |password: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--project")
+            .arg(dir.path())
+            .args(args)
+            .env("WEIR_TEST_KAFKA_PASSWORD", password)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let run = [
+        "stream",
+        "run",
+        "events",
+        "--until-idle",
+        "2s",
+        "--format",
+        "json",
+    ];
+    let started = Instant::now();
+    let out = weir_with("not-the-password", &run);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(err.contains("reading the topic's metadata"), "{err}");
+    assert!(err.contains("SASL"), "{err}");
+    assert!(
+        err.contains("check the SASL settings in `source.options`"),
+        "{err}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(ok(&weir_with("s3cret-pw", &run)).trim()).unwrap();
+    assert_eq!(summary["records"], 100, "{summary}");
+    let count = ok(&weir_with(
+        "s3cret-pw",
+        &[
+            "query",
+            "select count(distinct id) from raw.events",
+            "--format",
+            "csv",
+        ],
+    ));
+    assert_eq!(count.lines().last(), Some("100"), "{count}");
+}
