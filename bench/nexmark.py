@@ -126,9 +126,6 @@ JOIN (
 ON P.id = A.seller AND P.starttime = A.starttime AND P.endtime = A.endtime""",
 }
 
-NOT_RUN = {}
-
-
 def sh(cmd, **kw):
     p = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if p.returncode != 0:
@@ -382,8 +379,6 @@ def main():
         print(f"{q:<6}{weir_rate:>16,.0f}{(f'{flink_rate:,.0f}' if flink_rate else '-'):>17}{ratio}"
               f"{cpu:>12.2f}{(f'{fcpu:.2f}' if fcpu else '-'):>13}  "
               f"{problem or f'ok ({rows:,} rows)'}", flush=True)
-    for q, why in NOT_RUN.items():
-        print(f"{q:<6}not run: {why}")
 
 
 if __name__ == "__main__":
