@@ -126,6 +126,7 @@ JOIN (
 ON P.id = A.seller AND P.starttime = A.starttime AND P.endtime = A.endtime""",
 }
 
+
 def sh(cmd, **kw):
     p = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if p.returncode != 0:
