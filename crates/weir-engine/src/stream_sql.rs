@@ -571,6 +571,10 @@ impl StreamSql {
                 column.map(|column| join::EventTime {
                     slot: slot_name,
                     column,
+                    window: match &window {
+                        Some(Window::Tumble { size } | Window::Hop { size, .. }) => Some(*size),
+                        _ => None,
+                    },
                 }),
             )?;
             check_per_batch(&j.left, slot_name)?;
@@ -3124,5 +3128,21 @@ mod tests {
         assert_eq!(got, want);
         assert!(most <= 33, "{most} batches kept on a side");
         assert!(q.join_rows_held().unwrap()[0] > 300);
+    }
+
+    #[tokio::test]
+    async fn a_self_join_on_the_window_lets_each_window_go_when_it_ends() {
+        let sql = "SELECT a.id AS a_id, b.id AS b_id \
+                   FROM TUMBLE(events, ts, '10s') a JOIN TUMBLE(events, ts, '10s') b \
+                   ON a.user_name = b.user_name AND a.window_start = b.window_start \
+                   WHERE a.amount % 2 = 0 AND b.amount % 2 = 1";
+        let (most, rows) = self_join_against_reference(sql, 13, |a, b| {
+            a.user == b.user
+                && a.ts.div_euclid(10_000) == b.ts.div_euclid(10_000)
+                && a.amount % 2 == 0
+                && b.amount % 2 == 1
+        })
+        .await;
+        assert!(most < rows / 6, "held at most {most} of {rows} rows");
     }
 }

@@ -36,11 +36,14 @@ use super::{eval_all, event_times, exec_error, plan_error};
 const MAX_BATCHES: usize = 32;
 
 /// Which columns of a join's inputs carry the source's event time, unchanged.
+#[derive(Clone, Copy)]
 pub(super) struct EventTime<'a> {
     /// The table the source is read from in the plan.
     pub slot: &'a str,
     /// The source's event-time column.
     pub column: &'a str,
+    /// With a tumbling or hopping window over the source: its size (µs).
+    pub window: Option<i64>,
 }
 
 /// The join's operator and state.
@@ -161,6 +164,37 @@ impl StreamJoin {
                                 bounds[y].push(e);
                                 bound_exprs.push(bound.clone());
                             }
+                        }
+                    }
+                }
+            }
+            // Sides joined on their window (`a.window_start = b.window_start`): a row can
+            // meet only rows of its own window, so it goes once the watermark reaches the
+            // window's end.
+            if let Some(size) = t.window {
+                for (l, r) in &join.on {
+                    let (Expr::Column(lc), Expr::Column(rc)) = (l, r) else {
+                        continue;
+                    };
+                    for (name, to_end) in [(super::WINDOW_START, size), (super::WINDOW_END, 0)] {
+                        let w = EventTime { column: name, ..*t };
+                        if !(carries_source_column(inputs[0], lc, &w)
+                            && carries_source_column(inputs[1], rc, &w))
+                        {
+                            continue;
+                        }
+                        for (side, col) in [(0, lc), (1, rc)] {
+                            // The last µs of the window.
+                            let last = Expr::Column(col.clone())
+                                + Expr::Literal(
+                                    datafusion::common::ScalarValue::new_interval_mdn(
+                                        0,
+                                        0,
+                                        (to_end - 1) * 1_000,
+                                    ),
+                                    None,
+                                );
+                            bounds[side].push(physical(&last, inputs[side].schema())?);
                         }
                     }
                 }
