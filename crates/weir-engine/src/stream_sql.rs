@@ -3145,4 +3145,72 @@ mod tests {
         .await;
         assert!(most < rows / 6, "held at most {most} of {rows} rows");
     }
+
+    #[tokio::test]
+    async fn a_full_self_join_emits_the_unmatched_rows_of_both_sides() {
+        let sql = "SELECT a.id AS a_id, b.id AS b_id \
+                   FROM (SELECT * FROM events WHERE amount % 2 = 0) a \
+                   FULL JOIN (SELECT * FROM events WHERE amount % 2 = 1) b \
+                   ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 1500";
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(23);
+        let events = events(&mut rng, 2_000);
+        let (late, wm) = reference_late(&events);
+        let on_time: Vec<&Event> = events.iter().filter(|e| !late.contains(&e.id)).collect();
+        let matches =
+            |a: &Event, b: &Event| a.user == b.user && b.ts >= a.ts && b.ts <= a.ts + 1_500;
+        let (evens, odds): (Vec<&Event>, Vec<&Event>) =
+            on_time.iter().partition(|e| e.amount % 2 == 0);
+        let mut want = Vec::new();
+        for a in &evens {
+            let before = want.len();
+            want.extend(
+                odds.iter()
+                    .filter(|b| matches(a, b))
+                    .map(|b| (Some(a.id), Some(b.id))),
+            );
+            // Gone once the watermark passes a.ts + 1.5 s: no later b can be in range.
+            if want.len() == before && a.ts + 1_500 < wm {
+                want.push((Some(a.id), None));
+            }
+        }
+        for b in &odds {
+            // Gone once the watermark passes b.ts: no later a can start before it.
+            if !evens.iter().any(|a| matches(a, b)) && b.ts < wm {
+                want.push((None, Some(b.id)));
+            }
+        }
+        let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+        let mut got = Vec::new();
+        let collect = |out: &[RecordBatch], got: &mut Vec<(Option<i64>, Option<i64>)>| {
+            for b in out {
+                let a = b.column(0).as_primitive::<Int64Type>();
+                let c = b.column(1).as_primitive::<Int64Type>();
+                got.extend((0..b.num_rows()).map(|r| {
+                    (
+                        a.is_valid(r).then(|| a.value(r)),
+                        c.is_valid(r).then(|| c.value(r)),
+                    )
+                }));
+            }
+        };
+        for (i, chunk) in events.chunks(90).enumerate() {
+            collect(&q.push(&batch(chunk)).await.unwrap().rows, &mut got);
+            collect(&q.advance().await.unwrap(), &mut got);
+            if i % 4 == 1 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        got.sort_unstable();
+        want.sort_unstable();
+        let lone_a = want.iter().filter(|w| w.1.is_none()).count();
+        let lone_b = want.iter().filter(|w| w.0.is_none()).count();
+        assert!(
+            lone_a > 50 && lone_b > 50,
+            "{lone_a} and {lone_b} lone rows"
+        );
+        assert_eq!(got, want);
+    }
 }
