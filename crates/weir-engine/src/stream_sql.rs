@@ -3213,4 +3213,55 @@ mod tests {
         );
         assert_eq!(got, want);
     }
+
+    #[tokio::test]
+    async fn a_running_aggregate_over_closed_windows_keeps_its_totals() {
+        // Per user: how many 10 s windows had clicks, and the clicks in them, kept up to
+        // date as windows close.
+        let sql = "SELECT user_name, count(*) AS windows, sum(n) AS clicks FROM ( \
+                   SELECT window_start, user_name, count(*) AS n \
+                   FROM TUMBLE(events, ts, '10s') GROUP BY window_start, user_name) w \
+                   GROUP BY user_name";
+        let running = StreamSqlSpec {
+            updating: true,
+            ..spec(sql, true)
+        };
+        let ctx = weir_lake::new_session();
+        let mut rng = Rng(61);
+        let events = events(&mut rng, 3_000);
+        let (late, wm) = reference_late(&events);
+        let mut windows: BTreeMap<(usize, i64), i64> = BTreeMap::new();
+        for e in events.iter().filter(|e| !late.contains(&e.id)) {
+            let start = e.ts.div_euclid(10_000) * 10_000;
+            if start + 10_000 <= wm {
+                *windows.entry((e.user, start)).or_default() += 1;
+            }
+        }
+        let mut want: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for ((u, _), n) in windows {
+            let w = want.entry(USERS[u].to_string()).or_default();
+            w.0 += 1;
+            w.1 += n;
+        }
+        let mut q = StreamSql::compile(&ctx, &running).await.unwrap();
+        let mut table: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for (i, chunk) in events.chunks(110).enumerate() {
+            q.push(&batch(chunk)).await.unwrap();
+            for b in q.advance().await.unwrap() {
+                let u = b.column(0).as_string::<i32>();
+                let w = b.column(1).as_primitive::<Int64Type>();
+                let n = b.column(2).as_primitive::<Int64Type>();
+                for r in 0..b.num_rows() {
+                    table.insert(u.value(r).to_string(), (w.value(r), n.value(r)));
+                }
+            }
+            if i % 5 == 3 {
+                let state = q.checkpoint().unwrap();
+                q = StreamSql::compile(&ctx, &running).await.unwrap();
+                q.restore(&state).unwrap();
+            }
+        }
+        assert!(want.values().all(|w| w.0 > 20), "{want:?}");
+        assert_eq!(table, want);
+    }
 }
