@@ -2739,6 +2739,20 @@ mod tests {
         }
     }
 
+    /// (a id, b id) pairs of an outer join, either side possibly null.
+    fn nullable_pairs(out: &[RecordBatch], into: &mut Vec<(Option<i64>, Option<i64>)>) {
+        for b in out {
+            let a = b.column(0).as_primitive::<Int64Type>();
+            let c = b.column(1).as_primitive::<Int64Type>();
+            into.extend((0..b.num_rows()).map(|r| {
+                (
+                    a.is_valid(r).then(|| a.value(r)),
+                    c.is_valid(r).then(|| c.value(r)),
+                )
+            }));
+        }
+    }
+
     /// A join of the stream with itself against the naive join of its on-time rows: the
     /// stream in random batches, checkpointed into a fresh query now and then. Returns the
     /// most rows the join held on a side.
@@ -2901,30 +2915,21 @@ mod tests {
             let mut any = false;
             for b in &on_time {
                 if b.amount % 2 == 1 && b.user == a.user && b.ts >= a.ts && b.ts <= a.ts + 1_500 {
-                    want.push((a.id, Some(b.id)));
+                    want.push((Some(a.id), Some(b.id)));
                     any = true;
                 }
             }
             if !any && a.ts + 1_500 < wm {
-                want.push((a.id, None));
+                want.push((Some(a.id), None));
             }
         }
         let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
         let mut got = Vec::new();
-        let collect = |out: &[RecordBatch], got: &mut Vec<(i64, Option<i64>)>| {
-            for b in out {
-                let a = b.column(0).as_primitive::<Int64Type>();
-                let c = b.column(1).as_primitive::<Int64Type>();
-                got.extend(
-                    (0..b.num_rows()).map(|r| (a.value(r), c.is_valid(r).then(|| c.value(r)))),
-                );
-            }
-        };
         let mut at = 0;
         while at < events.len() {
             let part = &events[at..(at + 1 + rng.below(120) as usize).min(events.len())];
-            collect(&q.push(&batch(part)).await.unwrap().rows, &mut got);
-            collect(&q.advance().await.unwrap(), &mut got);
+            nullable_pairs(&q.push(&batch(part)).await.unwrap().rows, &mut got);
+            nullable_pairs(&q.advance().await.unwrap(), &mut got);
             if rng.below(3) == 0 {
                 let state = q.checkpoint().unwrap();
                 q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
@@ -3182,21 +3187,9 @@ mod tests {
         }
         let mut q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();
         let mut got = Vec::new();
-        let collect = |out: &[RecordBatch], got: &mut Vec<(Option<i64>, Option<i64>)>| {
-            for b in out {
-                let a = b.column(0).as_primitive::<Int64Type>();
-                let c = b.column(1).as_primitive::<Int64Type>();
-                got.extend((0..b.num_rows()).map(|r| {
-                    (
-                        a.is_valid(r).then(|| a.value(r)),
-                        c.is_valid(r).then(|| c.value(r)),
-                    )
-                }));
-            }
-        };
         for (i, chunk) in events.chunks(90).enumerate() {
-            collect(&q.push(&batch(chunk)).await.unwrap().rows, &mut got);
-            collect(&q.advance().await.unwrap(), &mut got);
+            nullable_pairs(&q.push(&batch(chunk)).await.unwrap().rows, &mut got);
+            nullable_pairs(&q.advance().await.unwrap(), &mut got);
             if i % 4 == 1 {
                 let state = q.checkpoint().unwrap();
                 q = StreamSql::compile(&ctx, &spec(sql, true)).await.unwrap();

@@ -1235,18 +1235,12 @@ async fn commit_mirror(lake: &Lake, job: &Cdc, m: &mut Mirror, end: u64) -> Resu
     // (Columns dropped at the source stay in the mirror: `Lake::write` fills them with
     // nulls.)
     let widen = |b: RecordBatch, flag: Option<bool>| -> Result<RecordBatch, Error> {
-        let mut fields: Vec<Field> = b
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-        if let Some(flag) = flag {
-            cols.push(Arc::new(BooleanArray::from(vec![flag; b.num_rows()])));
-            fields.push(Field::new(DELETED, DataType::Boolean, false));
-        }
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
+        let n = b.num_rows();
+        let extra = flag.map(|flag| {
+            let c: ArrayRef = Arc::new(BooleanArray::from(vec![flag; n]));
+            (Field::new(DELETED, DataType::Boolean, false), c)
+        });
+        with_columns(&b, extra)
     };
     let (df, spec) = if net.truncated {
         let df = ctx.read_batch(widen(live, None)?).map_err(batch_err)?;
@@ -1346,41 +1340,30 @@ async fn keep_unchanged(
     rows: &[&[Value]],
     unchanged: &[usize],
 ) -> Result<RecordBatch, Error> {
-    let mut fields: Vec<Field> = live
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    let mut cols = live.columns().to_vec();
+    let mut extra: Vec<(Field, ArrayRef)> = Vec::new();
     for (i, p) in shape.key_positions().iter().enumerate() {
-        cols.push(lookup.column(*p).clone());
-        fields.push(
-            lookup
-                .schema()
-                .field(*p)
-                .clone()
-                .with_name(format!("__weir_lookup_{i}")),
-        );
+        let field = lookup.schema().field(*p).clone();
+        extra.push((
+            field.with_name(format!("__weir_lookup_{i}")),
+            lookup.column(*p).clone(),
+        ));
     }
     // The join does not keep the input's order; callers rely on it.
-    cols.push(Arc::new(Int64Array::from_iter_values(
-        0..live.num_rows() as i64,
-    )));
-    fields.push(Field::new("__weir_row", DataType::Int64, false));
+    extra.push((
+        Field::new("__weir_row", DataType::Int64, false),
+        Arc::new(Int64Array::from_iter_values(0..live.num_rows() as i64)),
+    ));
     for j in unchanged {
         let mask: BooleanArray = rows
             .iter()
             .map(|r| Some(r.get(*j) == Some(&Value::Unchanged)))
             .collect();
-        cols.push(Arc::new(mask));
-        fields.push(Field::new(
-            format!("__weir_unchanged_{j}"),
-            DataType::Boolean,
-            false,
+        extra.push((
+            Field::new(format!("__weir_unchanged_{j}"), DataType::Boolean, false),
+            Arc::new(mask),
         ));
     }
-    let marked = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)?;
+    let marked = with_columns(&live, extra)?;
     weir_engine::session::register_lake_table(ctx, lake, mirror, "__weir_mirror").await?;
     ctx.register_batch("__weir_changes", marked)
         .map_err(batch_err)?;
@@ -1752,6 +1735,31 @@ fn history_batch(
     seq0: usize,
 ) -> Result<RecordBatch, Error> {
     let n = b.num_rows();
+    let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let extra: [(Field, ArrayRef); 3] = [
+        (
+            Field::new("_commit_time", time, false),
+            Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC")),
+        ),
+        (
+            Field::new(DELETED, DataType::Boolean, false),
+            Arc::new(BooleanArray::from(deleted)),
+        ),
+        (
+            Field::new(weir_engine::scd::SEQ, DataType::Int64, false),
+            Arc::new(Int64Array::from_iter_values(
+                (seq0..seq0 + n).map(|i| i as i64),
+            )),
+        ),
+    ];
+    with_columns(&b, extra)
+}
+
+/// `b` with more columns after its own.
+fn with_columns(
+    b: &RecordBatch,
+    extra: impl IntoIterator<Item = (Field, ArrayRef)>,
+) -> Result<RecordBatch, Error> {
     let mut fields: Vec<Field> = b
         .schema()
         .fields()
@@ -1759,20 +1767,10 @@ fn history_batch(
         .map(|f| f.as_ref().clone())
         .collect();
     let mut cols = b.columns().to_vec();
-    fields.push(Field::new(
-        "_commit_time",
-        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        false,
-    ));
-    cols.push(Arc::new(
-        TimestampMicrosecondArray::from(times).with_timezone("UTC"),
-    ));
-    fields.push(Field::new(DELETED, DataType::Boolean, false));
-    cols.push(Arc::new(BooleanArray::from(deleted)));
-    fields.push(Field::new(weir_engine::scd::SEQ, DataType::Int64, false));
-    cols.push(Arc::new(Int64Array::from_iter_values(
-        (seq0..seq0 + n).map(|i| i as i64),
-    )));
+    for (f, c) in extra {
+        fields.push(f);
+        cols.push(c);
+    }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(batch_err)
 }
 

@@ -1051,10 +1051,10 @@ fn source_error(
         Some(c) => format!("stream `{}`: {what}: {e}: {c}", stream.name),
         None => format!("stream `{}`: {what}: {e}", stream.name),
     };
-    let cause = cause.unwrap_or_default();
-    let hint = if cause.contains("SSL") || cause.contains("certificate") {
+    let cause = cause.unwrap_or_default().to_lowercase();
+    let hint = if cause.contains("ssl") || cause.contains("certificate") {
         format!("check the TLS settings in `source.options` (security.protocol, ssl.ca.location) in {file}")
-    } else if cause.contains("SASL") || cause.contains("uthentication") {
+    } else if cause.contains("sasl") || cause.contains("authentication") {
         format!("check the SASL settings in `source.options` (sasl.mechanism, sasl.username, sasl.password) in {file}")
     } else {
         format!("check `source.brokers` ({}) in {file}", src.brokers)

@@ -123,28 +123,8 @@ impl PgServer {
     }
 
     fn make_certificate(&self, data: &Path) -> bool {
-        let made = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-                "-keyout",
-            ])
-            .arg(data.join("server.key"))
-            .arg("-out")
-            .arg(data.join("server.crt"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !made {
+        let (key, cert) = (data.join("server.key"), data.join("server.crt"));
+        if crate::tls::self_signed(&key, &cert, "localhost", "DNS:localhost").is_err() {
             return false;
         }
         use std::os::unix::fs::PermissionsExt;

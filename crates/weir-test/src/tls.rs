@@ -3,12 +3,38 @@
 //! forwards the bytes both ways. Clients trust [`TlsProxy::ca_file`].
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Makes a self-signed certificate for `name` (`alt`: its subjectAltName, such as
+/// `IP:127.0.0.1`) and its key, with the `openssl` command.
+pub(crate) fn self_signed(key: &Path, cert: &Path, name: &str, alt: &str) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={name}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName={alt}"))
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .map_err(|e| format!("openssl: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
 
 /// A running TLS endpoint; it serves until the test process ends.
 pub struct TlsProxy {
@@ -23,32 +49,12 @@ impl TlsProxy {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-            ])
-            .arg(dir.path().join("key.pem"))
-            .arg("-out")
-            .arg(dir.path().join("cert.pem"))
-            .output()
-            .map_err(|e| format!("openssl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "openssl req: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        self_signed(
+            &dir.path().join("key.pem"),
+            &dir.path().join("cert.pem"),
+            "127.0.0.1",
+            "IP:127.0.0.1",
+        )?;
         Ok((TlsProxy { port, dir }, listener))
     }
 

@@ -627,16 +627,17 @@ fn clicks_closed_an_hour_later(
 }
 
 /// Produces the first `first` records to `(broker, topic)`, then runs stream `clicks` and
-/// SIGKILLs it (at most `kills` times, within `limit`), producing `step` more records
-/// during each run; then the rest. Returns how many kills there were.
-fn kill_while_producing(
+/// SIGKILLs it (at most `kills` times, within `limit`; at least `least` times), producing
+/// `step` more records during each run; then the rest, and a last run until the stream
+/// is idle.
+fn run_through_sigkills(
     project: &Path,
     (broker, topic): (&str, &str),
     records: &[(i32, String)],
     (first, step): (usize, usize),
-    (kills, limit): (usize, Duration),
+    (least, kills, limit): (usize, usize, Duration),
     rng: &mut Lcg,
-) -> usize {
+) {
     produce_to(broker, topic, &records[..first]);
     let mut sent = first;
     let started = Instant::now();
@@ -652,7 +653,9 @@ fn kill_while_producing(
         done += 1;
     }
     produce_to(broker, topic, &records[sent..]);
-    done
+    let out = weir_json(project, &["stream", "run", "clicks", "--until-idle", "3s"]);
+    eprintln!("{out}");
+    assert!(done >= least, "only {done} kills");
 }
 
 #[test]
@@ -680,28 +683,14 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
             "  kafka:\n    topic: {name}-out\n    key: [user_name]\n    delivery: at_least_once\n"
         ),
     );
-    let kills = kill_while_producing(
+    run_through_sigkills(
         dir.path(),
         (&broker, &name),
         &records,
         (N / 3, N / 9),
-        (6, Duration::from_secs(120)),
+        (4, 6, Duration::from_secs(120)),
         &mut rng,
     );
-    let out = ok(&weir(
-        dir.path(),
-        &[
-            "stream",
-            "run",
-            "clicks",
-            "--until-idle",
-            "3s",
-            "--format",
-            "json",
-        ],
-    ));
-    eprintln!("{out}");
-    assert!(kills >= 4, "only {kills} kills");
     let rows = query(
         dir.path(),
         "select cast(window_start as bigint) as s, cast(window_end as bigint) - cast(window_start as bigint) as len, \
@@ -799,20 +788,14 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
          WHERE a.amount < 10",
         "",
     );
-    let kills = kill_while_producing(
+    run_through_sigkills(
         dir.path(),
         (&broker, &name),
         &records,
         (N / 4, N / 6),
-        (5, Duration::from_secs(60)),
+        (3, 5, Duration::from_secs(60)),
         &mut rng,
     );
-    let out = weir_json(
-        dir.path(),
-        &["stream", "run", "clicks", "--until-idle", "3s"],
-    );
-    eprintln!("{out}");
-    assert!(kills >= 3, "only {kills} kills");
     let rows = query(dir.path(), "select small, large from agg.clicks");
     let mut got: Vec<(i64, Option<i64>)> = rows
         .iter()
@@ -868,20 +851,14 @@ fn a_running_aggregate_counts_each_record_once_through_sigkills() {
          count(DISTINCT amount) AS amounts FROM clicks GROUP BY user_name",
         "  key: [user_name]\n",
     );
-    let kills = kill_while_producing(
+    run_through_sigkills(
         dir.path(),
         (&broker, &name),
         &records,
         (N / 4, N / 6),
-        (5, Duration::from_secs(60)),
+        (3, 5, Duration::from_secs(60)),
         &mut rng,
     );
-    let out = weir_json(
-        dir.path(),
-        &["stream", "run", "clicks", "--until-idle", "3s"],
-    );
-    eprintln!("{out}");
-    assert!(kills >= 3, "only {kills} kills");
     let rows = query(
         dir.path(),
         "select user_name, n, total, amounts from agg.clicks",

@@ -291,6 +291,12 @@ impl StreamJoin {
                 }
                 let (joined, matched) = self.probe(s, &b, &keys)?;
                 out.extend(joined);
+                // Batches out of a plan may hold buffers sized for more rows than they
+                // have (or share them with the whole input): the state keeps its own,
+                // sized to its rows. (Compactions and checkpoints make tight ones.)
+                let b =
+                    take_record_batch(&b, &UInt32Array::from_iter_values(0..b.num_rows() as u32))
+                        .map_err(|e| Error::internal(format!("stream join: {e}")))?;
                 self.keep(s, b, &keys, matched)?;
             }
         }
@@ -452,10 +458,6 @@ impl StreamJoin {
         if b.num_rows() == 0 {
             return Ok(());
         }
-        // Batches out of a plan may hold buffers sized for more rows than they have (or
-        // share them with the whole input): the state keeps its own, sized to its rows.
-        let b = take_record_batch(&b, &UInt32Array::from_iter_values(0..b.num_rows() as u32))
-            .map_err(|e| Error::internal(format!("stream join: {e}")))?;
         let side = &mut self.sides[s];
         let expiry = side.expiries_of(&b)?;
         let bi = side.batches.len() as u32;
@@ -576,7 +578,10 @@ impl StreamJoin {
                 self.compact(s, least.unwrap_or(i64::MAX))?;
             }
             let side = &self.sides[s];
-            let all = concat_batches(&side.schema, &side.batches).map_err(err)?;
+            let all = match side.batches.as_slice() {
+                [one] => one.clone(),
+                many => concat_batches(&side.schema, many).map_err(err)?,
+            };
             let mut fields: Vec<Field> = side
                 .schema
                 .fields()
