@@ -803,9 +803,10 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
         .collect();
     got.sort_unstable();
     want.sort_unstable();
+    // The data has both kinds: over 3,000 seeds, at least 31 lone rows and 520 pairs.
     let alone = want.iter().filter(|w| w.1.is_none()).count();
     assert!(
-        want.len() - alone > 100 && alone > 50,
+        want.len() - alone > 100 && alone > 20,
         "{alone} of {}",
         want.len()
     );
