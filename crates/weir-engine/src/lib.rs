@@ -6,6 +6,7 @@ pub mod cte;
 pub mod explain;
 pub mod graph;
 pub mod model;
+mod scan;
 pub mod scd;
 pub mod session;
 pub mod stream;

@@ -297,6 +297,10 @@ async fn provider_for(
     table
         .update_datafusion_session(&session)
         .map_err(|e| weir_lake::delta_error(name, e))?;
+    let views = config.options().execution.parquet.schema_force_view_types;
+    if let Some(scan) = crate::scan::LakeScan::try_new(table, views) {
+        return Ok(Arc::new(scan));
+    }
     // With the session, the scan takes its Parquet settings: no row-level filter pushdown
     // (DataFusion's default), which reads TPC-H's selective scans faster than decoding
     // with the filter, and file skipping by the log's statistics stays.
