@@ -8,6 +8,7 @@ pub mod graph;
 pub mod model;
 mod scan;
 pub mod scd;
+pub mod semijoin;
 pub mod session;
 pub mod stream;
 pub mod stream_sql;

@@ -26,6 +26,8 @@ pub async fn live_lake_session(lake: &Lake) -> Result<SessionContext, Error> {
 
 async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> {
     let ctx = weir_lake::new_session();
+    ctx.add_optimizer_rule(Arc::new(crate::semijoin::AggregateKeyReduction));
+    ctx.add_optimizer_rule(Arc::new(crate::semijoin::SemiJoinPushdown));
     let mut names = lake.list().await?;
     // weir's own tables (`_weir.*`) are left out of listings but can be queried.
     if lake.exists("_weir.metrics").await {
