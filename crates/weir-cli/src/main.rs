@@ -697,6 +697,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Error> {
                 );
                 return Ok(0);
             }
+            weir_engine::session::open_named_tables(&ctx, &sql).await;
             let shared = weir_engine::cte::materialize(&ctx, &sql).await;
             let df = match ctx.sql(&shared.sql).await {
                 Ok(df) => df,

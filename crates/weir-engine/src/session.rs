@@ -63,6 +63,36 @@ async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> 
     Ok(ctx)
 }
 
+/// Opens the lake tables `sql` names at once, on the runtime's threads, before planning
+/// asks for them one by one: reading a table's log is a few milliseconds of work each.
+/// Anything `sql` does not resolve to (a typo, a view) is left for planning to report.
+pub async fn open_named_tables(ctx: &SessionContext, sql: &str) {
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let Ok(statement) = state.sql_to_statement(sql, &dialect) else {
+        return;
+    };
+    let Ok(references) = state.resolve_table_references(&statement) else {
+        return;
+    };
+    let Some(catalog) = ctx.catalog("weir") else {
+        return;
+    };
+    let mut opening = Vec::new();
+    for r in references {
+        let (Some(schema), table) = (r.schema(), r.table().to_string()) else {
+            continue;
+        };
+        let Some(provider) = catalog.schema(schema) else {
+            continue;
+        };
+        opening.push(tokio::spawn(async move {
+            let _ = provider.table(&table).await;
+        }));
+    }
+    futures::future::join_all(opening).await;
+}
+
 /// Registers lake table `table` in `ctx` as `name` (replacing what had that name), at its
 /// current version.
 pub async fn register_lake_table(
