@@ -1,11 +1,11 @@
 //! Two logical plan rewrites for queries with `IN`, `EXISTS` and correlated subqueries,
 //! which DataFusion turns into semi and anti joins and leaves where the query put them.
 //!
-//! - [`SemiJoinPushdown`]: a semi or anti join whose keys and condition read one input of
+//! - [`push_semi`]: a semi or anti join whose keys and condition read one input of
 //!   the inner joins below it moves down to that input, so the rows it removes are gone
 //!   before the joins. `o_orderkey IN (57 large orders)` over customer ⋈ orders ⋈
 //!   lineitem filters orders first instead of the 6M-row join (TPC-H q18).
-//! - [`AggregateKeyReduction`]: a join with a grouped subquery on its group key (a
+//! - [`reduce_aggregate`]: a join with a grouped subquery on its group key (a
 //!   decorrelated `x < (SELECT avg(..) .. WHERE k = outer.k)`) needs only the groups whose
 //!   key the other side can have. When that side takes the key from a filtered scan, the
 //!   aggregate's input is semi-joined with that scan's keys first: the average per part of
@@ -26,14 +26,14 @@ use datafusion::logical_expr::{
 use datafusion::optimizer::optimizer::ApplyOrder;
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 
-/// Moves semi and anti joins below the inner joins whose one input holds all the columns
-/// they read (see the module docs).
+/// The two rewrites of the module docs as one optimizer rule: at each join, first the
+/// aggregate reduction, then the semi join's move down.
 #[derive(Debug, Default)]
-pub struct SemiJoinPushdown;
+pub struct SubqueryJoins;
 
-impl OptimizerRule for SemiJoinPushdown {
+impl OptimizerRule for SubqueryJoins {
     fn name(&self) -> &str {
-        "weir_semi_join_pushdown"
+        "weir_subquery_joins"
     }
 
     fn apply_order(&self) -> Option<ApplyOrder> {
@@ -52,10 +52,14 @@ impl OptimizerRule for SemiJoinPushdown {
         let LogicalPlan::Join(join) = &plan else {
             return Ok(Transformed::no(plan));
         };
-        match push_semi(join)? {
-            Some(pushed) => Ok(Transformed::yes(pushed)),
-            None => Ok(Transformed::no(plan)),
+        let reduced = reduce_aggregate(join)?;
+        if let Some(pushed) = push_semi(reduced.as_ref().unwrap_or(join))? {
+            return Ok(Transformed::yes(pushed));
         }
+        Ok(match reduced {
+            Some(j) => Transformed::yes(LogicalPlan::Join(j)),
+            None => Transformed::no(plan),
+        })
     }
 }
 
@@ -86,7 +90,7 @@ fn push_semi(join: &Join) -> Result<Option<LogicalPlan>> {
             // join keeps or multiplies the rows, and the semi join does better first. A
             // filtered other input (a dimension cut to one nation) may leave fewer rows
             // to test after the join than before it (TPC-H q21).
-            // The key sets of [`AggregateKeyReduction`] (a filtered scan's keys, which the
+            // The key sets of [`reduce_aggregate`] (a filtered scan's keys, which the
             // query's own join drops the rest of anyway) go all the way down.
             let keys = matches!(join.right.as_ref(),
                 LogicalPlan::SubqueryAlias(a) if a.alias.table().starts_with(KEYS));
@@ -105,19 +109,24 @@ fn push_semi(join: &Join) -> Result<Option<LogicalPlan>> {
             } else {
                 return Ok(None);
             };
-            Ok(Some(LogicalPlan::Join(Join::try_new(
-                left,
-                right,
-                inner.on.clone(),
-                inner.filter.clone(),
-                inner.join_type,
-                inner.join_constraint,
-                inner.null_equality,
-                inner.null_aware,
-            )?)))
+            Ok(Some(LogicalPlan::Join(over(inner, left, right)?)))
         }
         _ => Ok(None),
     }
+}
+
+/// `join` over new inputs.
+fn over(join: &Join, left: Arc<LogicalPlan>, right: Arc<LogicalPlan>) -> Result<Join> {
+    Join::try_new(
+        left,
+        right,
+        join.on.clone(),
+        join.filter.clone(),
+        join.join_type,
+        join.join_constraint,
+        join.null_equality,
+        join.null_aware,
+    )
 }
 
 /// Whether `plan` filters rows anywhere: a filter, a scan with filters, a semi or anti
@@ -216,66 +225,32 @@ fn with_left(
     )
 }
 
-/// Semi-joins a grouped subquery's input with the keys the other side of its join can
-/// have (see the module docs).
-#[derive(Debug, Default)]
-pub struct AggregateKeyReduction;
-
-/// Names the key sets this rule adds, so a plan is never reduced twice.
+/// Names the key sets [`reduce_aggregate`] adds, so a plan is never reduced twice.
 const KEYS: &str = "__weir_keys_";
 
 static NEXT_KEYS: AtomicUsize = AtomicUsize::new(0);
 
-impl OptimizerRule for AggregateKeyReduction {
-    fn name(&self) -> &str {
-        "weir_aggregate_key_reduction"
+/// `join` with its grouped right side fed only the keys its left side can have (see the
+/// module docs), or `None`.
+fn reduce_aggregate(join: &Join) -> Result<Option<Join>> {
+    // The grouped side is the right one: it must lose nothing the left can match (inner
+    // and semi joins), and rows it loses must not change the left's rows. The added semi
+    // join never matches null keys: neither may this join.
+    if !matches!(join.join_type, JoinType::Inner | JoinType::LeftSemi)
+        || join.null_equality != NullEquality::NullEqualsNothing
+    {
+        return Ok(None);
     }
-
-    fn apply_order(&self) -> Option<ApplyOrder> {
-        Some(ApplyOrder::TopDown)
-    }
-
-    fn supports_rewrite(&self) -> bool {
-        true
-    }
-
-    fn rewrite(
-        &self,
-        plan: LogicalPlan,
-        _config: &dyn OptimizerConfig,
-    ) -> Result<Transformed<LogicalPlan>> {
-        let LogicalPlan::Join(join) = &plan else {
-            return Ok(Transformed::no(plan));
+    for (l, r) in &join.on {
+        let (Expr::Column(l), Expr::Column(r)) = (l, r) else {
+            continue;
         };
-        // The grouped side is the right one: it must lose nothing the left can match
-        // (inner and semi joins), and rows it loses must not change the left's rows.
-        // The added semi join never matches null keys: neither may this join.
-        if !matches!(join.join_type, JoinType::Inner | JoinType::LeftSemi)
-            || join.null_equality != NullEquality::NullEqualsNothing
-        {
-            return Ok(Transformed::no(plan));
-        }
-        for (l, r) in &join.on {
-            let (Expr::Column(l), Expr::Column(r)) = (l, r) else {
-                continue;
-            };
-            let Some(reduced) = reduce_right(&join.right, r, || keys_of(&join.left, l))? else {
-                continue;
-            };
-            let new = Join::try_new(
-                join.left.clone(),
-                Arc::new(reduced),
-                join.on.clone(),
-                join.filter.clone(),
-                join.join_type,
-                join.join_constraint,
-                join.null_equality,
-                join.null_aware,
-            )?;
-            return Ok(Transformed::yes(LogicalPlan::Join(new)));
-        }
-        Ok(Transformed::no(plan))
+        let Some(reduced) = reduce_right(&join.right, r, || keys_of(&join.left, l))? else {
+            continue;
+        };
+        return Ok(Some(over(join, join.left.clone(), Arc::new(reduced))?));
     }
+    Ok(None)
 }
 
 /// `plan` with the aggregate that produces its column `column` as a group key fed only
@@ -477,8 +452,7 @@ mod tests {
     async fn session(rules: bool) -> SessionContext {
         let ctx = weir_lake::new_session();
         if rules {
-            ctx.add_optimizer_rule(Arc::new(AggregateKeyReduction));
-            ctx.add_optimizer_rule(Arc::new(SemiJoinPushdown));
+            ctx.add_optimizer_rule(Arc::new(SubqueryJoins));
         }
         crate::session::ensure_schema(&ctx, "s").unwrap();
         for sql in tables() {

@@ -26,8 +26,7 @@ pub async fn live_lake_session(lake: &Lake) -> Result<SessionContext, Error> {
 
 async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> {
     let ctx = weir_lake::new_session();
-    ctx.add_optimizer_rule(Arc::new(crate::semijoin::AggregateKeyReduction));
-    ctx.add_optimizer_rule(Arc::new(crate::semijoin::SemiJoinPushdown));
+    ctx.add_optimizer_rule(Arc::new(crate::semijoin::SubqueryJoins));
     if !live {
         // Batches of 16,384 rows instead of 8,192: each operator's per-batch work is
         // spread over twice the rows (TPC-H 1.5-3% faster). A stream keeps the smaller
