@@ -153,23 +153,26 @@ impl LakeScan {
     }
 
     /// Which files may hold rows matching all of `filters` (`true` to read).
-    fn keep(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<bool>> {
+    fn keep(&self, state: &dyn Session, filters: &[Expr]) -> Vec<bool> {
         let all = vec![true; self.files.len()];
         let Some(predicate) = conjunction(filters.iter().cloned()) else {
-            return Ok(all);
+            return all;
         };
-        let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
-        let expr = state.create_physical_expr(predicate, &df_schema)?;
-        // A predicate it cannot use for pruning keeps every file.
+        // A predicate it cannot use for pruning keeps every file: the filters still
+        // apply to the rows above the scan.
+        let Ok(df_schema) = DFSchema::try_from(self.schema.as_ref().clone()) else {
+            return all;
+        };
+        let Ok(expr) = state.create_physical_expr(predicate, &df_schema) else {
+            return all;
+        };
         let max_in_list = state.config_options().execution.parquet.max_in_list_size;
-        match PruningPredicateBuilder::new()
+        PruningPredicateBuilder::new()
             .with_file_schema(self.schema.clone())
             .with_max_in_list_size(max_in_list)
             .build(expr)
-        {
-            Some(p) => p.prune(self),
-            None => Ok(all),
-        }
+            .and_then(|p| p.prune(self).ok())
+            .unwrap_or(all)
     }
 
     /// Rows, and each column's min, max and null count, over the files in `kept`.
@@ -219,7 +222,7 @@ impl TableProvider for LakeScan {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let keep = self.keep(state, filters)?;
+        let keep = self.keep(state, filters);
         let mut kept: Vec<usize> = (0..self.files.len()).filter(|i| keep[*i]).collect();
         // Without filters, a limit needs only the first files that hold enough rows.
         if let (Some(limit), true, Some(rows)) = (limit, filters.is_empty(), &self.rows) {
