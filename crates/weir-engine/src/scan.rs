@@ -28,7 +28,9 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DfResult;
+use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
 use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::Accumulator;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_optimizer::pruning::{PruningPredicateBuilder, PruningStatistics};
 use datafusion::physical_plan::empty::EmptyExec;
@@ -175,8 +177,9 @@ impl LakeScan {
             .unwrap_or(all)
     }
 
-    /// Rows, and each column's min, max and null count, over the files in `kept`.
-    fn statistics(&self, kept: &[usize]) -> Statistics {
+    /// Rows, and the min, max and null count of the columns in `columns` (every column
+    /// without it), over the files in `kept`.
+    fn statistics(&self, kept: &[usize], columns: Option<&[usize]>) -> Statistics {
         let rows = match &self.rows {
             Some(r) => Precision::Exact(kept.iter().map(|i| r.value(*i) as usize).sum()),
             None => Precision::Absent,
@@ -185,7 +188,11 @@ impl LakeScan {
         let columns = self
             .stats
             .iter()
-            .map(|c| column_statistics(c, &indices, kept.len()))
+            .enumerate()
+            .map(|(i, c)| match columns {
+                Some(wanted) if !wanted.contains(&i) => ColumnStatistics::new_unknown(),
+                _ => column_statistics(c, &indices, kept.len()),
+            })
             .collect();
         Statistics {
             num_rows: rows,
@@ -249,7 +256,7 @@ impl TableProvider for LakeScan {
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
         // Statistics are in the scan's column order: file columns, then partition columns.
-        let stats = self.statistics(&kept);
+        let stats = self.statistics(&kept, projection.map(|p| p.as_slice()));
         let mut ordered = vec![ColumnStatistics::new_unknown(); self.positions.len()];
         for (i, c) in stats.column_statistics.into_iter().enumerate() {
             ordered[self.positions[i]] = c;
@@ -489,22 +496,18 @@ fn column_statistics(
         if a.null_count() > 0 || a.is_empty() {
             return Precision::Absent;
         }
-        let mut best: Option<ScalarValue> = None;
-        for i in 0..a.len() {
-            let Ok(v) = ScalarValue::try_from_array(&a, i) else {
-                return Precision::Absent;
-            };
-            best = match best {
-                None => Some(v),
-                Some(b) => match v.partial_cmp(&b) {
-                    Some(std::cmp::Ordering::Greater) if max => Some(v),
-                    Some(std::cmp::Ordering::Less) if !max => Some(v),
-                    Some(_) => Some(b),
-                    None => return Precision::Absent,
-                },
-            };
-        }
-        best.map(Precision::Inexact).unwrap_or(Precision::Absent)
+        let value = if max {
+            MaxAccumulator::try_new(a.data_type()).and_then(|mut m| {
+                m.update_batch(std::slice::from_ref(&a))?;
+                m.evaluate()
+            })
+        } else {
+            MinAccumulator::try_new(a.data_type()).and_then(|mut m| {
+                m.update_batch(std::slice::from_ref(&a))?;
+                m.evaluate()
+            })
+        };
+        value.map(Precision::Inexact).unwrap_or(Precision::Absent)
     };
     let nulls = pick(&c.nulls)
         .and_then(|a| {
@@ -689,7 +692,7 @@ mod tests {
         let (_dir, lake) = table().await;
         let (ctx, scan) = both(&lake).await;
         let all: Vec<usize> = (0..scan.files.len()).collect();
-        let stats = scan.statistics(&all);
+        let stats = scan.statistics(&all, None);
         assert_eq!(stats.num_rows, Precision::Exact(6));
         let column = |name: &str| &stats.column_statistics[scan.schema.index_of(name).unwrap()];
         let id = column("id");

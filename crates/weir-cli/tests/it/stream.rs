@@ -626,18 +626,24 @@ fn clicks_closed_an_hour_later(
     (seed, rng, events, end)
 }
 
-/// Produces the first `first` records to `(broker, topic)`, then runs stream `clicks` and
+/// A project whose stream `clicks` runs `sql` (with `sink` lines) over `events` in
+/// `(broker, topic)`. Produces the first `first` events, then runs the stream and
 /// SIGKILLs it (at most `kills` times, within `limit`; at least `least` times), producing
-/// `step` more records during each run; then the rest, and a last run until the stream
-/// is idle.
+/// `step` more events during each run; then the rest, and a last run until the stream is
+/// idle. Returns the project's directory.
+#[allow(clippy::type_complexity)]
 fn run_through_sigkills(
-    project: &Path,
     (broker, topic): (&str, &str),
-    records: &[(i32, String)],
+    (sql, sink): (&str, &str),
+    events: &[(i32, i64, String, i64, i64)],
     (first, step): (usize, usize),
     (least, kills, limit): (usize, usize, Duration),
     rng: &mut Lcg,
-) {
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path();
+    sql_project(project, broker, topic, sql, sink);
+    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
     produce_to(broker, topic, &records[..first]);
     let mut sent = first;
     let started = Instant::now();
@@ -656,37 +662,39 @@ fn run_through_sigkills(
     let out = weir_json(project, &["stream", "run", "clicks", "--until-idle", "3s"]);
     eprintln!("{out}");
     assert!(done >= least, "only {done} kills");
+    dir
+}
+
+/// The shared broker's address and a new topic of 3 partitions named `prefix-<uuid>`.
+fn new_topic(prefix: &str) -> (String, String) {
+    let broker = weir_test::KafkaBroker::shared().bootstrap();
+    let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    topic(&broker, &name, 3);
+    (broker, name)
 }
 
 #[test]
 fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
-    let broker = weir_test::KafkaBroker::shared().bootstrap();
-    let name = format!("win-{}", uuid::Uuid::new_v4().simple());
-    topic(&broker, &name, 3);
+    let (broker, name) = new_topic("win");
     topic(&broker, &format!("{name}-out"), 2);
     const N: usize = 6_000;
     let (seed, mut rng, events, end) = clicks_closed_an_hour_later(N, 0);
     let (late, want) = expected_windows(&events);
-    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
-    let dir = tempfile::tempdir().unwrap();
-    sql_project(
-        dir.path(),
-        &broker,
-        &name,
-        "SELECT window_start, window_end, user_name, count(*) AS n, sum(amount) AS total\n\
-         FROM TUMBLE(clicks, ts, INTERVAL '10' SECOND)\n\
-         GROUP BY window_start, window_end, user_name",
-        // tansu 0.6.0 has no EndTxn (and lists no aborted transactions in fetches), so the
-        // transactional default cannot run here: at least once, then every window is
-        // published and any repeat is a whole commit's rows again, with equal values.
-        &format!(
-            "  kafka:\n    topic: {name}-out\n    key: [user_name]\n    delivery: at_least_once\n"
-        ),
+    // tansu 0.6.0 has no EndTxn (and lists no aborted transactions in fetches), so the
+    // transactional default cannot run here: at least once, then every window is
+    // published and any repeat is a whole commit's rows again, with equal values.
+    let sink = format!(
+        "  kafka:\n    topic: {name}-out\n    key: [user_name]\n    delivery: at_least_once\n"
     );
-    run_through_sigkills(
-        dir.path(),
+    let dir = run_through_sigkills(
         (&broker, &name),
-        &records,
+        (
+            "SELECT window_start, window_end, user_name, count(*) AS n, sum(amount) AS total\n\
+             FROM TUMBLE(clicks, ts, INTERVAL '10' SECOND)\n\
+             GROUP BY window_start, window_end, user_name",
+            &sink,
+        ),
+        &events,
         (N / 3, N / 9),
         (4, 6, Duration::from_secs(120)),
         &mut rng,
@@ -754,9 +762,7 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
 
 #[test]
 fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
-    let broker = weir_test::KafkaBroker::shared().bootstrap();
-    let name = format!("join-{}", uuid::Uuid::new_v4().simple());
-    topic(&broker, &name, 3);
+    let (broker, name) = new_topic("join");
     const N: usize = 4_000;
     let (seed, mut rng, events, end) = clicks_closed_an_hour_later(N, 50);
     // The reference: late clicks as for windows; each small click of a user with each
@@ -776,22 +782,16 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
             want.push((a.1, None));
         }
     }
-    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
-    let dir = tempfile::tempdir().unwrap();
-    sql_project(
-        dir.path(),
-        &broker,
-        &name,
-        "SELECT a.id AS small, b.id AS large, a.user_name\n\
-         FROM clicks a LEFT JOIN clicks b\n\
-         ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 5000 AND b.amount >= 90\n\
-         WHERE a.amount < 10",
-        "",
-    );
-    run_through_sigkills(
-        dir.path(),
+    let dir = run_through_sigkills(
         (&broker, &name),
-        &records,
+        (
+            "SELECT a.id AS small, b.id AS large, a.user_name\n\
+             FROM clicks a LEFT JOIN clicks b\n\
+             ON a.user_name = b.user_name AND b.ts BETWEEN a.ts AND a.ts + 5000 AND b.amount >= 90\n\
+             WHERE a.amount < 10",
+            "",
+        ),
+        &events,
         (N / 4, N / 6),
         (3, 5, Duration::from_secs(60)),
         &mut rng,
@@ -822,9 +822,7 @@ fn a_join_of_the_stream_with_itself_is_exactly_once_through_sigkills() {
 
 #[test]
 fn a_running_aggregate_counts_each_record_once_through_sigkills() {
-    let broker = weir_test::KafkaBroker::shared().bootstrap();
-    let name = format!("running-{}", uuid::Uuid::new_v4().simple());
-    topic(&broker, &name, 3);
+    let (broker, name) = new_topic("running");
     const N: usize = 4_000;
     let (seed, mut rng, events, _) = clicks_closed_an_hour_later(N, 0);
     // Per user: records, total amount, distinct amounts; late ones are set aside.
@@ -842,20 +840,14 @@ fn a_running_aggregate_counts_each_record_once_through_sigkills() {
         .into_iter()
         .map(|(u, (n, t, d))| (u, (n, t, d.len() as u64)))
         .collect();
-    let records: Vec<(i32, String)> = events.iter().map(click_json).collect();
-    let dir = tempfile::tempdir().unwrap();
-    sql_project(
-        dir.path(),
-        &broker,
-        &name,
-        "SELECT user_name, count(*) AS n, sum(amount) AS total,\n\
-         count(DISTINCT amount) AS amounts FROM clicks GROUP BY user_name",
-        "  key: [user_name]\n",
-    );
-    run_through_sigkills(
-        dir.path(),
+    let dir = run_through_sigkills(
         (&broker, &name),
-        &records,
+        (
+            "SELECT user_name, count(*) AS n, sum(amount) AS total,\n\
+             count(DISTINCT amount) AS amounts FROM clicks GROUP BY user_name",
+            "  key: [user_name]\n",
+        ),
+        &events,
         (N / 4, N / 6),
         (3, 5, Duration::from_secs(60)),
         &mut rng,
