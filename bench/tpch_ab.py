@@ -10,6 +10,7 @@ the geometric mean of both. Answers are not checked here: bench/tpch.py does tha
 Usage:
   python3 bench/tpch_ab.py --a OLD_WEIR --b NEW_WEIR
   python3 bench/tpch_ab.py --set-b datafusion.execution.batch_size=32768
+  python3 bench/tpch_ab.py --env-b MIMALLOC_ALLOW_THP=0
 """
 import argparse, math, os, shutil, subprocess, tempfile, time
 
@@ -23,6 +24,8 @@ def main():
     ap.add_argument("--b", default=default, help="weir executable B")
     ap.add_argument("--set-a", action="append", default=[], help="KEY=VALUE for A's queries")
     ap.add_argument("--set-b", action="append", default=[], help="KEY=VALUE for B's queries")
+    ap.add_argument("--env-a", action="append", default=[], help="KEY=VALUE in A's environment")
+    ap.add_argument("--env-b", action="append", default=[], help="KEY=VALUE in B's environment")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--queries", default="")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/weir-bench"))
@@ -32,13 +35,16 @@ def main():
     work = tempfile.mkdtemp(prefix="weir-tpch-ab-")
     try:
         proj = tpch.load(args.a, work, src)
-        sides = [(args.a, [x for kv in args.set_a for x in ("--set", kv)]),
-                 (args.b, [x for kv in args.set_b for x in ("--set", kv)])]
+        def side(weir, sets, envs):
+            env = dict(os.environ, **dict(kv.split("=", 1) for kv in envs))
+            return weir, [x for kv in sets for x in ("--set", kv)], env
 
-        def once(weir, extra, sql):
+        sides = [side(args.a, args.set_a, args.env_a), side(args.b, args.set_b, args.env_b)]
+
+        def once(weir, extra, env, sql):
             t = time.perf_counter()
             subprocess.run([weir, "--project", proj, "query", sql, "--format", "csv", *extra],
-                           capture_output=True, check=True)
+                           capture_output=True, check=True, env=env)
             return time.perf_counter() - t
 
         wanted = [int(q) for q in args.queries.split(",") if q] or list(range(1, 23))

@@ -167,10 +167,17 @@ impl SchemaProvider for LakeSchema {
         }
         let full = format!("{}.{name}", self.schema);
         let external = |e: Error| DataFusionError::External(Box::new(e));
+        let started = std::time::Instant::now();
         let table = self.lake.open_existing(&full).await.map_err(external)?;
+        let opened = started.elapsed();
         let mut provider = provider_for(&self.config, &self.runtime, &table, &full)
             .await
             .map_err(external)?;
+        tracing::debug!(
+            log_ms = opened.as_secs_f64() * 1e3,
+            scan_ms = (started.elapsed() - opened).as_secs_f64() * 1e3,
+            "opened `{full}`"
+        );
         if self.live {
             provider = Arc::new(Live {
                 lake: self.lake.clone(),
