@@ -5,6 +5,7 @@ pub mod checks;
 pub mod cte;
 pub mod explain;
 pub mod graph;
+pub mod joinmode;
 pub mod model;
 mod scan;
 pub mod scd;

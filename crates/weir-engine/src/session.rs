@@ -25,7 +25,7 @@ pub async fn live_lake_session(lake: &Lake) -> Result<SessionContext, Error> {
 }
 
 async fn session_over(lake: &Lake, live: bool) -> Result<SessionContext, Error> {
-    let ctx = weir_lake::new_session();
+    let ctx = crate::joinmode::install(weir_lake::new_session());
     ctx.add_optimizer_rule(Arc::new(crate::semijoin::SubqueryJoins));
     if !live {
         // Batches of 16,384 rows instead of 8,192: each operator's per-batch work is
