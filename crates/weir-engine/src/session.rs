@@ -104,20 +104,27 @@ pub async fn open_named_tables(ctx: &SessionContext, sql: &str) {
     let Some(catalog) = ctx.catalog("weir") else {
         return;
     };
-    let mut opening = Vec::new();
-    for r in references {
-        let (Some(schema), table) = (r.schema(), r.table().to_string()) else {
-            continue;
-        };
-        let Some(provider) = catalog.schema(schema) else {
-            continue;
-        };
-        opening.push(tokio::spawn(async move {
-            let _ = provider.table(&table).await;
-        }));
-    }
-    futures::future::join_all(opening).await;
+    let tables: Vec<_> = references
+        .into_iter()
+        .filter_map(|r| Some((catalog.schema(r.schema()?)?, r.table().to_string())))
+        .collect();
+    // A few at a time: each opening holds a blocking thread of the runtime while it
+    // waits for file reads that need another, so hundreds at once could take every
+    // blocking thread and wait forever (seen with the pool bounded to 4 threads).
+    use futures::StreamExt;
+    futures::stream::iter(tables)
+        .map(|(provider, table)| {
+            tokio::spawn(async move {
+                let _ = provider.table(&table).await;
+            })
+        })
+        .buffer_unordered(OPENING_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
 }
+
+/// How many lake tables [`open_named_tables`] opens at once.
+const OPENING_AT_ONCE: usize = 8;
 
 /// Registers lake table `table` in `ctx` as `name` (replacing what had that name), at its
 /// current version.
