@@ -404,7 +404,7 @@ fn stream_memory_settings() {
     tracing::debug!("re-running with stream memory settings failed: {err}");
 }
 
-/// Transparent huge pages for the heap, off while a command starts and on once it runs.
+/// Transparent huge pages for the heap, off while a query starts and on once it runs.
 ///
 /// mimalloc asks for huge pages, and each thread takes fresh pages of its own, so the kernel
 /// zeroes a whole 2 MiB page for every thread's first small allocation of each size: opening
@@ -423,7 +423,6 @@ fn huge_pages(on: bool) {
 }
 
 fn main() -> ExitCode {
-    huge_pages(false);
     #[cfg(all(feature = "mimalloc", unix))]
     stream_memory_settings();
     #[cfg(feature = "mimalloc")]
@@ -432,8 +431,8 @@ fn main() -> ExitCode {
         unsafe { libmimalloc_sys::mi_collect(true) }
     });
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Query { .. }) {
-        huge_pages(true);
+    if matches!(cli.command, Command::Query { .. }) {
+        huge_pages(false);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

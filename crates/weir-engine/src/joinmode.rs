@@ -1,7 +1,7 @@
 //! A hash join whose rows are then grouped by the join's own key is hash-partitioned on
 //! that key instead of building one shared table.
 //!
-//! With a large build side (more than [`MIN_BUILD_ROWS`] rows), DataFusion still builds
+//! With a large build side ([`MIN_BUILD_ROWS`] rows or more), DataFusion still builds
 //! one table for every partition when it fits weir's single-partition limits
 //! (`weir_lake::new_session`). When the next step groups by the join key, as in "orders
 //! per customer", that choice costs twice: each partition's partial aggregate sees every
@@ -123,26 +123,25 @@ fn groups_by_join_key(
         e.downcast_ref::<Column>().map(Column::index)
     };
     // Each group column as an index into the join's rows before its projection.
-    let mut groups = Vec::new();
-    for (e, _) in agg.group_expr().expr() {
-        let Some(mut i) = column(e) else {
-            return false;
-        };
-        if let Some(p) = projection {
-            match p.expr().get(i).and_then(|pe| column(&pe.expr)) {
-                Some(j) => i = j,
-                None => return false,
+    let groups: Option<Vec<usize>> = agg
+        .group_expr()
+        .expr()
+        .iter()
+        .map(|(e, _)| {
+            let i = column(e)?;
+            let i = match projection {
+                Some(p) => column(&p.expr().get(i)?.expr)?,
+                None => i,
+            };
+            match &join.projection {
+                Some(p) => p.get(i).copied(),
+                None => Some(i),
             }
-        }
-        let unprojected = match &join.projection {
-            Some(p) => match p.get(i) {
-                Some(j) => *j,
-                None => return false,
-            },
-            None => i,
-        };
-        groups.push(unprojected);
-    }
+        })
+        .collect();
+    let Some(groups) = groups else {
+        return false;
+    };
     join.on().iter().all(|(l, r)| {
         let left = column(l);
         let right = column(r).map(|r| r + left_width);
