@@ -225,6 +225,9 @@ pub async fn run_stream(
             )
             .await?;
             since_commit = Instant::now();
+            // Idle time is time spent waiting for records: a slow commit is not idleness
+            // (records that arrived meanwhile wait in the consumer).
+            last_record = last_record.max(since_commit);
             let mut done = TopicPartitionList::new();
             for (p, next) in &prep.positions {
                 let _ = done.add_partition_offset(&src.topic, *p, Offset::Offset(*next));

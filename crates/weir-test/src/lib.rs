@@ -11,13 +11,17 @@
 //! [`KafkaBroker`] is a Kafka-protocol broker on loopback (tansu, in memory);
 //! [`KafkaBroker::behind_tls`] puts one behind a [`TlsProxy`], and
 //! [`KafkaBroker::with_scram_user`] starts one that requires SASL SCRAM.
+//!
+//! [`SlowLink`] forwards to one of them at a rate the test sets (a slow sink on purpose).
 
 mod kafka;
 mod pg;
 mod s3;
+mod slow;
 mod tls;
 
 pub use kafka::KafkaBroker;
 pub use pg::PgServer;
 pub use s3::S3Server;
+pub use slow::SlowLink;
 pub use tls::TlsProxy;
