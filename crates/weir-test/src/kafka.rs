@@ -44,7 +44,7 @@ impl KafkaBroker {
             Some(p) => PathBuf::from(p),
             None => {
                 let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
-                PathBuf::from(home).join(".cache/weir-tools/tansu-0.6.0-libsql/bin/tansu")
+                PathBuf::from(home).join(".cache/weir-tools/tansu-0.6.0-weir/bin/tansu")
             }
         };
         if path.is_file() {

@@ -848,12 +848,8 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
     const N: usize = 6_000;
     let (seed, mut rng, events, end) = clicks_closed_an_hour_later(N, 0);
     let (late, want) = expected_windows(&events);
-    // tansu 0.6.0 has no EndTxn (and lists no aborted transactions in fetches), so the
-    // transactional default cannot run here: at least once, then every window is
-    // published and any repeat is a whole commit's rows again, with equal values.
-    let sink = format!(
-        "  kafka:\n    topic: {name}-out\n    key: [user_name]\n    delivery: at_least_once\n"
-    );
+    // The Kafka sink publishes each commit in a transaction (the default, exactly once).
+    let sink = format!("  kafka:\n    topic: {name}-out\n    key: [user_name]\n");
     let dir = run_through_sigkills(
         (&broker, &name),
         (
@@ -924,8 +920,75 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
             repeats += 1;
         }
     }
-    eprintln!("{repeats} records published again after kills");
+    // Records of transactions a kill left open are on the topic, aborted (seen by a reader
+    // of uncommitted records only: how often a kill hit a transaction).
+    let mut all = client(&broker);
+    all.set("isolation.level", "read_uncommitted");
+    let uncommitted = read_on(all, &format!("{name}-out")).len() - published.len();
+    eprintln!("{uncommitted} records of aborted transactions");
+    // A read-committed reader sees every window once: a transaction a kill left open was
+    // aborted when the stream came back, and its commit was published again, whole.
+    assert_eq!(
+        repeats, 0,
+        "{repeats} records published again (seed {seed})"
+    );
     assert_eq!(published, want, "seed {seed}");
+}
+
+/// What a stream killed while publishing leaves behind: a transaction of its producer
+/// (`transactional.id` = `weir-<stream>`) open on the output topic. When the stream comes
+/// back, its producer fences the old one and the broker aborts that transaction: readers of
+/// committed records never see its records, and see each row the stream publishes once.
+#[test]
+fn a_transaction_a_crash_left_open_is_aborted_when_the_stream_comes_back() {
+    let (broker, name) = new_topic("txn");
+    let out = format!("{name}-out");
+    topic(&broker, &out, 1);
+    let stale: BaseProducer = client(&broker)
+        .set("transactional.id", "weir-clicks")
+        .create()
+        .unwrap();
+    stale.init_transactions(Duration::from_secs(10)).unwrap();
+    stale.begin_transaction().unwrap();
+    for _ in 0..5 {
+        send(&stale, || {
+            BaseRecord::<(), _>::to(&out).payload(r#"{"stale": true}"#)
+        });
+    }
+    stale.flush(Duration::from_secs(10)).unwrap();
+    // Nothing of it is committed: a reader of committed records waits at its start.
+    assert!(read_committed(&broker, &out).is_empty());
+    let clicks: Vec<(i32, String)> = (0..20)
+        .map(|i: i64| click_json(&((i % 3) as i32, i, format!("u{}", i % 4), i, 1_000 * i)))
+        .collect();
+    produce_to(&broker, &name, &clicks);
+    let dir = tempfile::tempdir().unwrap();
+    sql_project(
+        dir.path(),
+        &broker,
+        &name,
+        "SELECT id, user_name, amount FROM clicks",
+        &format!("  kafka:\n    topic: {out}\n    key: [user_name]\n"),
+    );
+    let run = weir_json(
+        dir.path(),
+        &["stream", "run", "clicks", "--until-idle", "3s"],
+    );
+    assert_eq!(run["published"], 20, "{run}");
+    let mut ids: Vec<i64> = read_committed(&broker, &out)
+        .iter()
+        .map(|(_, v)| {
+            let v: serde_json::Value = serde_json::from_slice(v).unwrap();
+            v["id"].as_i64().unwrap_or_else(|| panic!("{v}"))
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    // The aborted records are on the topic all the same.
+    let mut all = client(&broker);
+    all.set("isolation.level", "read_uncommitted");
+    assert_eq!(read_on(all, &out).len(), 25);
+    drop(stale);
 }
 
 #[test]
@@ -1046,15 +1109,18 @@ fn read_committed(broker: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Vec<u8>)> 
     read_on(client(broker), topic)
 }
 
+/// Every record of `topic`, read with `client`'s settings (read committed unless they say).
 fn read_on(mut client: ClientConfig, topic: &str) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
+    if client.get("isolation.level").is_none() {
+        client.set("isolation.level", "read_committed");
+    }
     let c: BaseConsumer = client
         .set(
             "group.id",
             format!("reader-{}", uuid::Uuid::new_v4().simple()),
         )
-        .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
