@@ -25,3 +25,28 @@ pub use pg::PgServer;
 pub use s3::S3Server;
 pub use slow::SlowLink;
 pub use tls::TlsProxy;
+
+/// Serves `listener` (non-blocking, on loopback) from a thread of its own until the test
+/// process ends: each connection is handed to `handle`, concurrently.
+pub(crate) fn serve_connections<F, Fut>(listener: std::net::TcpListener, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(handle(client));
+            }
+        });
+    });
+}

@@ -24,37 +24,23 @@ impl SlowLink {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let rate = Arc::new(AtomicU64::new(0));
         let shared = rate.clone();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        crate::serve_connections(listener, move |client| {
+            let rate = shared.clone();
+            async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
                     return;
                 };
-                while let Ok((client, _)) = listener.accept().await {
-                    let rate = shared.clone();
-                    tokio::spawn(async move {
-                        let Ok(server) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                        else {
-                            return;
-                        };
-                        let (mut client_read, mut client_write) = client.into_split();
-                        let (mut server_read, mut server_write) = server.into_split();
-                        let down = tokio::spawn(async move {
-                            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                            let _ = client_write.shutdown().await;
-                        });
-                        let _ = up(&mut client_read, &mut server_write, &rate).await;
-                        let _ = server_write.shutdown().await;
-                        let _ = down.await;
-                    });
-                }
-            });
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                });
+                let _ = up(&mut client_read, &mut server_write, &rate).await;
+                let _ = server_write.shutdown().await;
+                let _ = down.await;
+            }
         });
         Ok(SlowLink { port, rate })
     }

@@ -74,34 +74,20 @@ impl TlsProxy {
             .map_err(|e| e.to_string())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        crate::serve_connections(listener, move |client| {
+            let acceptor = acceptor.clone();
+            async move {
+                // A client that fails the handshake (it does not trust the certificate)
+                // is dropped.
+                let Ok(mut tls) = acceptor.accept(client).await else {
                     return;
                 };
-                while let Ok((client, _)) = listener.accept().await {
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move {
-                        // A client that fails the handshake (it does not trust the
-                        // certificate) is dropped.
-                        let Ok(mut tls) = acceptor.accept(client).await else {
-                            return;
-                        };
-                        let Ok(mut plain) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                        else {
-                            return;
-                        };
-                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                    });
-                }
-            });
+                let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            }
         });
         Ok(())
     }

@@ -118,17 +118,25 @@ fn weir_json(project: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(ok(&weir(project, &all)).trim()).unwrap()
 }
 
-/// Starts `weir stream run NAME`, calls `meanwhile` (records arrive while it runs), lets it
-/// run 0.3-1.5 s more and SIGKILLs it.
-fn run_and_kill(project: &Path, name: &str, rng: &mut Lcg, meanwhile: impl FnOnce()) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+/// Starts `weir stream run NAME ARGS` in the background, quietly, with this thread's lake
+/// settings.
+fn spawn_stream(project: &Path, name: &str, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .envs(crate::ENV.with(|e| e.borrow().clone()))
         .arg("--project")
         .arg(project)
         .args(["stream", "run", name])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts `weir stream run NAME`, calls `meanwhile` (records arrive while it runs), lets it
+/// run 0.3-1.5 s more and SIGKILLs it.
+fn run_and_kill(project: &Path, name: &str, rng: &mut Lcg, meanwhile: impl FnOnce()) {
+    let mut child = spawn_stream(project, name, &[]);
     meanwhile();
     std::thread::sleep(Duration::from_millis(300 + rng.next(1_200)));
     child.kill().unwrap(); // SIGKILL
@@ -454,14 +462,7 @@ fn a_backlog_far_larger_than_the_buffer_is_read_in_bounded_memory() {
              sink:\n  table: raw.events\nflush:\n  bytes: 4MiB\n  interval: 1s\n"
         ),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--project")
-        .arg(dir.path())
-        .args(["stream", "run", "events", "--until-idle", "3s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_stream(dir.path(), "events", &["--until-idle", "3s"]);
     let peak = peak_rss_while_running(&mut child);
     assert!(child.wait().unwrap().success());
     assert_eq!(
@@ -500,7 +501,7 @@ fn a_slow_sink_slows_reading_and_memory_stays_bounded_while_the_backlog_grows() 
             _ => (k, v),
         })
         .collect();
-    crate::ENV.with(|e| *e.borrow_mut() = env.clone());
+    crate::ENV.with(|e| *e.borrow_mut() = env);
     let dir = tempfile::tempdir().unwrap();
     crate::write(
         dir.path(),
@@ -530,15 +531,7 @@ fn a_slow_sink_slows_reading_and_memory_stays_bounded_while_the_backlog_grows() 
             format!(r#"{{"id": {i}, "text": "{text}"}}"#)
         })
         .collect();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .envs(env)
-        .arg("--project")
-        .arg(dir.path())
-        .args(["stream", "run", "events", "--until-idle", "5s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_stream(dir.path(), "events", &["--until-idle", "5s"]);
     // Records keep arriving while the sink crawls: after each 16 MB, the stream's lag (from
     // `weir stream status`) and the most anonymous memory it held since the last look.
     let mut lags = Vec::new();
@@ -1227,14 +1220,7 @@ fn a_query_enriches_records_from_a_lake_table_and_sets_bad_ones_aside() {
 
     // A running stream joins new records with the lake table as it is now: the table is
     // rewritten while the stream runs, and records produced after that see the new rows.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--project")
-        .arg(dir.path())
-        .args(["stream", "run", "clicks"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_stream(dir.path(), "clicks", &[]);
     std::thread::sleep(Duration::from_secs(2));
     crate::write(
         dir.path(),
