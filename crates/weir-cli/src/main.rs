@@ -376,12 +376,14 @@ fn open_lake(project: &std::path::Path) -> Result<weir_lake::Lake, weir_common::
 #[cfg(all(feature = "mimalloc", unix))]
 fn stream_memory_settings() {
     use std::os::unix::process::CommandExt;
-    // Memory committed as it is used, freed pages purged at once, and what is left given
-    // back after each commit (weir_common::memory). A 10 ms purge delay made Nexmark q0 a
-    // fifth cheaper but let the backpressure test peak at 201 MB, past its 200 MB bound.
+    // Memory committed as it is used, freed pages purged after 10 ms, and what is left
+    // given back after each commit (weir_common::memory). Purging at once (0) made the
+    // kernel zero the same pages again and again: Nexmark q0 spent more CPU in the kernel
+    // than in weir, 3.9-4.0 s in all against 3.1-3.3 s with 10 ms. The 10 ms cost 6 MB of
+    // anonymous memory with a 4 MiB buffer (72 against 78-84 MB, the backlog test).
     const SETTINGS: [(&str, &str); 2] = [
         ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-        ("MIMALLOC_PURGE_DELAY", "0"),
+        ("MIMALLOC_PURGE_DELAY", "10"),
     ];
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let words: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
