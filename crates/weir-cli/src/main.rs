@@ -379,7 +379,7 @@ fn stream_memory_settings() {
     // Memory committed as it is used, freed pages purged after 10 ms, and what is left
     // given back after each commit (weir_common::memory). Purging at once (0) made the
     // kernel zero the same pages again and again: Nexmark q0 spent more CPU in the kernel
-    // than in weir, 3.9-4.0 s in all against 3.1-3.3 s with 10 ms. The 10 ms cost 6 MB of
+    // than in weir, 3.9-4.0 s in all against 3.1-3.3 s with 10 ms. The 10 ms cost 6-12 MB of
     // anonymous memory with a 4 MiB buffer (72 against 78-84 MB, the backlog test).
     const SETTINGS: [(&str, &str); 2] = [
         ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),

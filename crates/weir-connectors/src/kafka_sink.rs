@@ -1,7 +1,7 @@
 //! Publishing a stream's committed rows to a Kafka topic, exactly once.
 //!
 //! Each commit's rows go out in one Kafka transaction (`transactional.id` =
-//! `weir-<stream>`), which also commits the commit's epoch as the offset of group
+//! `weir-<stream>-<topic>`, unless `options` set one), which also commits the commit's epoch as the offset of group
 //! `weir-<stream>-publish` on partition 0 of the topic: the record of what is published,
 //! atomic with the records themselves. A new producer with the same transactional id fences
 //! the old one and aborts its open transaction, so readers with
@@ -71,8 +71,11 @@ impl Publisher {
         let transactions = cfg.delivery == Delivery::ExactlyOnce;
         p.set("bootstrap.servers", &brokers)
             .set("enable.idempotence", "true");
-        if transactions {
-            p.set("transactional.id", format!("weir-{stream}"));
+        // The producer's identity across restarts: the stream and its topic, as the publish
+        // group's record is. With the stream's name alone, two projects' streams of one name
+        // on one cluster would fence each other's transactions.
+        if transactions && !cfg.options.contains_key("transactional.id") {
+            p.set("transactional.id", format!("weir-{stream}-{topic}"));
         }
         let producer: ThreadedProducer<DefaultProducerContext> = p
             .create()

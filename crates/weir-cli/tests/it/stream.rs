@@ -937,7 +937,7 @@ fn a_windowed_aggregate_is_exactly_once_and_correct_through_sigkills() {
 }
 
 /// What a stream killed while publishing leaves behind: a transaction of its producer
-/// (`transactional.id` = `weir-<stream>`) open on the output topic. When the stream comes
+/// (`transactional.id` = `weir-<stream>-<topic>`) open on the output topic. When the stream comes
 /// back, its producer fences the old one and the broker aborts that transaction: readers of
 /// committed records never see its records, and see each row the stream publishes once.
 #[test]
@@ -946,7 +946,7 @@ fn a_transaction_a_crash_left_open_is_aborted_when_the_stream_comes_back() {
     let out = format!("{name}-out");
     topic(&broker, &out, 1);
     let stale: BaseProducer = client(&broker)
-        .set("transactional.id", "weir-clicks")
+        .set("transactional.id", format!("weir-clicks-{out}"))
         .create()
         .unwrap();
     stale.init_transactions(Duration::from_secs(10)).unwrap();
