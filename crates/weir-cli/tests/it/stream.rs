@@ -454,15 +454,7 @@ fn a_backlog_far_larger_than_the_buffer_is_read_in_bounded_memory() {
         .collect();
     produce_batched(&broker, &name, &values);
     let dir = tempfile::tempdir().unwrap();
-    crate::write(dir.path(), "weir.yaml", "name: backlog\n");
-    crate::write(
-        dir.path(),
-        "streams/events.yaml",
-        &format!(
-            "source:\n  type: kafka\n  brokers: {broker}\n  topic: {name}\n\
-             sink:\n  table: raw.events\nflush:\n  bytes: 4MiB\n  interval: 1s\n"
-        ),
-    );
+    buffered_project(dir.path(), "name: backlog\n", &broker, &name);
     let mut child = spawn_stream(dir.path(), "events", &["--until-idle", "3s"]);
     let watch = AnonWatch::start(child.id());
     let peak = peak_rss_while_running(&mut child);
@@ -510,21 +502,12 @@ fn a_slow_sink_slows_reading_and_memory_stays_bounded_while_the_backlog_grows() 
         .collect();
     crate::ENV.with(|e| *e.borrow_mut() = env);
     let dir = tempfile::tempdir().unwrap();
-    crate::write(
+    let lake = format!("s3://{}/slow-sink/lake", weir_test::S3Server::BUCKET);
+    buffered_project(
         dir.path(),
-        "weir.yaml",
-        &format!(
-            "name: slow\nlake: s3://{}/slow-sink/lake\n",
-            weir_test::S3Server::BUCKET
-        ),
-    );
-    crate::write(
-        dir.path(),
-        "streams/events.yaml",
-        &format!(
-            "source:\n  type: kafka\n  brokers: {broker}\n  topic: {name}\n\
-             sink:\n  table: raw.events\nflush:\n  bytes: 4MiB\n  interval: 1s\n"
-        ),
+        &format!("name: slow\nlake: {lake}\n"),
+        &broker,
+        &name,
     );
     // 96 MB of records that do not compress (the link carries Parquet files).
     const N: usize = 48_000;
@@ -601,6 +584,20 @@ fn a_slow_sink_slows_reading_and_memory_stays_bounded_while_the_backlog_grows() 
     assert_eq!(
         scalar(dir.path(), "select count(distinct id) from raw.events"),
         N as u64
+    );
+}
+
+/// A project (`weir_yaml`) whose stream `events` lands `topic` in `raw.events` with a 4 MiB
+/// buffer (`flush.bytes`), committing at least every second.
+fn buffered_project(dir: &Path, weir_yaml: &str, broker: &str, topic: &str) {
+    crate::write(dir, "weir.yaml", weir_yaml);
+    crate::write(
+        dir,
+        "streams/events.yaml",
+        &format!(
+            "source:\n  type: kafka\n  brokers: {broker}\n  topic: {topic}\n\
+             sink:\n  table: raw.events\nflush:\n  bytes: 4MiB\n  interval: 1s\n"
+        ),
     );
 }
 
